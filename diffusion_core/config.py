@@ -1,0 +1,485 @@
+"""Typed, validated params: one frozen pydantic model per `params.yaml` section, one loader.
+
+Adding a section (e.g. `train_diffusion`)::
+
+    @register_section("train_diffusion")
+    class TrainDiffusionConfig(Section):
+        steps: PosInt = 1000
+        sampler: SamplerConfig = SamplerConfig()   # nested sections are plain `Section` models
+
+then list its keys in `params.yaml` and `configs/tiny.yaml` (tests check both files are complete) and,
+for type checkers, add `train_diffusion: TrainDiffusionConfig` to the annotations in `Params`.
+Errors are `ConfigError`, one line naming the key path and what is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Mapping, Union, get_args, get_origin
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+
+class ConfigError(ValueError):
+    """Invalid params file: the message is one line naming the key path and the accepted values."""
+
+
+class Section(BaseModel):
+    """Base of every params section: frozen, strict types, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _list_to_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+# Reusable field types; `strict=True` means YAML `"5"` is not an int and `true` is not a number.
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+PosIntTuple = Annotated[tuple[PosInt, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)]
+
+SECTIONS: dict[str, type[Section]] = {}
+
+
+def register_section(name: str):
+    """Class decorator: make `Section` subclass the model of params section `name`."""
+
+    def deco(cls: type[Section]) -> type[Section]:
+        if name in SECTIONS and SECTIONS[name] is not cls:
+            raise RuntimeError(f"params section {name!r} registered twice")
+        SECTIONS[name] = cls
+        return cls
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+DatasetName = Literal["mnist5k", "digits", "swissroll", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
+
+
+@register_section("project")
+class ProjectConfig(Section):
+    name: str = Field("diffusion", min_length=1)
+    experiment: str = Field("diffusion", min_length=1)  # MLflow experiment every stage logs into
+    seed: NonNegInt = 0
+
+
+@register_section("tracking")
+class TrackingConfig(Section):
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db; env MLFLOW_TRACKING_URI overrides
+    fallback_local: bool = False  # unreachable server: fall back to the local SQLite store instead of failing
+
+
+@register_section("prepare")
+class PrepareConfig(Section):
+    dataset: DatasetName = "mnist5k"
+    data_dir: str = "data/raw"  # torchvision files / imagefolder root, relative to the working directory
+    test_fraction: Fraction = 0.2
+    samples_per_shard: PosInt = 1000
+    seed: NonNegInt = 0
+    image_size: PosInt | None = None  # resize images to image_size x image_size (None: keep)
+    swissroll_samples: Annotated[int, Field(ge=10)] = 10000
+    swissroll_classes: Annotated[int, Field(ge=1, le=100)] = 4
+    swissroll_noise: Annotated[float, Field(ge=0)] = 0.5
+
+
+@register_section("data")
+class DataConfig(Section):
+    shuffle_buffer: NonNegInt = 1000  # 0: no shuffling
+    on_bad_shard: Literal["error", "skip"] = "error"
+    verify_checksums: bool = False
+
+
+@register_section("schedule")
+class ScheduleConfig(Section):
+    name: Literal["linear", "cosine", "sigmoid"] = "cosine"
+    num_timesteps: Annotated[int, Field(ge=2)] = 1000
+
+
+@register_section("diffusion")
+class DiffusionConfig(Section):
+    parameterization: Literal["eps", "x0", "v", "mu"] = "eps"
+    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
+    loss: Literal["simple", "hybrid", "vlb", "weighted"] = "simple"
+    min_snr_gamma: PosFloat | None = None
+    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
+
+    @model_validator(mode="after")
+    def _learned_variance_needs_vlb(self) -> "DiffusionConfig":
+        if self.variance == "learned_range" and self.loss not in ("hybrid", "vlb"):
+            raise ValueError(
+                f"variance 'learned_range' needs loss 'hybrid' or 'vlb' (the simple loss does not train the variance), got loss {self.loss!r}"
+            )
+        return self
+
+
+class AutoencoderConfig(Section):
+    """Architecture of the KL autoencoder; saved as its `config.json`."""
+
+    in_channels: PosInt = 1
+    latent_channels: PosInt = 4
+    base_channels: PosInt = 32
+    channel_mult: PosIntTuple = (1, 2, 2)
+    downsample: Literal[4, 8] = 4  # spatial downsampling factor
+
+
+@register_section("train_autoencoder")
+class TrainAutoencoderConfig(Section):
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    kl_weight: Annotated[float, Field(ge=0)] = 1e-6
+    recon_loss: Literal["l1", "l2"] = "l1"
+    lr: PosFloat = 2e-4
+    batch_size: PosInt = 64
+    steps: PosInt = 3000
+    log_every: PosInt = 250
+    seed: NonNegInt = 0
+
+
+@register_section("encode_latents")
+class EncodeLatentsConfig(Section):
+    batch_size: PosInt = 256
+    samples_per_shard: PosInt = 1000
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class Params:
+    """The validated sections of one params file; `params.prepare` etc. (read-only)."""
+
+    if TYPE_CHECKING:
+        project: ProjectConfig
+        tracking: TrackingConfig
+        prepare: PrepareConfig
+        data: DataConfig
+        schedule: ScheduleConfig
+        diffusion: DiffusionConfig
+        train_autoencoder: TrainAutoencoderConfig
+        encode_latents: EncodeLatentsConfig
+
+    __slots__ = ("_sections", "path")
+
+    def __init__(self, sections: Mapping[str, Section], path: Path | None = None):
+        object.__setattr__(self, "_sections", dict(sections))
+        object.__setattr__(self, "path", path)
+
+    def __getattr__(self, name: str) -> Section:
+        sections = object.__getattribute__(self, "_sections")
+        if name in sections:
+            return sections[name]
+        if name in SECTIONS:
+            raise ConfigError(f"params section {name!r} was not loaded (add it to load_params(..., sections=...))")
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Params is read-only")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sections
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return tuple(self._sections)
+
+    def to_dict(self, *names: str) -> dict[str, dict[str, Any]]:
+        """Plain JSON-able dict of the named sections (all loaded ones if none named)."""
+        names = names or tuple(self._sections)
+        return {n: getattr(self, n).model_dump(mode="json") for n in names}
+
+    def hash(self, *names: str) -> str:
+        return params_hash(self.to_dict(*names))
+
+    def __repr__(self) -> str:
+        return f"Params({', '.join(self._sections)})"
+
+
+def params_hash(section_dict: Mapping[str, Any]) -> str:
+    """Short, stable hash (sha256 of canonical JSON, 16 hex chars) of a params dict or section."""
+    if isinstance(section_dict, BaseModel):
+        section_dict = section_dict.model_dump(mode="json")
+    blob = json.dumps(section_dict, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 would make it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file safely; errors become one-line `ConfigError`s."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path} (pass --params PATH)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read params file {path}: {e}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path.name}: invalid YAML{where}: {problem}") from None
+
+
+def load_params(path: str | Path = "params.yaml", sections: Iterable[str] | None = None) -> Params:
+    """Read and validate `path`; only `sections` (all registered ones if None) are built.
+
+    Top-level keys must be registered section names; a section missing from the file takes its defaults.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    return validate_params(raw, sections, source=path.name, path=path)
+
+
+def validate_params(
+    raw: Any, sections: Iterable[str] | None = None, *, source: str = "params.yaml", path: Path | None = None
+) -> Params:
+    """Validate an already-parsed params mapping (see `load_params`)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {_type_name(raw)}")
+    for key in raw:
+        if not isinstance(key, str) or key not in SECTIONS:
+            raise ConfigError(f"{source}: {_unknown(str(key), '', SECTIONS, what='section')}")
+    wanted = list(SECTIONS) if sections is None else list(sections)
+    built: dict[str, Section] = {}
+    for name in wanted:
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown params section requested: {name!r} (registered: {', '.join(SECTIONS)})")
+        built[name] = build_section(name, raw.get(name), source=source)
+    return Params(built, path)
+
+
+def build_section(name: str, data: Any, *, source: str = "params.yaml") -> Section:
+    """Validate one section's mapping into its frozen model (None: all defaults)."""
+    model = SECTIONS[name]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {_type_name(data)}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_explain(e, model, name, data)}") from None
+
+
+# ----------------------------------------------------------------------------------------------- messages
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _show(v: Any) -> str:
+    s = repr(v) if isinstance(v, str) else json.dumps(v, default=str) if isinstance(v, (list, dict, bool, type(None))) else str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _unknown(key: str, prefix: str, accepted: Iterable[str], what: str = "key") -> str:
+    accepted = list(accepted)
+    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?; " if close else ""
+    return f"unknown {what} '{prefix}{key}' ({hint}accepted: {', '.join(accepted)})"
+
+
+def _strip_optional(ann: Any) -> tuple[Any, bool]:
+    if get_origin(ann) is Union or type(ann).__name__ == "UnionType":
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if len(args) < len(get_args(ann)) and len(args) == 1:
+            return args[0], True
+    return ann, False
+
+
+def _unwrap(ann: Any) -> tuple[Any, list[Any]]:
+    """Strip Annotated layers, collecting their constraint metadata."""
+    meta: list[Any] = []
+    while get_origin(ann) is Annotated:
+        args = get_args(ann)
+        ann = args[0]
+        for m in args[1:]:
+            meta.extend(getattr(m, "metadata", []) if isinstance(m, FieldInfo) else [m])
+    return ann, meta
+
+
+def _bounds(meta: Iterable[Any]) -> str:
+    parts = {}
+    for m in meta:
+        for attr in ("gt", "ge", "lt", "le"):
+            if isinstance(m, getattr(annotated_types, attr.capitalize())):
+                parts[attr] = getattr(m, attr)
+    lo = ("(", parts["gt"]) if "gt" in parts else ("[", parts["ge"]) if "ge" in parts else None
+    hi = (")", parts["lt"]) if "lt" in parts else ("]", parts["le"]) if "le" in parts else None
+    if lo and hi:
+        return f" in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        return f" {'>' if lo[0] == '(' else '>='} {lo[1]}"
+    if hi:
+        return f" {'<' if hi[0] == ')' else '<='} {hi[1]}"
+    return ""
+
+
+def describe(ann: Any, field: FieldInfo | None = None) -> str:
+    """Human description of what a field accepts, e.g. 'a number in (0, 1)' or 'one of eps, x0, v'."""
+    ann, optional = _strip_optional(ann)
+    ann, meta = _unwrap(ann)
+    if field is not None:
+        meta = list(field.metadata) + meta
+    origin = get_origin(ann)
+    if origin is Literal:
+        desc = "one of " + ", ".join(str(a) for a in get_args(ann))
+    elif ann is bool:
+        desc = "true or false"
+    elif ann is int:
+        desc = "an integer" + _bounds(meta)
+    elif ann is float:
+        desc = "a number" + _bounds(meta)
+    elif ann is str:
+        desc = "a non-empty string" if any(getattr(m, "min_length", 0) for m in meta) else "a string"
+    elif origin in (tuple, list):
+        inner = get_args(ann)[0] if get_args(ann) else Any
+        desc = f"a list of {describe(inner).replace('an integer', 'integers').replace('a number', 'numbers')}"
+    elif isinstance(ann, type) and issubclass(ann, BaseModel):
+        desc = "a mapping with keys " + ", ".join(ann.model_fields)
+    else:
+        desc = f"a valid {getattr(ann, '__name__', ann)}"
+    return desc + (" or null" if optional else "")
+
+
+def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, FieldInfo | None, Any]:
+    """Walk `loc` through nested models: (model holding the last key, its FieldInfo, annotation)."""
+    holder: Any = model
+    field = None
+    ann: Any = None
+    for part in loc:
+        if isinstance(holder, type) and issubclass(holder, BaseModel) and isinstance(part, str) and part in holder.model_fields:
+            field = holder.model_fields[part]
+            ann = field.annotation
+            parent = holder
+            holder, _ = _unwrap(_strip_optional(ann)[0])
+        else:
+            # list index / union branch name: stay on the same field
+            continue
+    return (parent if field is not None else None), field, ann
+
+
+def _explain(e: ValidationError, model: type[BaseModel], section: str, data: Any) -> str:
+    err = e.errors(include_url=False)[0]
+    loc = tuple(err.get("loc", ()))
+    typ = err.get("type", "")
+    keys = [p for p in loc if isinstance(p, str)]
+    path = ".".join([section] + [str(p) for p in loc])
+    if typ == "extra_forbidden":
+        holder: Any = model
+        if len(loc) > 1:
+            _, f, ann = _field_at(model, loc[:-1])
+            holder, _ = _unwrap(_strip_optional(ann)[0]) if f is not None else (model, None)
+        accepted = list(holder.model_fields) if isinstance(holder, type) and issubclass(holder, BaseModel) else []
+        prefix = ".".join([section] + [str(p) for p in loc[:-1]]) + "."
+        return _unknown(str(loc[-1]), prefix, accepted)
+    if typ == "missing":
+        return f"missing key '{path}'"
+    # a cross-field rule (model_validator) reports at the model's own location
+    parent, field, ann = _field_at(model, loc) if keys else (None, None, None)
+    if field is None or typ == "value_error":
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        where = path if keys else section
+        return f"{where}: {msg}"
+    # value at loc
+    value: Any = data
+    for p in loc:
+        try:
+            value = value[p]
+        except (KeyError, IndexError, TypeError):
+            value = err.get("input")
+            break
+    got = f"got {_type_name(value)}" if isinstance(value, (dict, list)) else f"got {_show(value)}"
+    if typ in ("literal_error", "enum") and isinstance(value, str):
+        opts = [str(a) for a in get_args(_unwrap(_strip_optional(ann)[0])[0])]
+        close = difflib.get_close_matches(value, opts, n=1, cutoff=0.6)
+        if close:
+            got += f" (did you mean '{close[0]}'?)"
+    # report on the whole field, e.g. "prepare.test_fraction must be a number in (0, 1), got 1.5"
+    field_path = ".".join([section] + [p for p in loc if isinstance(p, str)])
+    if get_origin(_unwrap(_strip_optional(ann)[0])[0]) in (tuple, list) and any(isinstance(p, int) for p in loc):
+        field_path = path
+        inner_ann = get_args(_unwrap(_strip_optional(ann)[0])[0])[0]
+        return f"{field_path} must be {describe(inner_ann)}, {got}"
+    return f"{field_path} must be {describe(ann, field)}, {got}"
+
+
+def section_keys(name: str) -> list[str]:
+    """Dotted key paths of every field in a section (nested models expanded)."""
+
+    def walk(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for k, f in model.model_fields.items():
+            inner, _ = _unwrap(_strip_optional(f.annotation)[0])
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                out += walk(inner, f"{prefix}{k}.")
+            else:
+                out.append(prefix + k)
+        return out
+
+    return walk(SECTIONS[name], "")
+
+
+__all__ = [
+    "ConfigError",
+    "Section",
+    "SECTIONS",
+    "register_section",
+    "Params",
+    "load_params",
+    "validate_params",
+    "build_section",
+    "params_hash",
+    "section_keys",
+    "describe",
+    "ProjectConfig",
+    "TrackingConfig",
+    "PrepareConfig",
+    "DataConfig",
+    "ScheduleConfig",
+    "DiffusionConfig",
+    "AutoencoderConfig",
+    "TrainAutoencoderConfig",
+    "EncodeLatentsConfig",
+    "PosInt",
+    "NonNegInt",
+    "PosFloat",
+    "Fraction",
+    "PosIntTuple",
+]

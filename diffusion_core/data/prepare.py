@@ -1,0 +1,59 @@
+"""The prepare step as a library function: source -> stratified split -> shards + meta.json, swapped in atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import OutputError
+from .shards import META_NAME, build_meta, replace_dir, write_array_split, write_meta
+from .sources import SourceData, load_source, stratified_split
+
+
+def prepare_dataset(cfg, out_dir: str | os.PathLike = "data", shard_subdir: str = "shards") -> tuple[dict[str, Any], SourceData, dict[str, np.ndarray]]:
+    """Write `out_dir/shards/{train,test}-%06d.tar` and `out_dir/meta.json` from a `PrepareConfig`.
+
+    Everything is written into a temporary folder first; the old shards and meta stay intact until the new
+    ones are complete. Returns (meta, source data, split indices).
+    """
+    data = load_source(cfg)
+    train_idx, test_idx = stratified_split(data.y, cfg.test_fraction, cfg.seed)
+    splits = {"train": train_idx, "test": test_idx}
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    except OSError as e:
+        raise OutputError(f"cannot write into {out_dir}: {e.strerror or e}; choose a writable folder") from e
+    try:
+        shards = {
+            s: write_array_split(tmp / shard_subdir, s, data.x[idx], data.y[idx], cfg.samples_per_shard)
+            for s, idx in splits.items()
+        }
+        sample_shape = (data.x.shape[3], data.x.shape[1], data.x.shape[2]) if data.kind == "image" else data.x.shape[1:]
+        meta = build_meta(
+            dataset=data.name,
+            kind=data.kind,
+            payload="png" if data.kind == "image" else "npy",
+            sample_shape=sample_shape,
+            class_names=data.class_names,
+            labels={s: data.y[idx] for s, idx in splits.items()},
+            shards=shards,
+            shard_dir=shard_subdir,
+            seed=cfg.seed,
+            test_fraction=cfg.test_fraction,
+        )
+        write_meta(tmp / META_NAME, meta)
+        # swap: shards folder first, then meta.json (readers check shard counts/sha256 against meta)
+        replace_dir(tmp / shard_subdir, out_dir / shard_subdir)
+        os.replace(tmp / META_NAME, out_dir / META_NAME)
+    except OSError as e:
+        raise OutputError(f"cannot write dataset into {out_dir}: {e.strerror or e} (disk full or folder not writable?)") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta, data, splits

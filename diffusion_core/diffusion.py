@@ -1,0 +1,289 @@
+"""`GaussianDiffusion`: forward process, posterior, parameterizations, variances, losses and the bound.
+
+A thin frozen bundle of schedule + parameterization + variance + loss. The model is a callable passed in
+(`model(x_t, t, y=None)`, called with ORIGINAL timestep indices), never owned. Equations: Ho et al. 2020
+(DDPM), Nichol & Dhariwal 2021 (Improved DDPM), Salimans & Ho 2022 (v), Hang et al. 2023 (min-SNR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from .losses import NATS_PER_BIT, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .schedules import NoiseSchedule
+
+PARAMETERIZATIONS = ("eps", "x0", "v", "mu")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+LOSSES = ("simple", "hybrid", "vlb", "weighted")
+
+Parameterization = Literal["eps", "x0", "v", "mu"]
+Variance = Literal["fixed_small", "fixed_large", "learned_range"]
+LossType = Literal["simple", "hybrid", "vlb", "weighted"]
+Denoiser = Callable[..., torch.Tensor]
+
+
+def extract(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """coef[t] (float64 schedule constant, shape [T]) cast to x's dtype/device, shaped [B, 1, ...] to broadcast."""
+    out = coef.to(x.device)[t.to(x.device)].to(x.dtype)
+    return out.view(-1, *([1] * (x.dim() - 1)))
+
+
+def check_combination(parameterization: str, variance: str, loss: str, min_snr_gamma: float | None) -> None:
+    """Refuse settings that cannot work, at configuration time, with a one-line reason."""
+    for name, value, accepted in (("parameterization", parameterization, PARAMETERIZATIONS),
+                                  ("variance", variance, VARIANCES), ("loss", loss, LOSSES)):
+        if value not in accepted:
+            raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
+    if variance == "learned_range" and loss not in ("hybrid", "vlb"):
+        raise ValueError(f"variance 'learned_range' needs loss 'hybrid' or 'vlb' (got {loss!r}): "
+                         "the simple loss never trains the variance channels")
+    if loss == "weighted" and variance == "learned_range":
+        raise ValueError("loss 'weighted' uses the fixed variance sigma_t^2 as weight; use fixed_small or fixed_large")
+    if min_snr_gamma is not None:
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
+        if parameterization == "mu":
+            raise ValueError("min_snr_gamma is defined for eps, x0 and v parameterizations, not 'mu'")
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianDiffusion:
+    """Schedule + parameterization (`eps`, `x0`, `v`, `mu`) + variance + training loss."""
+
+    schedule: NoiseSchedule
+    parameterization: Parameterization = "eps"
+    variance: Variance = "fixed_small"
+    loss: LossType = "simple"
+    min_snr_gamma: float | None = None
+    train_schedule: NoiseSchedule | None = None  # set on respaced copies: the schedule the model was trained on
+
+    def __post_init__(self):
+        check_combination(self.parameterization, self.variance, self.loss, self.min_snr_gamma)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.variance == "learned_range"
+
+    def respaced(self, schedule: NoiseSchedule) -> "GaussianDiffusion":
+        """The same diffusion on another (respaced) schedule."""
+        return GaussianDiffusion(schedule, self.parameterization, self.variance, self.loss, self.min_snr_gamma,
+                                 self.train_schedule or self.schedule)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Original timestep indices to feed the model for schedule indices t."""
+        return self.schedule.timesteps.to(t.device)[t]
+
+    # ----- forward process -------------------------------------------------------------------------
+    def q_mean_variance(self, x0, t):
+        """Mean, variance, log-variance of q(x_t | x0) = N(sqrt(ab) x0, (1 - ab) I)."""
+        s = self.schedule
+        mean = extract(s.alphas_cumprod.sqrt(), t, x0) * x0
+        var = extract(1.0 - s.alphas_cumprod, t, x0)
+        return mean, var, extract(torch.log(1.0 - s.alphas_cumprod), t, x0)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (Ho et al. eq. 4)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        s = self.schedule
+        return extract(s.alphas_cumprod.sqrt(), t, x0) * x0 + extract((1.0 - s.alphas_cumprod).sqrt(), t, x0) * noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0) (Ho et al. eqs. 6-7)."""
+        s = self.schedule
+        mean = extract(s.posterior_mean_coef1, t, x_t) * x0 + extract(s.posterior_mean_coef2, t, x_t) * x_t
+        return mean, extract(s.posterior_variance, t, x_t), extract(s.posterior_log_variance_clipped, t, x_t)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.snr.to(t.device)[t]
+
+    # ----- conversions between eps, x0, v and the posterior mean --------------------------------------
+    def x0_from_eps(self, x_t, t, eps):
+        ab = self.schedule.alphas_cumprod
+        return extract((1.0 / ab).sqrt(), t, x_t) * x_t - extract((1.0 / ab - 1.0).sqrt(), t, x_t) * eps
+
+    def eps_from_x0(self, x_t, t, x0):
+        ab = self.schedule.alphas_cumprod
+        return (extract((1.0 / ab).sqrt(), t, x_t) * x_t - x0) / extract((1.0 / ab - 1.0).sqrt(), t, x_t)
+
+    def v_from_x0_eps(self, x0, eps, t):
+        """v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho)."""
+        ab = self.schedule.alphas_cumprod
+        return extract(ab.sqrt(), t, x0) * eps - extract((1.0 - ab).sqrt(), t, x0) * x0
+
+    def x0_from_v(self, x_t, t, v):
+        ab = self.schedule.alphas_cumprod
+        return extract(ab.sqrt(), t, x_t) * x_t - extract((1.0 - ab).sqrt(), t, x_t) * v
+
+    def x0_from_mean(self, x_t, t, mean):
+        """Invert the posterior mean: x0 = (mu - coef2 x_t) / coef1.
+
+        A mean-predicting model predicts the one-step posterior mean of the schedule it was trained on, so on
+        a respaced schedule the inversion uses the training schedule's coefficients at the original timestep.
+        """
+        s = self.schedule
+        if self.train_schedule is not None:
+            s, t = self.train_schedule, self.model_timesteps(t)
+        return (mean - extract(s.posterior_mean_coef2, t, x_t) * x_t) / extract(s.posterior_mean_coef1, t, x_t)
+
+    def x0_from_output(self, x_t, t, out):
+        """The model's x0 estimate from its (mean-channel) output under this parameterization."""
+        p = self.parameterization
+        if p == "eps":
+            return self.x0_from_eps(x_t, t, out)
+        if p == "x0":
+            return out
+        if p == "v":
+            return self.x0_from_v(x_t, t, out)
+        return self.x0_from_mean(x_t, t, out)
+
+    def eps_from_output(self, x_t, t, out):
+        """The model's eps estimate from its (mean-channel) output under this parameterization."""
+        if self.parameterization == "eps":
+            return out
+        if self.parameterization == "v":
+            ab = self.schedule.alphas_cumprod
+            return extract((1.0 - ab).sqrt(), t, x_t) * x_t + extract(ab.sqrt(), t, x_t) * out
+        return self.eps_from_x0(x_t, t, self.x0_from_output(x_t, t, out))
+
+    def split_output(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean channels, variance channels or None); learned_range doubles the channel dim (dim 1)."""
+        if not self.learn_sigma:
+            return out, None
+        if out.shape[1] % 2:
+            raise ValueError(f"learned_range expects the model to output 2x channels, got {out.shape[1]}")
+        return out.chunk(2, dim=1)
+
+    # ----- reverse process --------------------------------------------------------------------------
+    def model_log_variance(self, t, x_t, var_out=None):
+        """log sigma_t^2 of p(x_{t-1}|x_t): fixed_small, fixed_large (t=0 decoder fix) or learned_range."""
+        s = self.schedule
+        if self.variance == "fixed_small":
+            return extract(s.posterior_log_variance_clipped, t, x_t)
+        if self.variance == "fixed_large":
+            pv = s.posterior_variance
+            large = torch.cat([pv[1:2], s.betas[1:]]) if s.num_timesteps > 1 else s.betas
+            return extract(torch.log(large), t, x_t)
+        min_log = extract(s.posterior_log_variance_clipped, t, x_t)
+        max_log = extract(torch.log(s.betas), t, x_t)
+        frac = (var_out + 1) / 2  # the network predicts v in [-1, 1] (Nichol & Dhariwal eq. 15)
+        return frac * max_log + (1 - frac) * min_log
+
+    def p_mean_variance_from_output(self, out, x_t, t, clip_denoised: bool = False):
+        """Mean, variance, log-variance, pred_x0 and eps of p(x_{t-1}|x_t) from a model output."""
+        mean_out, var_out = self.split_output(out)
+        log_var = self.model_log_variance(t, x_t, var_out)
+        pred_x0 = self.x0_from_output(x_t, t, mean_out)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        if self.parameterization == "mu" and not clip_denoised and self.train_schedule is None:
+            mean = mean_out
+        else:
+            mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        eps = self.eps_from_x0(x_t, t, pred_x0) if clip_denoised else self.eps_from_output(x_t, t, mean_out)
+        return {"mean": mean, "variance": log_var.exp(), "log_variance": log_var, "pred_x0": pred_x0, "eps": eps,
+                "model_output": out}
+
+    def p_mean_variance(self, model: Denoiser, x_t, t, y=None, clip_denoised: bool = False):
+        """Call the model at schedule indices t and return p(x_{t-1}|x_t)'s terms (see p_mean_variance_from_output)."""
+        out = model(x_t, self.model_timesteps(t), y)
+        return self.p_mean_variance_from_output(out, x_t, t, clip_denoised)
+
+    # ----- losses -----------------------------------------------------------------------------------
+    def vb_terms_bpd(self, out, x0, x_t, t):
+        """L_t in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t>0, decoder NLL -log p(x0|x1) at t=0."""
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        p = self.p_mean_variance_from_output(out, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / NATS_PER_BIT
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / NATS_PER_BIT
+        return torch.where(t == 0, nll, kl)
+
+    def prior_bpd(self, x0):
+        """KL(q(x_T|x0) || N(0, I)) in bits/dim: the prior term of the bound."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x0.device)
+        mean, _, log_var = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / NATS_PER_BIT
+
+    def min_snr_weight(self, t):
+        """min(SNR, gamma) weighting expressed for the parameterization's own target (Hang et al. 2023)."""
+        snr = self.schedule.snr.to(t.device)[t]
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.parameterization == "eps":
+            return clipped / snr
+        if self.parameterization == "v":
+            return clipped / (snr + 1)
+        return clipped
+
+    def seeds_weight(self, t, x):
+        """omega_t = 1 / sigma_t^2 of the seeds' risk omega_t ||mu_w(x_t,t) - eta_t||^2 (fixed variance)."""
+        return torch.exp(-self.model_log_variance(t, x)).view(-1)
+
+    def training_losses(self, model: Denoiser, x0, t, y=None, noise=None):
+        """Per-sample losses at schedule indices t: dict with "loss" [B] and its parts "mse", "vb"."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, self.model_timesteps(t), y)
+        return self.losses_from_output(out, x0, x_t, t, noise)
+
+    def losses_from_output(self, out, x0, x_t, t, noise):
+        """The losses of training_losses, given the model output on x_t (lets callers batch the forward pass)."""
+        out = out.float() if out.dtype != x0.dtype else out
+        mean_out, var_out = self.split_output(out)
+        terms = {}
+        if self.loss == "weighted":
+            true_mean, _, _ = self.q_posterior(x0, x_t, t)
+            pred_mean = self.p_mean_variance_from_output(out, x_t, t)["mean"]
+            terms["mse"] = mean_flat((pred_mean - true_mean) ** 2)
+            terms["loss"] = self.seeds_weight(t, x0) * terms["mse"]
+            return terms
+        target = {"eps": noise, "x0": x0, "v": lambda: self.v_from_x0_eps(x0, noise, t)}.get(self.parameterization)
+        if self.parameterization == "mu":
+            target = self.q_posterior(x0, x_t, t)[0]
+        elif callable(target):
+            target = target()
+        terms["mse"] = mean_flat((mean_out - target) ** 2)
+        mse = terms["mse"] * self.min_snr_weight(t) if self.min_snr_gamma is not None else terms["mse"]
+        if self.loss == "simple":
+            terms["loss"] = mse
+            return terms
+        # Hybrid: the bound trains only the variance; the mean gets its gradient from the mse (stop-gradient).
+        frozen = torch.cat([mean_out.detach(), var_out], dim=1) if var_out is not None and self.loss == "hybrid" else out
+        terms["vb"] = self.vb_terms_bpd(frozen, x0, x_t, t)
+        if self.loss == "hybrid":
+            # L_hybrid = L_simple + 0.001 L_vlb with L_vlb ~= T * L_t under uniform t (improved-diffusion).
+            terms["loss"] = mse + terms["vb"] * (self.num_timesteps / 1000.0)
+        else:
+            terms["loss"] = terms["vb"]
+        return terms
+
+    @torch.no_grad()
+    def bound_terms(self, model: Denoiser, x0, y=None, generator: torch.Generator | None = None,
+                    progress: bool = False):
+        """All terms of the variational bound per sample, bits/dim: vb [B, T], prior [B], total [B], x0_mse [B, T]."""
+        from tqdm.auto import tqdm
+
+        b, T = x0.shape[0], self.num_timesteps
+        vb = torch.zeros(b, T, dtype=torch.float64, device=x0.device)
+        mse = torch.zeros_like(vb)
+        for i in tqdm(reversed(range(T)), total=T, disable=not progress, desc="bits/dim", leave=False):
+            t = torch.full((b,), i, dtype=torch.long, device=x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, t, noise)
+            out = model(x_t, self.model_timesteps(t), y).to(x0.dtype)
+            vb[:, i] = self.vb_terms_bpd(out, x0, x_t, t).double()
+            pred_x0 = self.p_mean_variance_from_output(out, x_t, t)["pred_x0"]
+            mse[:, i] = mean_flat((pred_x0 - x0) ** 2).double()
+        prior = self.prior_bpd(x0).double()
+        return {"vb": vb, "prior": prior, "total": vb.sum(1) + prior, "x0_mse": mse}
+
+    def bits_per_dim(self, model: Denoiser, x0, y=None, generator=None, progress: bool = False) -> torch.Tensor:
+        """Per-sample variational bound on -log p(x0) in bits/dim for 8-bit data scaled to [-1, 1]."""
+        return self.bound_terms(model, x0, y, generator, progress)["total"]

@@ -1,0 +1,84 @@
+"""Pieces every sampler shares: seeded noise, the (respaced) step list, guided model predictions."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..diffusion import GaussianDiffusion, extract
+from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
+
+
+class NoiseSource:
+    """Standard normal draws of one batch shape; with `seeds`, sample i's draws depend only on seeds[i].
+
+    Per-sample draws come from CPU generators so a set of samples is the same whatever the batch size,
+    the worker count or the device.
+    """
+
+    def __init__(self, shape: Sequence[int], device, dtype=torch.float32,
+                 generator: torch.Generator | None = None, seeds: Sequence[int] | None = None):
+        self.shape, self.device, self.dtype = tuple(shape), device, dtype
+        self.generator = generator
+        self.generators = None
+        if seeds is not None:
+            if len(seeds) != self.shape[0]:
+                raise ValueError(f"got {len(seeds)} seeds for a batch of {self.shape[0]}")
+            self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self) -> torch.Tensor:
+        if self.generators is not None:
+            z = torch.stack([torch.randn(self.shape[1:], generator=g) for g in self.generators])
+            return z.to(self.device, self.dtype)
+        gen_device = self.generator.device if self.generator is not None else self.device
+        return torch.randn(self.shape, generator=self.generator, device=gen_device).to(self.device, self.dtype)
+
+
+def sampling_diffusion(diffusion: GaussianDiffusion, steps: int | None, spacing: str) -> GaussianDiffusion:
+    """The diffusion respaced to `steps` steps (the full schedule when steps is None or T)."""
+    T = diffusion.num_timesteps
+    if steps is None or steps == T and not diffusion.schedule.is_respaced:
+        return diffusion
+    return diffusion.respaced(diffusion.schedule.spaced(steps, spacing))
+
+
+class Predictor:
+    """Calls the (guided) model at schedule index i and returns p_mean_variance's dict.
+
+    Classifier guidance is applied as an eps correction eps - sqrt(1 - ab) * grad (Dhariwal & Nichol alg. 2)
+    when `eps_guidance`, else as the DDPM mean shift mean + sigma^2 * grad (alg. 1).
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, model: Callable, y, guidance, clip_denoised: bool,
+                 eps_guidance: bool):
+        self.diffusion, self.y, self.clip = diffusion, y, clip_denoised
+        self.cond_fn = None
+        if isinstance(guidance, ClassifierFreeGuidance):
+            model = guidance.wrap(model)
+        elif isinstance(guidance, ClassifierGuidance):
+            if guidance.scale != 0:
+                self.cond_fn = guidance.grad
+        elif guidance is not None:
+            raise TypeError(f"guidance must be ClassifierGuidance, ClassifierFreeGuidance or None, got {guidance!r}")
+        self.model, self.eps_guidance = model, eps_guidance
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, i: int) -> dict:
+        d = self.diffusion
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        out = d.p_mean_variance(self.model, x, t, self.y, clip_denoised=self.clip)
+        self.nfe += 1
+        if self.cond_fn is None:
+            return out
+        grad = self.cond_fn(x, d.model_timesteps(t), self.y)
+        if self.eps_guidance:
+            eps = out["eps"] - extract((1.0 - d.schedule.alphas_cumprod).sqrt(), t, x) * grad
+            x0 = d.x0_from_eps(x, t, eps)
+            if self.clip:
+                x0 = x0.clamp(-1, 1)
+                eps = d.eps_from_x0(x, t, x0)
+            out = dict(out, eps=eps, pred_x0=x0, mean=d.q_posterior(x0, x, t)[0])
+        else:
+            out = dict(out, mean=out["mean"] + out["variance"] * grad)
+        return out

@@ -1,0 +1,24 @@
+"""DDIM (Song et al. 2021, eq. 12) with eta in [0, 1] on any respaced schedule; eta=1 matches DDPM's sigma."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import NoiseSource, Predictor
+
+
+def ddim_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, eta: float = 0.0,
+              callback=None) -> torch.Tensor:
+    """x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z; the last step lands on ab = 1."""
+    sched = predict.diffusion.schedule
+    ab, ab_prev_all = sched.alphas_cumprod, sched.alphas_cumprod_prev
+    for i in reversed(range(sched.num_timesteps)):
+        out = predict(x, i)
+        a, a_prev = float(ab[i]), float(ab_prev_all[i])
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x = a_prev ** 0.5 * out["pred_x0"] + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * out["eps"]
+        if sigma > 0:
+            x = x + sigma * noise()
+        if callback is not None:
+            callback(i, x, out["pred_x0"])
+    return x

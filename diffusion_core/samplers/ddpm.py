@@ -1,0 +1,18 @@
+"""DDPM ancestral sampling (Ho et al. alg. 2) with fixed or learned variances, on any respaced schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import NoiseSource, Predictor
+
+
+def ddpm_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, callback=None) -> torch.Tensor:
+    """x_{t-1} = mu(x_t, t) + sigma_t z, z ~ N(0, I), no noise at the last step."""
+    for i in reversed(range(predict.diffusion.num_timesteps)):
+        out = predict(x, i)
+        z = noise()
+        x = out["mean"] + (torch.exp(0.5 * out["log_variance"]) * z if i > 0 else 0.0)
+        if callback is not None:
+            callback(i, x, out["pred_x0"])
+    return x

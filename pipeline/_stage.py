@@ -1,0 +1,77 @@
+"""Shared stage wrapper: argument parsing and one-line errors (exit code 2) instead of tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Callable, Sequence
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Error types that mean bad input or environment (not a bug): reported as one line."""
+    from diffusion_core.config import ConfigError
+    from diffusion_core.data.errors import DataError
+    from diffusion_core.io import OutputError
+    from diffusion_core.tracking import TrackingError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, TrackingError, OSError, ValueError]
+    try:  # checkpoint.py is written by another engineer; optional here
+        from diffusion_core.checkpoint import CheckpointError
+
+        errors.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in msg:
+        msg = f"{msg}: {e.filename}"
+    return msg
+
+
+def build_parser(name: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m pipeline.{name}",
+        description=description or f"DVC stage '{name}'.",
+        epilog="Outputs are written relative to the current directory (run from the repo root, as dvc does).",
+    )
+    p.add_argument("--params", default="params.yaml", metavar="PATH", help="params file (default: params.yaml)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def run_stage(
+    name: str,
+    main_fn: Callable[[argparse.Namespace], object],
+    argv: Sequence[str] | None = None,
+    *,
+    description: str | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parse `--params PATH` and `--debug`, call `main_fn(args)`; return the exit code.
+
+    Expected errors print `error: <message>` (one line) to stderr and return 2; unexpected ones return 1.
+    With `--debug` the full traceback is printed as well.
+    """
+    parser = build_parser(name, description)
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        main_fn(args)
+        return 0
+    except KeyboardInterrupt:
+        print(f"error: {name} interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the whole point: one line per failure
+        expected = isinstance(e, _expected_errors())
+        if args.debug:
+            traceback.print_exc()
+        if expected:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"error: unexpected {type(e).__name__} in {name}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

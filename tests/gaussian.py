@@ -1,0 +1,59 @@
+"""Gaussian data, whose optimal denoiser is known in closed form."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_core.schedules import NoiseSchedule
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser for data x0 ~ N(m, s^2) (independent dims) under a full schedule.
+
+    x_t = sqrt(ab) x0 + sqrt(1-ab) eps is jointly Gaussian with x0, so E[x0|x_t] = m + sqrt(ab) s^2 /
+    (ab s^2 + 1 - ab) (x_t - sqrt(ab) m); the output is that posterior mean expressed as eps, x0, v or mu.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, mean, std, parameterization: str = "eps", extra_var_channels=False):
+        super().__init__()
+        self.ab = schedule.alphas_cumprod
+        self.ab_prev = schedule.alphas_cumprod_prev
+        self.betas = schedule.betas
+        self.m = torch.as_tensor(mean, dtype=torch.float64)
+        self.s = torch.as_tensor(std, dtype=torch.float64)
+        self.parameterization = parameterization
+        self.extra = extra_var_channels
+        self.calls = 0
+
+    def posterior_x0(self, x_t, t):
+        ab = self.ab[t.long()].view(-1, *([1] * (x_t.dim() - 1)))
+        x = x_t.double()
+        gain = ab.sqrt() * self.s ** 2 / (ab * self.s ** 2 + 1 - ab)
+        return self.m + gain * (x - ab.sqrt() * self.m), ab
+
+    def forward(self, x_t, t, y=None):
+        self.calls += 1
+        x0, ab = self.posterior_x0(x_t, t)
+        x = x_t.double()
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        p = self.parameterization
+        if p == "eps":
+            out = eps
+        elif p == "x0":
+            out = x0
+        elif p == "v":
+            out = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        else:  # mu: posterior mean of q(x_{t-1}|x_t, x0=E[x0|x_t])
+            idx = t.long()
+            shape = (-1, *([1] * (x_t.dim() - 1)))
+            b, abp = self.betas[idx].view(shape), self.ab_prev[idx].view(shape)
+            out = b * abp.sqrt() / (1 - ab) * x0 + (1 - b).sqrt() * (1 - abp) / (1 - ab) * x
+        out = out.to(x_t.dtype)
+        if self.extra:
+            out = torch.cat([out, torch.zeros_like(out)], dim=1)
+        return out
+
+    def posterior_var_x0(self, t):
+        """Var(x0 | x_t) per dim, [len(t), D]."""
+        ab = self.ab[t.long()].view(-1, 1)
+        return self.s ** 2 * (1 - ab) / (ab * self.s ** 2 + 1 - ab)

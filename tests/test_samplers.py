@@ -1,0 +1,227 @@
+import pytest
+import torch
+
+from diffusion_core import GaussianDiffusion, NoiseSchedule
+from diffusion_core.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from diffusion_core.samplers import sample
+from tests.gaussian import GaussianDenoiser
+
+diffusers = pytest.importorskip("diffusers")
+
+MEAN = torch.tensor([0.5, -0.3, 0.0, 0.2])
+STD = torch.tensor([0.25, 0.4, 0.3, 0.5])
+
+
+def _setup(name="cosine", parameterization="eps", variance="fixed_small", extra=False):
+    sched = NoiseSchedule.from_name(name, 1000)
+    diff = GaussianDiffusion(sched, parameterization=parameterization, variance=variance,
+                             loss="hybrid" if variance == "learned_range" else "simple")
+    return diff, GaussianDenoiser(sched, MEAN, STD, parameterization, extra_var_channels=extra)
+
+
+def _check_moments(x, tol_mean=0.03, tol_std=0.05):
+    """Mean and per-dim std ratio. Few-step samplers end with x0 = E[x0|x_t] at the last kept t, which removes
+    Var(x0|x_t) from the sample variance: a few percent here, more for data with smaller spread."""
+    assert torch.allclose(x.mean(0), MEAN, atol=tol_mean), (x.mean(0), MEAN)
+    assert torch.allclose(x.std(0) / STD, torch.ones(4), atol=tol_std), (x.std(0), STD)
+
+
+@pytest.mark.parametrize("name,variance", [("cosine", "fixed_small"), ("linear", "fixed_large"),
+                                           ("linear", "fixed_small")])
+def test_ddpm_1000_steps_reproduces_gaussian_data(name, variance):
+    diff, model = _setup(name, variance=variance)
+    x = sample(diff, model, (4000, 4), sampler="ddpm", generator=torch.Generator().manual_seed(0),
+               clip_denoised=False)
+    _check_moments(x)
+    assert model.calls == 1000
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v", "mu"])
+def test_ddim_100_steps_reproduces_gaussian_data(parameterization):
+    diff, model = _setup("cosine", parameterization)
+    x = sample(diff, model, (4000, 4), sampler="ddim", steps=100, generator=torch.Generator().manual_seed(1),
+               clip_denoised=False)
+    _check_moments(x)
+    assert model.calls == 100
+
+
+def test_dpmpp2m_20_steps_reproduces_gaussian_data():
+    diff, model = _setup("cosine")
+    x = sample(diff, model, (4000, 4), sampler="dpmpp2m", steps=20, generator=torch.Generator().manual_seed(2),
+               clip_denoised=False)
+    _check_moments(x, tol_std=0.07)
+
+
+def test_dpmpp2m_trajectory_matches_diffusers():
+    diff, model = _setup("linear")
+    x_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(3))
+    ours = sample(diff, model, x_T.shape, sampler="dpmpp2m", steps=20, spacing="trailing", x_T=x_T,
+                  clip_denoised=False)
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                timestep_spacing="trailing", solver_order=2,
+                                                algorithm_type="dpmsolver++", final_sigmas_type="zero")
+    ref.set_timesteps(20)
+    x = x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(model(x, torch.full((256,), int(t))), t, x).prev_sample
+    assert ((ours - x).norm() / x.norm()).item() < 1e-4
+
+
+def test_ddim_eta1_equals_ddpm_posterior_variance():
+    """DDIM with eta=1 is DDPM ancestral sampling with sigma_t^2 = posterior variance (Song et al. sec. 4.1)."""
+    diff, model = _setup("linear")
+    kw = dict(steps=50, spacing="leading", clip_denoised=False, seeds=list(range(16)))
+    a = sample(diff, model, (16, 4), sampler="ddim", eta=1.0, **kw)
+    b = sample(diff, model, (16, 4), sampler="ddpm", **kw)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_learned_range_at_the_upper_end_is_fixed_large():
+    """learned_range with v=+1 interpolates fully to log beta_t, i.e. sigma_t^2 = beta_t (t >= 1)."""
+    diff, _ = _setup("cosine", variance="learned_range")
+    x = torch.randn(8, 4)
+    t = torch.randint(1, 1000, (8,))
+    out = torch.cat([torch.randn(8, 4), torch.ones(8, 4)], 1)
+    lv = diff.p_mean_variance_from_output(out, x, t)["log_variance"]
+    assert torch.allclose(lv, torch.log(diff.schedule.betas[t]).float()[:, None].expand(8, 4), atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("name,dname", [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
+def test_ddim_trajectory_matches_diffusers(spacing, name, dname):
+    diff, model = _setup(name)
+    x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    ours = sample(diff, model, x_T.shape, sampler="ddim", steps=50, spacing=spacing, x_T=x_T, clip_denoised=False)
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=dname, timestep_spacing=spacing,
+                                  clip_sample=False, set_alpha_to_one=True)
+    ref.set_timesteps(50)
+    x = x_T.clone()
+    for t in ref.timesteps:
+        eps = model(x, torch.full((64,), int(t)))
+        x = ref.step(eps, t, x, eta=0.0).prev_sample
+    assert ((ours - x).norm() / x.norm()).item() < 1e-4
+
+
+def test_per_sample_seeds_do_not_depend_on_batch_size():
+    diff, model = _setup("cosine")
+    seeds = list(range(100, 110))
+    for sampler in ("ddpm", "ddim"):
+        kw = dict(sampler=sampler, steps=25, eta=0.5, clip_denoised=False)
+        whole = sample(diff, model, (10, 4), seeds=seeds, **kw)
+        parts = torch.cat([sample(diff, model, (3, 4), seeds=seeds[:3], **kw),
+                           sample(diff, model, (7, 4), seeds=seeds[3:], **kw)])
+        assert torch.equal(whole, parts)
+
+
+def test_generator_determinism_and_x_T():
+    diff, model = _setup("cosine")
+    a = sample(diff, model, (8, 4), sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(5))
+    b = sample(diff, model, (8, 4), sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(5))
+    c = sample(diff, model, (8, 4), sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x_T = torch.randn(8, 4)
+    d1 = sample(diff, model, (8, 4), sampler="ddim", steps=20, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    d2 = sample(diff, model, (8, 4), sampler="ddim", steps=20, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(d1, d2)  # eta=0 DDIM is a deterministic map of x_T
+
+
+def test_clipping_keeps_samples_in_range():
+    diff, _ = _setup("cosine")
+    wide = GaussianDenoiser(diff.schedule, torch.zeros(4), torch.full((4,), 2.0))
+    x = sample(diff, wide, (256, 4), sampler="ddim", steps=20, generator=torch.Generator().manual_seed(0))
+    assert x.abs().max() <= 1.0
+    x = sample(diff, wide, (256, 4), sampler="ddim", steps=20, generator=torch.Generator().manual_seed(0),
+               clip_denoised=False)
+    assert x.abs().max() > 1.5
+
+
+class _LinearClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(4, 3)
+
+    def forward(self, x, t):
+        return self.w(x) * (1 - t.float()[:, None] / 1000)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+def test_classifier_guidance_scale_zero_equals_unguided(sampler):
+    diff, model = _setup("cosine")
+    kw = dict(sampler=sampler, steps=20, seeds=list(range(6)), y=torch.tensor([0, 1, 2, 0, 1, 2]))
+    plain = sample(diff, model, (6, 4), **kw)
+    zero = sample(diff, model, (6, 4), guidance=ClassifierGuidance(_LinearClassifier(), 0.0), **kw)
+    assert torch.equal(plain, zero)
+    pushed = sample(diff, model, (6, 4), guidance=ClassifierGuidance(_LinearClassifier(), 5.0), **kw)
+    assert not torch.allclose(plain, pushed)
+
+
+def test_classifier_guidance_moves_samples_toward_the_class():
+    """log p(y=1|x) = x_0 (up to a constant) tilts N(m, s^2) to N(m + s^2, s^2) in dim 0 under exact guidance."""
+
+    class Tilt(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.stack([torch.zeros_like(x[:, 0]), x[:, 0]], 1)
+
+    diff, model = _setup("cosine")
+    y = torch.ones(4000, dtype=torch.long)
+    x = sample(diff, model, (4000, 4), sampler="ddpm", steps=100, clip_denoised=False, y=y,
+               guidance=ClassifierGuidance(Tilt(), 1.0), generator=torch.Generator().manual_seed(0))
+    plain = sample(diff, model, (4000, 4), sampler="ddpm", steps=100, clip_denoised=False,
+                   generator=torch.Generator().manual_seed(0))
+    shift = (x[:, 0].mean() - plain[:, 0].mean()).item()
+    assert 0 < shift < 0.2  # toward the class; a noisy-x_t classifier is not the exact tilt, so only the sign and scale
+
+
+class _CondGaussian(torch.nn.Module):
+    """Exact denoiser whose data mean depends on the class; the null class (index 2) is the mixture mean."""
+
+    def __init__(self, sched):
+        super().__init__()
+        self.dens = [GaussianDenoiser(sched, MEAN + k, STD) for k in (-0.5, 0.5, 0.0)]
+
+    def forward(self, x, t, y=None):
+        if y is None:
+            y = torch.full((x.shape[0],), 2)
+        out = torch.stack([dd(x, t) for dd in self.dens])
+        return out[y, torch.arange(x.shape[0])]
+
+
+def test_cfg_scale_zero_is_unconditional_and_one_is_conditional():
+    diff, _ = _setup("cosine")
+    model = _CondGaussian(diff.schedule)
+    y = torch.tensor([0, 1] * 4)
+    kw = dict(sampler="ddim", steps=20, seeds=list(range(8)), clip_denoised=False)
+    uncond = sample(diff, model, (8, 4), y=torch.full((8,), 2), **kw)
+    assert torch.equal(sample(diff, model, (8, 4), y=y, guidance=ClassifierFreeGuidance(0.0, 2), **kw), uncond)
+    cond = sample(diff, model, (8, 4), y=y, **kw)
+    assert torch.equal(sample(diff, model, (8, 4), y=y, guidance=ClassifierFreeGuidance(1.0, 2), **kw), cond)
+    g3 = sample(diff, model, (8, 4), y=y, guidance=ClassifierFreeGuidance(3.0, 2), **kw)
+    # w > 1 extrapolates away from the unconditional mean: class 1 moves further up, class 0 further down
+    assert (g3[1::2, 0] > cond[1::2, 0]).all() and (g3[0::2, 0] < cond[0::2, 0]).all()
+
+
+def test_cfg_only_touches_mean_channels_of_learned_variance():
+    calls = []
+
+    def model(x, t, y):
+        calls.append(y.clone())
+        base = torch.where(y[:, None] == 2, torch.zeros_like(x), torch.ones_like(x))
+        return torch.cat([base, torch.full_like(x, 0.25) + (y[:, None] == 2)], 1)
+
+    g = ClassifierFreeGuidance(3.0, null_class=2).wrap(model)
+    out = g(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
+    assert torch.allclose(out[:, :2], torch.full((4, 2), 3.0))  # 0 + 3 (1 - 0)
+    assert torch.allclose(out[:, 2:], torch.full((4, 2), 0.25))  # the conditional pass's variance channels
+    assert len(calls) == 1  # one batched forward for both passes
+
+
+def test_bad_sampler_arguments():
+    diff, model = _setup("cosine")
+    with pytest.raises(ValueError, match="accepted: ddpm, ddim, dpmpp2m"):
+        sample(diff, model, (2, 4), sampler="euler")
+    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+        sample(diff, model, (2, 4), steps=1001)
+    with pytest.raises(ValueError, match="eta must be in"):
+        sample(diff, model, (2, 4), eta=-0.1)
+    with pytest.raises(ValueError, match="guidance scale must be >= 0"):
+        ClassifierFreeGuidance(-1.0, 2)

@@ -1,0 +1,141 @@
+"""MLflow tracking: runs in a temp SQLite store, a real server over HTTP, unreachable servers fail fast."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusion_core.config import TrackingConfig
+from diffusion_core.tracking import NullRun, TrackingError, flatten_params, start_run
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = {"project": {"name": "t", "experiment": "exp-test", "seed": 0}, "prepare": {"dataset": "digits", "test_fraction": 0.2}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_run_logged_to_sqlite_and_read_back(store):
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    with start_run("prepare", PARAMS, TrackingConfig()) as run:
+        assert run.active and run.tracking_uri == uri
+        run.log_metrics({"loss": 0.5}, step=1)
+        run.log_metrics({"loss": 0.25}, step=2)
+        run.log_image(np.zeros((8, 8, 1), np.uint8), "grid.png")
+        (store / "f.json").write_text("{}")
+        run.log_artifact(store / "f.json")
+    r = _client(uri).get_run(run.run_id)
+    assert r.info.status == "FINISHED" and r.info.run_name == "prepare"
+    assert r.data.tags["stage"] == "prepare" and len(r.data.tags["params_hash"]) == 16 and "git_commit" in r.data.tags
+    assert r.data.params["prepare.dataset"] == "digits" and r.data.params["project.seed"] == "0"
+    assert [m.value for m in _client(uri).get_metric_history(run.run_id, "loss")] == [0.5, 0.25]
+    assert {a.path for a in _client(uri).list_artifacts(run.run_id)} == {"grid.png", "f.json"}
+    assert _client(uri).get_experiment(r.info.experiment_id).name == "exp-test"
+    assert not any(k.upper() in os.environ for k in r.data.params)  # no environment in params
+
+
+def test_exception_marks_run_failed(store):
+    with pytest.raises(ValueError):
+        with start_run("train", PARAMS, TrackingConfig()) as run:
+            raise ValueError("boom")
+    assert _client(f"sqlite:///{store / 'mlflow.db'}").get_run(run.run_id).info.status == "FAILED"
+
+
+def test_disabled_and_nonzero_rank_are_noops(store):
+    for cfg, rank in ((TrackingConfig(enabled=False), 0), (TrackingConfig(), 1)):
+        with start_run("prepare", PARAMS, cfg, rank=rank) as run:
+            assert isinstance(run, NullRun) and not run.active
+            run.log_metrics({"x": 1.0}, step=0)
+            run.log_image(np.zeros((4, 4), np.uint8), "a.png")
+    assert not (store / "mlflow.db").exists()
+
+
+def test_secrets_redacted():
+    flat = flatten_params({"a": {"api_token": "s3cr3t", "uri": "http://bob:pw@host:5000", "n": None}})
+    assert flat == {"a.api_token": "***", "a.uri": "http://***@host:5000", "a.n": "null"}
+
+
+def test_unreachable_server_fails_fast_or_falls_back(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match="unreachable") as e:
+        with start_run("prepare", PARAMS, TrackingConfig()):
+            pass
+    assert time.monotonic() - t0 < 5 and "\n" not in str(e.value)
+    with start_run("prepare", PARAMS, TrackingConfig(fallback_local=True)) as run:
+        run.log_metrics({"x": 1.0})
+    assert run.tracking_uri.startswith("sqlite:///") and (store / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_prepare_against_real_mlflow_server(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not become healthy in 60 s")
+        work = tmp_path / "work"
+        work.mkdir()
+        env_stage = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": base}
+        res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(ROOT / "configs/tiny.yaml")],
+                             cwd=work, env=env_stage, capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, res.stderr
+        assert not (work / "mlflow.db").exists()
+
+        def post(path, body):
+            req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.load(r)
+
+        exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=diffusion-tiny", timeout=30))
+        runs = post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]]})["runs"]
+        assert len(runs) == 1
+        info, data = runs[0]["info"], runs[0]["data"]
+        assert info["run_name"] == "prepare" and info["status"] == "FINISHED"
+        tags = {t["key"]: t["value"] for t in data["tags"]}
+        params = {p["key"]: p["value"] for p in data["params"]}
+        metrics = {m["key"]: m["value"] for m in data["metrics"]}
+        assert tags["stage"] == "prepare" and params["prepare.dataset"] == "digits"
+        assert metrics["train_count"] + metrics["test_count"] == 1797
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
