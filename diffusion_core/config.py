@@ -30,6 +30,9 @@ from pydantic.fields import FieldInfo
 class ConfigError(ValueError):
     """Invalid params file: the message is one line naming the key path and the accepted values."""
 
+    def __init__(self, message: str):
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class Section(BaseModel):
     """Base of every params section: frozen, strict types, unknown keys rejected."""

@@ -202,8 +202,15 @@ class GaussianDiffusion:
         true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
         p = self.p_mean_variance_from_output(out, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / NATS_PER_BIT
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / NATS_PER_BIT
-        return torch.where(t == 0, nll, kl)
+        first = t == 0
+        if not bool(first.any()):
+            return kl
+        # the decoder term is costly (log-CDFs): evaluate it only on the t=0 rows
+        log_scale = 0.5 * p["log_variance"].expand_as(x0)[first]
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0[first], p["mean"][first], log_scale)) / NATS_PER_BIT
+        out = kl.clone()
+        out[first] = nll.to(kl.dtype)
+        return out
 
     def prior_bpd(self, x0):
         """KL(q(x_T|x0) || N(0, I)) in bits/dim: the prior term of the bound."""

@@ -56,7 +56,7 @@ def test_dpmpp2m_trajectory_matches_diffusers():
     diff, model = _setup("linear")
     x_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(3))
     ours = sample(diff, model, x_T.shape, sampler="dpmpp2m", steps=20, spacing="trailing", x_T=x_T,
-                  clip_denoised=False)
+                  clip_denoised=False, lambda_min=None)
     ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                                 timestep_spacing="trailing", solver_order=2,
                                                 algorithm_type="dpmsolver++", final_sigmas_type="zero")
@@ -91,7 +91,8 @@ def test_learned_range_at_the_upper_end_is_fixed_large():
 def test_ddim_trajectory_matches_diffusers(spacing, name, dname):
     diff, model = _setup(name)
     x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
-    ours = sample(diff, model, x_T.shape, sampler="ddim", steps=50, spacing=spacing, x_T=x_T, clip_denoised=False)
+    ours = sample(diff, model, x_T.shape, sampler="ddim", steps=50, spacing=spacing, x_T=x_T, clip_denoised=False,
+                  lambda_min=None)
     ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=dname, timestep_spacing=spacing,
                                   clip_sample=False, set_alpha_to_one=True)
     ref.set_timesteps(50)
@@ -225,3 +226,18 @@ def test_bad_sampler_arguments():
         sample(diff, model, (2, 4), eta=-0.1)
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         ClassifierFreeGuidance(-1.0, 2)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m"])
+def test_cosine_end_guard_keeps_an_imperfect_model_stable(sampler):
+    """At cosine's last step (ab ~ 2e-9) a 1% eps error becomes a huge x0 error; lambda_min avoids starting there."""
+    diff, exact = _setup("cosine")
+
+    def imperfect(x, t, y=None):
+        return exact(x, t) + 0.01
+
+    kw = dict(sampler=sampler, steps=50, clip_denoised=False, generator=torch.Generator().manual_seed(0))
+    unguarded = sample(diff, imperfect, (2000, 4), lambda_min=None, **kw)
+    guarded = sample(diff, imperfect, (2000, 4), **kw)
+    assert (unguarded.mean(0) - MEAN).abs().max() > 1.0  # the pitfall is real
+    _check_moments(guarded, tol_mean=0.1, tol_std=0.1)

@@ -25,11 +25,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(request, tmp_path_factory):
+    """Start the real server at module start (it needs ~20 s to become healthy) so it boots while other tests run."""
+    if not any(item.name == "test_prepare_against_real_mlflow_server" for item in request.session.items):
+        yield None
+        return
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "env": env}
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlflow")  # one SQLite store: creating its schema takes seconds
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(shared_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    monkeypatch.chdir(shared_dir)
+    return shared_dir
 
 
 def _client(uri):
@@ -64,13 +91,14 @@ def test_exception_marks_run_failed(store):
     assert _client(f"sqlite:///{store / 'mlflow.db'}").get_run(run.run_id).info.status == "FAILED"
 
 
-def test_disabled_and_nonzero_rank_are_noops(store):
+def test_disabled_and_nonzero_rank_are_noops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for cfg, rank in ((TrackingConfig(enabled=False), 0), (TrackingConfig(), 1)):
         with start_run("prepare", PARAMS, cfg, rank=rank) as run:
             assert isinstance(run, NullRun) and not run.active
             run.log_metrics({"x": 1.0}, step=0)
             run.log_image(np.zeros((4, 4), np.uint8), "a.png")
-    assert not (store / "mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_secrets_redacted():
@@ -91,51 +119,37 @@ def test_unreachable_server_fails_fast_or_falls_back(store, monkeypatch):
 
 
 @pytest.mark.slow
-def test_prepare_against_real_mlflow_server(tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not become healthy in 60 s")
-        work = tmp_path / "work"
-        work.mkdir()
-        env_stage = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": base}
-        res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(ROOT / "configs/tiny.yaml")],
-                             cwd=work, env=env_stage, capture_output=True, text=True, timeout=180)
-        assert res.returncode == 0, res.stderr
-        assert not (work / "mlflow.db").exists()
-
-        def post(path, body):
-            req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.load(r)
-
-        exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=diffusion-tiny", timeout=30))
-        runs = post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]]})["runs"]
-        assert len(runs) == 1
-        info, data = runs[0]["info"], runs[0]["data"]
-        assert info["run_name"] == "prepare" and info["status"] == "FINISHED"
-        tags = {t["key"]: t["value"] for t in data["tags"]}
-        params = {p["key"]: p["value"] for p in data["params"]}
-        metrics = {m["key"]: m["value"] for m in data["metrics"]}
-        assert tags["stage"] == "prepare" and params["prepare.dataset"] == "digits"
-        assert metrics["train_count"] + metrics["test_count"] == 1797
-    finally:
-        server.terminate()
+def test_prepare_against_real_mlflow_server(tmp_path, mlflow_server):
+    base, env = mlflow_server["url"], mlflow_server["env"]
+    for _ in range(240):
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("mlflow server did not become healthy in 120 s")
+    work = tmp_path / "work"
+    work.mkdir()
+    env_stage = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": base}
+    res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(ROOT / "configs/tiny.yaml")],
+                         cwd=work, env=env_stage, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert not (work / "mlflow.db").exists()
+
+    def post(path, body):
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=diffusion-tiny", timeout=30))
+    runs = post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]]})["runs"]
+    assert len(runs) == 1
+    info, data = runs[0]["info"], runs[0]["data"]
+    assert info["run_name"] == "prepare" and info["status"] == "FINISHED"
+    tags = {t["key"]: t["value"] for t in data["tags"]}
+    params = {p["key"]: p["value"] for p in data["params"]}
+    metrics = {m["key"]: m["value"] for m in data["metrics"]}
+    assert tags["stage"] == "prepare" and params["prepare.dataset"] == "digits"
+    assert metrics["train_count"] + metrics["test_count"] == 1797

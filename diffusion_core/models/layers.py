@@ -126,7 +126,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest upsampling to `size` (default 2x) then 3x3 conv; an explicit size undoes odd-size downsampling (7->4->7)."""
+    """Nearest upsampling to `size` (default 2x) then 3x3 conv; an explicit size undoes odd downsampling (7->4->7)."""
 
     def __init__(self, channels: int):
         super().__init__()

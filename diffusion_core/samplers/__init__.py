@@ -30,8 +30,12 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
            steps: int | None = None, eta: float = 0.0, spacing: str = "trailing",
            generator: torch.Generator | None = None, seeds: Sequence[int] | None = None, y=None, x_T=None,
            clip_denoised: bool = True, guidance=None, device=None, progress: bool = False,
-           callback=None) -> torch.Tensor:
-    """Draw samples of `shape` [B, ...]; returns x0 in the data space (clipped to [-1,1] if clip_denoised)."""
+           callback=None, lambda_min: float | None = -5.1) -> torch.Tensor:
+    """Draw samples of `shape` [B, ...]; returns x0 in the data space (clipped to [-1,1] if clip_denoised).
+
+    `lambda_min` (DDIM and DPM-Solver++ only): start no lower than log-SNR 2*lambda_min (diffusers' value for
+    cosine, -5.1); None keeps the schedule's first step whatever its SNR. See `sampling_diffusion`.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
     if not 0.0 <= eta <= 1.0:
@@ -41,7 +45,7 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
         raise ValueError(f"steps must be in 1..{T} (the model's T), got {steps}")
     if device is None:
         device = x_T.device if x_T is not None else next(_params(model), torch.empty(0)).device
-    d = sampling_diffusion(diffusion, steps, spacing)
+    d = sampling_diffusion(diffusion, steps, spacing, None if sampler == "ddpm" else lambda_min)
     noise = NoiseSource(shape, device, torch.float32, generator, seeds)
     x = noise() if x_T is None else x_T.to(device, torch.float32)
     if y is not None:
@@ -53,7 +57,8 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
         return ddpm_loop(predict, x, noise, callback)
     if sampler == "ddim":
         return ddim_loop(predict, x, noise, eta, callback)
-    return dpmpp_2m_loop(predict, x, noise, callback=callback)
+    return dpmpp_2m_loop(predict, x, noise, lambda_min=-float('inf') if lambda_min is None else lambda_min,
+                         callback=callback)
 
 
 def _params(model):
