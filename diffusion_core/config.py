@@ -135,7 +135,16 @@ class AutoencoderConfig(Section):
     latent_channels: PosInt = 4
     base_channels: PosInt = 32
     channel_mult: PosIntTuple = (1, 2, 2)
-    downsample: Literal[4, 8] = 4  # spatial downsampling factor
+    downsample: Literal[4, 8] = 4  # spatial downsampling factor = 2 ** (len(channel_mult) - 1)
+
+    @model_validator(mode="after")
+    def _levels_match_downsample(self) -> "AutoencoderConfig":
+        # one stride-2 level between consecutive channel_mult entries: the factor is implied by the list length
+        levels = self.downsample.bit_length()  # 4 -> 3 entries, 8 -> 4
+        if len(self.channel_mult) != levels:
+            raise ValueError(f"downsample {self.downsample} needs {levels} channel_mult entries (one stride-2 level "
+                             f"between consecutive entries), got {list(self.channel_mult)}")
+        return self
 
 
 @register_section("train_autoencoder")
@@ -156,6 +165,197 @@ class EncodeLatentsConfig(Section):
     samples_per_shard: PosInt = 1000
 
 
+class UNetConfig(Section):
+    """U-Net size of `train_diffusion` (channels, levels, attention); in/out channels and classes come from the data."""
+
+    base_channels: PosInt = 64
+    channel_mult: PosIntTuple = (1, 2)
+    num_res_blocks: PosInt = 2
+    attention_resolutions: Annotated[tuple[PosInt, ...], BeforeValidator(_list_to_tuple)] = (4,)  # feature-map sides
+    num_heads: PosInt = 4
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+class ScalingSection(Section):
+    """Ray Train scaling: workers, GPUs, CPUs per worker, restarts of a lost worker."""
+
+    num_workers: PosInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PosInt = 1
+    max_failures: Annotated[int, Field(ge=-1)] = 1  # -1: retry forever
+    use_ray: bool = True  # false: run the loop in-process (1 worker only; tests and benchmarks)
+
+
+@register_section("train_diffusion")
+class TrainDiffusionConfig(Section):
+    space: Literal["pixel", "latent"] = "latent"
+    conditional: bool = True
+    label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # classifier-free guidance: p(label -> null class)
+    steps: PosInt = 1500
+    batch_size: PosInt = 64  # global; split evenly across scaling.num_workers
+    lr: PosFloat = 5e-4
+    warmup_steps: NonNegInt = 100
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: PosFloat | None = 1.0
+    ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.995
+    bf16: bool = True
+    channels_last: bool = False
+    checkpoint_every: PosInt = 250
+    keep_checkpoints: PosInt = 3
+    log_every: PosInt = 50
+    sample_every: NonNegInt = 500  # 0: no sample grids
+    seed: NonNegInt = 0
+    unet: UNetConfig = UNetConfig()
+    scaling: ScalingSection = ScalingSection()
+
+    @model_validator(mode="after")
+    def _batch_splits_across_workers(self) -> "TrainDiffusionConfig":
+        n = self.scaling.num_workers
+        if self.batch_size % n:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by scaling.num_workers {n} "
+                             f"(the global batch is split evenly across workers)")
+        if not self.scaling.use_ray and n != 1:
+            raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
+        return self
+
+
+
+class NoisyClassifierNetConfig(Section):
+    """Size of the noisy classifier (a U-Net encoder half); in-channels, image size and classes come from the data."""
+
+    base_channels: PosInt = 32
+    channel_mult: PosIntTuple = (1, 2, 2)
+    num_res_blocks: PosInt = 1
+    attention_resolutions: Annotated[tuple[PosInt, ...], BeforeValidator(_list_to_tuple)] = ()  # feature-map sides
+    num_heads: PosInt = 4
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+@register_section("train_classifier")
+class TrainClassifierConfig(Section):
+    """Noisy classifier p(y | x_t, t) for classifier guidance; noised with the shared `schedule`/`diffusion`."""
+
+    space: Literal["pixel", "latent"] = "latent"  # must equal train_diffusion.space (checked by the stage)
+    steps: PosInt = 1500
+    batch_size: PosInt = 128  # global; split evenly across scaling.num_workers
+    lr: PosFloat = 1e-3
+    warmup_steps: NonNegInt = 100
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    grad_clip: PosFloat | None = 1.0
+    log_every: PosInt = 100
+    eval_repeats: PosInt = 2  # noise draws per test sample and timestep quarter
+    seed: NonNegInt = 0
+    classifier: NoisyClassifierNetConfig = NoisyClassifierNetConfig()
+    scaling: ScalingSection = ScalingSection()
+
+    @model_validator(mode="after")
+    def _batch_splits_across_workers(self) -> "TrainClassifierConfig":
+        n = self.scaling.num_workers
+        if self.batch_size % n:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by scaling.num_workers {n} "
+                             f"(the global batch is split evenly across workers)")
+        if not self.scaling.use_ray and n != 1:
+            raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
+        return self
+
+
+@register_section("train_feature_net")
+class TrainFeatureNetConfig(Section):
+    """Clean-image classifier (pixel space) whose penultimate features are the domain FID/KID embedding."""
+
+    width: PosInt = 16  # channels of the first conv stage (then 2x, 4x)
+    feature_dim: PosInt = 128  # penultimate (embedding) size
+    steps: PosInt = 600
+    batch_size: PosInt = 64
+    lr: PosFloat = 3e-3
+    warmup_steps: NonNegInt = 30
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    max_shift: NonNegInt = 2  # augmentation: random translation by up to this many pixels
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    log_every: PosInt = 100
+    seed: NonNegInt = 0
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp2m"]
+GuidanceKind = Literal["none", "classifier", "cfg"]
+Spacing = Literal["leading", "trailing", "linspace"]
+Eta = Annotated[float, Field(ge=0, le=1)]
+Scale = Annotated[float, Field(ge=0)]
+
+
+@register_section("reference_stats")
+class ReferenceStatsConfig(Section):
+    """Features, mean and covariance of the real test split per extractor, cached in `data/reference/`."""
+
+    inception_weights: str | None = None  # local pt_inception-2015-12-05 weights; null: cached/downloaded or skipped
+    inception_download: bool = False  # let torch-fidelity download the weights (online machines only)
+    batch_size: PosInt = 256
+
+
+class SweepTrainingConfig(Section):
+    """Training-time axis of `sweep`: a short training run per (schedule, parameterization), pruned by ASHA."""
+
+    schedules: Annotated[tuple[Literal["linear", "cosine", "sigmoid"], ...], BeforeValidator(_list_to_tuple)] = (
+        "linear", "cosine")  # empty: no training trials
+    parameterizations: Annotated[tuple[Literal["eps", "x0", "v"], ...], BeforeValidator(_list_to_tuple)] = ("eps",)
+    steps: PosInt = 150  # optimizer steps per trial (the rest of train_diffusion's section applies)
+    batch_size: PosInt = 32
+    eval_every: PosInt = 50  # steps between validation reports (ASHA's rungs)
+    eval_samples: Annotated[int, Field(ge=2)] = 100  # samples per validation (fd_domain)
+    eval_sampler: SamplerName = "ddim"
+    eval_steps: PosInt = 20
+    eval_guidance: Literal["none", "cfg"] = "cfg"  # classifier guidance would need a classifier per schedule
+    eval_scale: Scale = 1.0
+    nll_samples: NonNegInt = 64  # test images for nll_bpd at the end of a trial (pixel models); 0: skip
+    grace_period: PosInt = 1  # reports before ASHA may stop a trial
+    reduction_factor: Annotated[int, Field(ge=2)] = 2
+
+
+class SweepGridConfig(Section):
+    """One block of the sampling-time grid: every combination of its lists is a trial."""
+
+    samplers: Annotated[tuple[SamplerName, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)]
+    steps: PosIntTuple
+    etas: Annotated[tuple[Eta, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)] = (0.0,)  # DDIM only
+    guidance: Annotated[tuple[GuidanceKind, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)] = ("cfg",)
+    scales: Annotated[tuple[Scale, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)] = (1.0,)
+    num_samples: PosInt | None = None  # null: sweep.num_samples (FD is biased by N: compare kd_domain across N)
+
+
+@register_section("sweep")
+class SweepConfig(Section):
+    """Ray Tune sweep: training-time axis (short runs) and sampling-time grid on models/diffusion."""
+
+    num_samples: Annotated[int, Field(ge=2)] = 250  # samples per sampling trial
+    batch_size: PosInt = 250
+    spacing: Spacing = "trailing"
+    seed: NonNegInt = 0  # sample i uses seed + i in every trial: trials differ only by their settings
+    max_concurrent: PosInt = 2  # trials at once (cpus_per_trial each)
+    cpus_per_trial: PosInt = 1
+    grid_nfe: PosInt | None = None  # NFE of the per-sampler sample grids; null: largest NFE every sampler has
+    grid_samples: PosInt = 50
+    training: SweepTrainingConfig = SweepTrainingConfig()
+    sampling: Annotated[tuple[SweepGridConfig, ...], BeforeValidator(_list_to_tuple)] = ()
+
+
+@register_section("evaluate")
+class EvaluateConfig(Section):
+    """The chosen sampling configuration, evaluated on more samples -> reports/metrics.json."""
+
+    sampler: SamplerName = "ddim"
+    steps: PosInt | None = 50  # null: the full schedule
+    eta: Eta = 0.0
+    spacing: Spacing = "trailing"
+    guidance: GuidanceKind = "cfg"
+    scale: Scale = 2.0
+    num_samples: Annotated[int, Field(ge=2)] = 1000
+    batch_size: PosInt = 250
+    seed: NonNegInt = 1000000  # disjoint from the sweep's seeds
+    num_workers: PosInt = 2  # Ray tasks sharing the sampling (1: in-process)
+    nll_samples: NonNegInt = 200  # test images for nll_bpd (pixel models only); 0: skip
+    nll_batch_size: PosInt = 100
+    grid_samples: PosInt = 100
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -171,6 +371,12 @@ class Params:
         diffusion: DiffusionConfig
         train_autoencoder: TrainAutoencoderConfig
         encode_latents: EncodeLatentsConfig
+        train_diffusion: TrainDiffusionConfig
+        train_classifier: TrainClassifierConfig
+        train_feature_net: TrainFeatureNetConfig
+        reference_stats: ReferenceStatsConfig
+        sweep: SweepConfig
+        evaluate: EvaluateConfig
 
     __slots__ = ("_sections", "path")
 
@@ -480,6 +686,17 @@ __all__ = [
     "AutoencoderConfig",
     "TrainAutoencoderConfig",
     "EncodeLatentsConfig",
+    "UNetConfig",
+    "ScalingSection",
+    "TrainDiffusionConfig",
+    "NoisyClassifierNetConfig",
+    "TrainClassifierConfig",
+    "TrainFeatureNetConfig",
+    "ReferenceStatsConfig",
+    "SweepTrainingConfig",
+    "SweepGridConfig",
+    "SweepConfig",
+    "EvaluateConfig",
     "PosInt",
     "NonNegInt",
     "PosFloat",

@@ -31,6 +31,24 @@ def extract(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return out.view(-1, *([1] * (x.dim() - 1)))
 
 
+# Schedule constants the hot paths index every step, computed once in float64 from the schedule.
+COEFFICIENTS: dict[str, Callable[[NoiseSchedule], torch.Tensor]] = {
+    "sqrt_ab": lambda s: s.alphas_cumprod.sqrt(),
+    "one_minus_ab": lambda s: 1.0 - s.alphas_cumprod,
+    "sqrt_one_minus_ab": lambda s: (1.0 - s.alphas_cumprod).sqrt(),
+    "log_one_minus_ab": lambda s: torch.log(1.0 - s.alphas_cumprod),
+    "sqrt_recip_ab": lambda s: (1.0 / s.alphas_cumprod).sqrt(),
+    "sqrt_recipm1_ab": lambda s: (1.0 / s.alphas_cumprod - 1.0).sqrt(),
+    "posterior_mean_coef1": lambda s: s.posterior_mean_coef1,
+    "posterior_mean_coef2": lambda s: s.posterior_mean_coef2,
+    "posterior_variance": lambda s: s.posterior_variance,
+    "posterior_log_variance_clipped": lambda s: s.posterior_log_variance_clipped,
+    "log_betas": lambda s: torch.log(s.betas),
+    "log_fixed_large": lambda s: torch.log(torch.cat([s.posterior_variance[1:2], s.betas[1:]])
+                                           if s.num_timesteps > 1 else s.betas),
+}
+
+
 def check_combination(parameterization: str, variance: str, loss: str, min_snr_gamma: float | None) -> None:
     """Refuse settings that cannot work, at configuration time, with a one-line reason."""
     for name, value, accepted in (("parameterization", parameterization, PARAMETERIZATIONS),
@@ -62,6 +80,20 @@ class GaussianDiffusion:
 
     def __post_init__(self):
         check_combination(self.parameterization, self.variance, self.loss, self.min_snr_gamma)
+        object.__setattr__(self, "_tables", {})
+
+    def coef(self, name: str, t: torch.Tensor, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """extract(COEFFICIENTS[name](schedule), t, x) from a table cast once per device/dtype (same values).
+
+        `train` reads the training schedule of a respaced diffusion. Saves recomputing and casting the float64
+        table on every call of the sampler's and the loss's hot paths.
+        """
+        key = (name, train, x.device, x.dtype)
+        table = self._tables.get(key)
+        if table is None:
+            sched = self.train_schedule if train else self.schedule
+            table = self._tables[key] = COEFFICIENTS[name](sched).to(x.device).to(x.dtype)
+        return table[t.to(x.device)].view(-1, *([1] * (x.dim() - 1)))
 
     @property
     def num_timesteps(self) -> int:
@@ -83,44 +115,37 @@ class GaussianDiffusion:
     # ----- forward process -------------------------------------------------------------------------
     def q_mean_variance(self, x0, t):
         """Mean, variance, log-variance of q(x_t | x0) = N(sqrt(ab) x0, (1 - ab) I)."""
-        s = self.schedule
-        mean = extract(s.alphas_cumprod.sqrt(), t, x0) * x0
-        var = extract(1.0 - s.alphas_cumprod, t, x0)
-        return mean, var, extract(torch.log(1.0 - s.alphas_cumprod), t, x0)
+        mean = self.coef("sqrt_ab", t, x0) * x0
+        var = self.coef("one_minus_ab", t, x0)
+        return mean, var, self.coef("log_one_minus_ab", t, x0)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (Ho et al. eq. 4)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        s = self.schedule
-        return extract(s.alphas_cumprod.sqrt(), t, x0) * x0 + extract((1.0 - s.alphas_cumprod).sqrt(), t, x0) * noise
+        return self.coef("sqrt_ab", t, x0) * x0 + self.coef("sqrt_one_minus_ab", t, x0) * noise
 
     def q_posterior(self, x0, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0) (Ho et al. eqs. 6-7)."""
-        s = self.schedule
-        mean = extract(s.posterior_mean_coef1, t, x_t) * x0 + extract(s.posterior_mean_coef2, t, x_t) * x_t
-        return mean, extract(s.posterior_variance, t, x_t), extract(s.posterior_log_variance_clipped, t, x_t)
+        mean = self.coef("posterior_mean_coef1", t, x_t) * x0 + self.coef("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self.coef("posterior_variance", t, x_t), self.coef("posterior_log_variance_clipped", t, x_t)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.snr.to(t.device)[t]
 
     # ----- conversions between eps, x0, v and the posterior mean --------------------------------------
     def x0_from_eps(self, x_t, t, eps):
-        ab = self.schedule.alphas_cumprod
-        return extract((1.0 / ab).sqrt(), t, x_t) * x_t - extract((1.0 / ab - 1.0).sqrt(), t, x_t) * eps
+        return self.coef("sqrt_recip_ab", t, x_t) * x_t - self.coef("sqrt_recipm1_ab", t, x_t) * eps
 
     def eps_from_x0(self, x_t, t, x0):
-        ab = self.schedule.alphas_cumprod
-        return (extract((1.0 / ab).sqrt(), t, x_t) * x_t - x0) / extract((1.0 / ab - 1.0).sqrt(), t, x_t)
+        return (self.coef("sqrt_recip_ab", t, x_t) * x_t - x0) / self.coef("sqrt_recipm1_ab", t, x_t)
 
     def v_from_x0_eps(self, x0, eps, t):
         """v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho)."""
-        ab = self.schedule.alphas_cumprod
-        return extract(ab.sqrt(), t, x0) * eps - extract((1.0 - ab).sqrt(), t, x0) * x0
+        return self.coef("sqrt_ab", t, x0) * eps - self.coef("sqrt_one_minus_ab", t, x0) * x0
 
     def x0_from_v(self, x_t, t, v):
-        ab = self.schedule.alphas_cumprod
-        return extract(ab.sqrt(), t, x_t) * x_t - extract((1.0 - ab).sqrt(), t, x_t) * v
+        return self.coef("sqrt_ab", t, x_t) * x_t - self.coef("sqrt_one_minus_ab", t, x_t) * v
 
     def x0_from_mean(self, x_t, t, mean):
         """Invert the posterior mean: x0 = (mu - coef2 x_t) / coef1.
@@ -128,10 +153,11 @@ class GaussianDiffusion:
         A mean-predicting model predicts the one-step posterior mean of the schedule it was trained on, so on
         a respaced schedule the inversion uses the training schedule's coefficients at the original timestep.
         """
-        s = self.schedule
-        if self.train_schedule is not None:
-            s, t = self.train_schedule, self.model_timesteps(t)
-        return (mean - extract(s.posterior_mean_coef2, t, x_t) * x_t) / extract(s.posterior_mean_coef1, t, x_t)
+        train = self.train_schedule is not None
+        if train:
+            t = self.model_timesteps(t)
+        return ((mean - self.coef("posterior_mean_coef2", t, x_t, train) * x_t)
+                / self.coef("posterior_mean_coef1", t, x_t, train))
 
     def x0_from_output(self, x_t, t, out):
         """The model's x0 estimate from its (mean-channel) output under this parameterization."""
@@ -149,8 +175,7 @@ class GaussianDiffusion:
         if self.parameterization == "eps":
             return out
         if self.parameterization == "v":
-            ab = self.schedule.alphas_cumprod
-            return extract((1.0 - ab).sqrt(), t, x_t) * x_t + extract(ab.sqrt(), t, x_t) * out
+            return self.coef("sqrt_one_minus_ab", t, x_t) * x_t + self.coef("sqrt_ab", t, x_t) * out
         return self.eps_from_x0(x_t, t, self.x0_from_output(x_t, t, out))
 
     def split_output(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,15 +189,12 @@ class GaussianDiffusion:
     # ----- reverse process --------------------------------------------------------------------------
     def model_log_variance(self, t, x_t, var_out=None):
         """log sigma_t^2 of p(x_{t-1}|x_t): fixed_small, fixed_large (t=0 decoder fix) or learned_range."""
-        s = self.schedule
         if self.variance == "fixed_small":
-            return extract(s.posterior_log_variance_clipped, t, x_t)
+            return self.coef("posterior_log_variance_clipped", t, x_t)
         if self.variance == "fixed_large":
-            pv = s.posterior_variance
-            large = torch.cat([pv[1:2], s.betas[1:]]) if s.num_timesteps > 1 else s.betas
-            return extract(torch.log(large), t, x_t)
-        min_log = extract(s.posterior_log_variance_clipped, t, x_t)
-        max_log = extract(torch.log(s.betas), t, x_t)
+            return self.coef("log_fixed_large", t, x_t)
+        min_log = self.coef("posterior_log_variance_clipped", t, x_t)
+        max_log = self.coef("log_betas", t, x_t)
         frac = (var_out + 1) / 2  # the network predicts v in [-1, 1] (Nichol & Dhariwal eq. 15)
         return frac * max_log + (1 - frac) * min_log
 

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class OutputError(RuntimeError):
     """A stage could not write one of its outputs (unwritable folder, full disk)."""
 
@@ -25,6 +29,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder") from e
     tmp_path = Path(tmp)

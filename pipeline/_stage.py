@@ -22,6 +22,18 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         errors.append(CheckpointError)
     except ImportError:
         pass
+    try:  # training.py: NaN/inf loss (names the step)
+        from diffusion_core.training import NumericalError
+
+        errors.append(NumericalError)
+    except ImportError:
+        pass
+    try:  # pipeline/_ray.py: Ray unreachable or a worker failed
+        from pipeline._ray import RayError
+
+        errors.append(RayError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..diffusion import GaussianDiffusion, extract
+from ..diffusion import GaussianDiffusion
 from ..schedules import spaced_timesteps
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 
@@ -88,7 +88,7 @@ class Predictor:
             return out
         grad = self.cond_fn(x, d.model_timesteps(t), self.y)
         if self.eps_guidance:
-            eps = out["eps"] - extract((1.0 - d.schedule.alphas_cumprod).sqrt(), t, x) * grad
+            eps = out["eps"] - d.coef("sqrt_one_minus_ab", t, x) * grad
             x0 = d.x0_from_eps(x, t, eps)
             if self.clip:
                 x0 = x0.clamp(-1, 1)

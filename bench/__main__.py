@@ -1,0 +1,128 @@
+"""`python -m bench [--quick] [--only peak train sample reader] [--compile]`: print the table, write results.json.
+
+Groups not re-run keep their previous figures in results.json (each group records when and under what load
+it was measured); the top-level ratios are recomputed from whatever is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import GROUPS
+from .common import atomic_write_json, load, machine
+
+RESULTS = Path(__file__).with_name("results.json")
+TARGETS = {"train_speedup_vs_diffusers": 1.3, "train_fraction_of_bf16_peak": 0.20,
+           "sample_speedup_vs_diffusers_ddim50": 1.2, "sample_speedup_vs_diffusers_dpmpp20": 1.2,
+           "sampler_overhead_fraction": 0.02, "ray_2workers_vs_single_process": 0.85,
+           "reader_speedup_vs_training": 10.0}
+LOWER_IS_BETTER = {"sampler_overhead_fraction"}
+
+
+def run_group(name: str, quick: bool, compile: bool, previous: dict) -> dict:
+    import importlib
+
+    mod = importlib.import_module(f"bench.{name}")
+    t0 = time.perf_counter()
+    kw = {"compile": compile} if name == "train" else {}
+    fig = mod.run(quick=quick, **kw)
+    fig["measured_at"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    fig["wall_s"] = round(time.perf_counter() - t0, 1)
+    fig["quick"] = quick
+    return fig
+
+
+def ratios(groups: dict) -> tuple[dict, dict]:
+    """Top-level ratios (None where the figures are missing) and the reason for each None."""
+    r, why = {}, {}
+    peak, train, samp, reader = (groups.get(k) for k in GROUPS)
+    if train:
+        r["train_speedup_vs_diffusers"] = round(train["ours_images_per_s"] / train["diffusers_images_per_s"], 3)
+    if train and peak:
+        r["train_fraction_of_bf16_peak"] = round(train["ours_gflops"] / peak["bf16_best_gflops"], 4)
+    if samp:
+        r["sample_speedup_vs_diffusers_ddim50"] = samp["ddim50"]["speedup"]
+        r["sample_speedup_vs_diffusers_dpmpp20"] = samp["dpmpp20"]["speedup"]
+        r["sampler_overhead_fraction"] = max(samp["ddim50"]["ours"]["overhead_fraction"],
+                                             samp["dpmpp20"]["ours"]["overhead_fraction"])
+    if reader and train:
+        r["reader_speedup_vs_training"] = round(reader["images_per_s"] / train["ours_images_per_s"], 1)
+    for k in TARGETS:
+        if k not in r:
+            r[k] = None
+            why[k] = "group not measured yet: run `python -m bench`"
+    why["ray_2workers_vs_single_process"] = ("not measured: no Ray training stage in the library yet and the "
+                                             "2-core box was shared with other jobs (load 2-10); planned figure")
+    return r, why
+
+
+def table(res: dict) -> str:
+    lines = [f"bench {res['date']}  torch {res['machine']['torch']}  diffusers {res['machine']['diffusers']}  "
+             f"load {res['load_average']}", ""]
+    g = res["groups"]
+    if "peak" in g:
+        p = g["peak"]
+        lines.append(f"peak GEMM 2048^3: fp32 {p['fp32_gflops']} GFLOP/s, bf16 {p['bf16_gflops']} GFLOP/s")
+    if "train" in g:
+        t = g["train"]
+        lines.append(f"train step b{t['batch']} ({t['gflop_per_image']['ours']} vs {t['gflop_per_image']['diffusers']}"
+                     f" GFLOP/img, ratio {t['flop_ratio_ours_over_diffusers']}):")
+        for k, v in t["settings"].items():
+            lines.append(f"  {k:32s} {v['images_per_s']:8.1f} img/s {v['gflops']:8.1f} GFLOP/s")
+        lines.append(f"  best: ours {t['ours_best_setting']} {t['ours_images_per_s']} img/s, "
+                     f"diffusers {t['diffusers_best_setting']} {t['diffusers_images_per_s']} img/s")
+    if "sample" in g:
+        s = g["sample"]
+        lines.append(f"sampling b{s['batch']} (ours {s['settings']['ours']}, diffusers {s['settings']['diffusers']}):")
+        for k, v in s["forward_b256"].items():
+            lines.append(f"  forward {k:24s} {v['images_per_s']:8.1f} img/s")
+        for name in ("ddim50", "dpmpp20"):
+            o, d = s[name]["ours"], s[name]["diffusers"]
+            lines.append(f"  {name:8s} ours {o['images_per_s']:7.2f} img/s (overhead {100 * o['overhead_fraction']:.2f}%)"
+                         f"  diffusers {d['images_per_s']:7.2f} img/s (overhead {100 * d['overhead_fraction']:.2f}%)")
+    if "reader" in g:
+        rd = g["reader"]
+        lines.append(f"reader 1 thread: stream {rd['stream_noshuffle_images_per_s']} img/s, shuffled "
+                     f"{rd['stream_shuffle1000_images_per_s']}, load_split {rd['load_split_images_per_s']}")
+    lines += ["", f"{'ratio':40s} {'value':>10s} {'target':>8s}  met"]
+    for k, target in TARGETS.items():
+        v = res[k]
+        if v is None:
+            lines.append(f"{k:40s} {'null':>10s} {target:>8}  -  ({res['null_reasons'][k]})")
+            continue
+        ok = v <= target if k in LOWER_IS_BETTER else v >= target
+        lines.append(f"{k:40s} {v:>10} {('<' if k in LOWER_IS_BETTER else '>=') + str(target):>8}  {'yes' if ok else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (whole suite under 10 minutes)")
+    ap.add_argument("--only", nargs="+", choices=GROUPS, help="run only these figure groups")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile settings in train (slow to compile)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    groups = dict(previous.get("groups", {}))
+    for name in args.only or GROUPS:
+        print(f"[bench] {name} ... (load {load()})", file=sys.stderr, flush=True)
+        groups[name] = run_group(name, args.quick, args.compile, previous)
+    # keep the table in a fixed order
+    groups = {k: groups[k] for k in GROUPS if k in groups}
+    r, why = ratios(groups)
+    res = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
+           "load_average": load(), "quick": args.quick, "argv": sys.argv[1:], **r, "null_reasons": why,
+           "targets": TARGETS, "groups": groups}
+    atomic_write_json(args.out, res)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

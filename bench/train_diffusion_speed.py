@@ -1,0 +1,53 @@
+"""Training throughput of train_diffusion's U-Net on random data: `python -m bench.train_diffusion_speed`.
+
+Prints samples/s per configuration for one worker thread count (what one Ray CPU worker gets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from diffusion_core.config import TrainDiffusionConfig, UNetConfig
+from diffusion_core.pretrained import build_diffusion
+from diffusion_core.training import DiffusionTrainer, build_denoiser
+
+
+def measure(shape, unet: UNetConfig, batch: int, steps: int, bf16: bool = False, channels_last: bool = False) -> float:
+    cfg = TrainDiffusionConfig(batch_size=batch, bf16=bf16, channels_last=channels_last, unet=unet,
+                               scaling={"num_workers": 1, "use_ray": False})
+    diff = build_diffusion({"schedule": "cosine", "num_timesteps": 1000, "parameterization": "eps",
+                            "variance": "fixed_small"})
+    torch.manual_seed(0)
+    model = build_denoiser(unet, shape, 10, False)
+    tr = DiffusionTrainer(cfg, diff, model, "uniform", 10)
+    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    tr.train_step(x, y)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tr.train_step(x, y)
+    return batch * steps / (time.perf_counter() - t0), sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    latent = (4, 8, 8)
+    for base, mult, nres, attn in [(32, (1, 2), 2, (4,)), (64, (1, 2), 2, (4,)), (64, (1, 2, 2), 2, (4,)),
+                                   (96, (1, 2, 2), 2, (4,))]:
+        unet = UNetConfig(base_channels=base, channel_mult=mult, num_res_blocks=nres, attention_resolutions=attn,
+                          dropout=0.1)
+        for bf16 in (False, True):
+            sps, n = measure(latent, unet, args.batch, args.steps, bf16=bf16)
+            print(f"latent {latent} base {base} mult {mult} res {nres} attn {attn} bf16 {bf16}: "
+                  f"{n / 1e6:.2f}M params, {sps:.0f} samples/s/worker ({args.threads} thread)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""A trained diffusion model as a folder: weights + `config.json` holding all that sampling needs.
+
+`config.json` of `models/diffusion/` (written by `save_diffusion_dir`)::
+
+    {"model": {...U-Net/MLP config...},
+     "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "parameterization": "eps",
+                   "variance": "fixed_small", "loss": "simple", "min_snr_gamma": null},
+     "data": {"space": "pixel" | "latent", "shape": [C, H, W], "num_classes": 10 | null,
+              "class_names": [...], "dataset": "mnist5k", "kind": "image" | "points"},
+     "latent": {"autoencoder": "<path of the autoencoder folder>", "scale_factor": 0.9} | null,
+     "checksums": {...}}
+
+`load_diffusion_dir(path)` rebuilds model + diffusion (+ decoder) so sampling needs no flags but the path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_model_dir, save_model_dir
+from .diffusion import GaussianDiffusion
+from .schedules import NoiseSchedule
+
+
+def diffusion_spec(schedule: Any, diffusion: Any) -> dict:
+    """The `diffusion` block of config.json from the params' `schedule` and `diffusion` sections."""
+    return {"schedule": schedule.name, "num_timesteps": int(schedule.num_timesteps),
+            "parameterization": diffusion.parameterization, "variance": diffusion.variance,
+            "loss": diffusion.loss, "min_snr_gamma": diffusion.min_snr_gamma}
+
+
+def build_diffusion(spec: dict) -> GaussianDiffusion:
+    """GaussianDiffusion from a `diffusion` block (see module doc)."""
+    try:
+        sched = NoiseSchedule.from_name(spec["schedule"], int(spec["num_timesteps"]))
+        return GaussianDiffusion(sched, spec["parameterization"], spec["variance"], spec.get("loss", "simple"),
+                                 spec.get("min_snr_gamma"))
+    except KeyError as e:
+        raise CheckpointError(f"diffusion config lacks key {e.args[0]!r}; the folder was not written by this "
+                              f"version's train_diffusion: retrain or fix config.json") from e
+
+
+@dataclass
+class DiffusionBundle:
+    """Everything sampling needs: the denoiser, its diffusion, data facts and an optional latent decoder."""
+
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    config: dict
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents (scaled) -> images in [-1, 1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample in the space the diffusion runs in (pixels or latents)."""
+        return tuple(self.config["data"]["shape"])
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config["data"].get("num_classes")
+
+    @property
+    def is_latent(self) -> bool:
+        return self.config["data"].get("space") == "latent"
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in the diffusion space -> data space (decodes latents; pixels pass through)."""
+        if self.decoder is None:
+            return x
+        with torch.no_grad():
+            return self.decoder(x).clamp(-1, 1)
+
+
+def save_diffusion_dir(path: str | os.PathLike, model: nn.Module, ema_model, diffusion_block: dict,
+                       data_block: dict, latent_block: dict | None = None) -> None:
+    """Write `models/diffusion/`-style folder atomically (weights, EMA weights, config.json last)."""
+    save_model_dir(path, model, {"diffusion": diffusion_block, "data": data_block, "latent": latent_block},
+                   ema_model=ema_model)
+
+
+def load_autoencoder_decoder(path: str | os.PathLike, scale_factor: float, map_location="cpu"):
+    """decode(z_scaled) = autoencoder.decode(z_scaled / scale_factor)."""
+    ae, _ = load_model_dir(path, use_ema=False, map_location=map_location)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return ae.decode(z / scale_factor)
+
+    return decode
+
+
+def load_diffusion_dir(path: str | os.PathLike, use_ema: bool = True, map_location="cpu",
+                       autoencoder: str | os.PathLike | None = None) -> DiffusionBundle:
+    """Load a diffusion model folder; latent models get their autoencoder's decoder automatically.
+
+    The autoencoder path in config.json is resolved as written, then relative to the model folder's parent
+    chain; `autoencoder` overrides it.
+    """
+    model, config = load_model_dir(path, use_ema=use_ema, map_location=map_location)
+    for key in ("diffusion", "data"):
+        if key not in config:
+            raise CheckpointError(f"{Path(path) / 'config.json'} has no {key!r} block: not a diffusion model folder "
+                                  f"(point --model at the output of train_diffusion, e.g. models/diffusion)")
+    diffusion = build_diffusion(config["diffusion"])
+    decoder = None
+    if config["data"].get("space") == "latent":
+        latent = config.get("latent") or {}
+        ae_path = Path(autoencoder) if autoencoder else _resolve(Path(path), latent.get("autoencoder"))
+        if ae_path is None or not (ae_path / "config.json").exists():
+            raise CheckpointError(f"latent model {path} needs its autoencoder (config says "
+                                  f"{latent.get('autoencoder')!r}, not found): run train_autoencoder or pass its folder")
+        decoder = load_autoencoder_decoder(ae_path, float(latent["scale_factor"]), map_location)
+    return DiffusionBundle(model, diffusion, config, decoder)
+
+
+def _resolve(model_dir: Path, recorded: str | None) -> Path | None:
+    if not recorded:
+        return None
+    p = Path(recorded)
+    if p.is_absolute() or (p / "config.json").exists():
+        return p
+    for base in [model_dir, *model_dir.resolve().parents]:
+        if (base / p / "config.json").exists():
+            return base / p
+    return p

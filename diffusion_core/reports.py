@@ -1,0 +1,155 @@
+"""Sweep reports: the trial table as CSV and the comparison plots as PNG (matplotlib, Agg), written atomically.
+
+Rows are dicts with the columns of `SWEEP_COLUMNS`; missing metrics are None (empty in the CSV, skipped in plots).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+from .io import atomic_path, atomic_write_text
+
+SWEEP_COLUMNS = ("trial", "axis", "status", "schedule", "parameterization", "train_steps", "sampler", "steps", "eta",
+                 "guidance", "scale", "num_samples", "nfe", "fd_domain", "kd_domain", "kd_domain_std",
+                 "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_se", "loss",
+                 "wall_seconds")
+
+
+def _ok(v: Any) -> bool:
+    return v is not None and v != "" and not (isinstance(v, float) and math.isnan(v))
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] = SWEEP_COLUMNS) -> None:
+    """One row per dict, header `columns`; None -> empty cell; floats with 6 significant digits."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow(["" if not _ok(r.get(c)) else f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]
+                    for c in columns])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    plt = _figure()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _setting(r: dict) -> str:
+    return "none" if r.get("scale") is None else f"{r['guidance']} {r['scale']:g}"
+
+
+def reference_setting(rows: Iterable[dict]) -> tuple | None:
+    """(guidance, scale, eta) most sampling trials share: the setting the FD-vs-NFE lines compare samplers at."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for r in rows:
+        counts[(r["guidance"], r["scale"], r["eta"])] += 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """fd_domain against NFE (log x), one line per sampler at the common guidance/eta setting; other settings as
+    loose markers. Point labels give the sample count where it differs from the most common one."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    rows = [r for r in rows if _ok(r.get("fd_domain")) and _ok(r.get("nfe"))]
+    ref = reference_setting(rows)
+    common_n = max((r["num_samples"] for r in rows), key=[r["num_samples"] for r in rows].count, default=None)
+    for sampler in sorted({r["sampler"] for r in rows}):
+        line = sorted((r for r in rows if r["sampler"] == sampler and (r["guidance"], r["scale"], r["eta"]) == ref),
+                      key=lambda r: r["nfe"])
+        if line:
+            ax.plot([r["nfe"] for r in line], [r["fd_domain"] for r in line], "o-", label=sampler)
+            for r in line:
+                if r["num_samples"] != common_n:
+                    ax.annotate(f"n={r['num_samples']}", (r["nfe"], r["fd_domain"]), fontsize=7)
+    others = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) != ref]
+    for r in others:
+        ax.plot(r["nfe"], r["fd_domain"], "x", color="grey")
+        ax.annotate(f"{r['sampler']} {_setting(r)}" + (f" eta {r['eta']:g}" if r["eta"] else ""),
+                    (r["nfe"], r["fd_domain"]), fontsize=6, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel("fd_domain (lower is better)")
+    if ref is not None:
+        ax.set_title(f"FD vs NFE at guidance {_setting({'guidance': ref[0], 'scale': ref[1]})}, eta {ref[2]:g}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_guidance(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """fd_domain and class_accuracy against guidance scale, a line per (guidance kind, sampler, steps)."""
+    plt = _figure()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        if r.get("scale") is not None and _ok(r.get("fd_domain")):
+            groups[(r["guidance"], r["sampler"], r["steps"], r["eta"])].append(r)
+    for (g, s, n, eta), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["scale"])
+        label = f"{g} {s}-{n}" + (f" eta {eta:g}" if eta else "")
+        ax1.plot([r["scale"] for r in rs], [r["fd_domain"] for r in rs], "o-", label=label)
+        acc = [r for r in rs if _ok(r.get("class_accuracy"))]
+        ax2.plot([r["scale"] for r in acc], [r["class_accuracy"] for r in acc], "o-", label=label)
+    ax1.set(xlabel="guidance scale", ylabel="fd_domain", title="fidelity vs guidance scale")
+    ax2.set(xlabel="guidance scale", ylabel="class_accuracy", title="class accuracy vs guidance scale", ylim=(0, 1.02))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_precision_recall(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """precision_domain against recall_domain, one colour per sampler, each point labelled by steps/guidance."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    rows = [r for r in rows if _ok(r.get("precision_domain")) and _ok(r.get("recall_domain"))]
+    for sampler in sorted({r["sampler"] or "train" for r in rows}):
+        rs = [r for r in rows if (r["sampler"] or "train") == sampler]
+        ax.scatter([r["recall_domain"] for r in rs], [r["precision_domain"] for r in rs], label=sampler)
+        for r in rs:
+            ax.annotate(r["trial"], (r["recall_domain"], r["precision_domain"]), fontsize=6)
+    ax.set(xlabel="recall_domain", ylabel="precision_domain", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
+           title="precision vs recall (domain features)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_training(history: dict[str, list[dict]], path: str | os.PathLike) -> None:
+    """Validation fd_domain against training step, one line per training trial (pruned trials end early)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in sorted(history.items()):
+        pts = [p for p in points if _ok(p.get("fd_domain"))]
+        if pts:
+            ax.plot([p["step"] for p in pts], [p["fd_domain"] for p in pts], "o-", label=name)
+    ax.set(xlabel="training step", ylabel="fd_domain (validation)", title="training-time axis (ASHA)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+__all__ = ["SWEEP_COLUMNS", "plot_fd_vs_nfe", "plot_guidance", "plot_precision_recall", "plot_training",
+           "reference_setting", "write_csv"]

@@ -1,0 +1,265 @@
+"""Sample sets from a trained model folder: per-sample seeds, class assignment, guidance, decoding, saving.
+
+`generate(bundle, num, ...)` draws `num` samples; sample i uses seed `seed + i` only (EDM's per-sample seeds), so a
+set is the same whatever the batch size or the number of workers. With `classes`, sample i gets
+`classes[i % len(classes)]`. Latent models are decoded through their autoencoder (`bundle.to_images`); x0 is
+clipped to [-1, 1] in pixel space only (latents have no fixed range).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance
+from .io import atomic_path
+from .pretrained import DiffusionBundle
+from .samplers import SAMPLERS, sample
+from .schedules import spaced_timesteps
+
+GUIDANCE_KINDS = ("none", "classifier", "cfg")
+SPACINGS = ("leading", "trailing", "linspace")
+SEED_FILE = "seed-{:06d}.png"
+_SEED_FILE_RE = re.compile(r"^seed-\d{6,}\.png$")
+
+
+class SamplingError(ValueError):
+    """A sampling request that cannot be honoured (bad option or option combination); the message names the fix."""
+
+
+@dataclass
+class ClassifierBundle:
+    """A noisy classifier p(y | x_t, t) with its config.json (its `diffusion` block must match the model's)."""
+
+    model: torch.nn.Module
+    config: dict
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["model"]["num_classes"])
+
+
+def load_classifier_dir(path: str | os.PathLike, use_ema: bool = True, map_location="cpu") -> ClassifierBundle:
+    """Load a `models/classifier`-style folder (NoisyClassifier weights + config.json)."""
+    from .checkpoint import CheckpointError, load_model_dir
+
+    model, config = load_model_dir(path, use_ema=use_ema, map_location=map_location)
+    if config.get("model", {}).get("kind") != "noisy_classifier":
+        raise CheckpointError(f"{path} holds a {config.get('model', {}).get('kind')!r} model, not a noisy classifier "
+                              f"(point --classifier at the output of train_classifier, e.g. models/classifier)")
+    return ClassifierBundle(model, config)
+
+
+def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int | None, eta: float,
+                   guidance_kind: str, scale: float, classifier_bundle: ClassifierBundle | None,
+                   classes: Sequence[int] | None, batch_size: int, spacing: str) -> None:
+    """SamplingError (one line) for every option or combination that cannot work."""
+    T = bundle.diffusion.num_timesteps
+    if sampler not in SAMPLERS:
+        raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if guidance_kind not in GUIDANCE_KINDS:
+        raise SamplingError(f"unknown guidance {guidance_kind!r}; choose one of {', '.join(GUIDANCE_KINDS)}")
+    if spacing not in SPACINGS:
+        raise SamplingError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if num < 1:
+        raise SamplingError(f"num must be >= 1, got {num}")
+    if batch_size < 1:
+        raise SamplingError(f"batch size must be >= 1, got {batch_size}")
+    if steps is not None and not 1 <= steps <= T:
+        raise SamplingError(f"steps must be in 1..{T} (the model's T), got {steps}")
+    if not 0.0 <= eta <= 1.0:
+        raise SamplingError(f"eta must be in [0, 1], got {eta}")
+    if scale < 0:
+        raise SamplingError(f"guidance scale must be >= 0, got {scale}")
+    if classes is not None and len(classes) == 0:
+        raise SamplingError("classes is empty; give at least one class index")
+    model_k = bundle.num_classes
+    if guidance_kind == "cfg" and model_k is None:
+        raise SamplingError("classifier-free guidance (cfg) needs a class-conditional model; this model is "
+                            "unconditional: use --guidance classifier with --classifier, or none")
+    if guidance_kind == "classifier":
+        if classifier_bundle is None:
+            raise SamplingError("classifier guidance needs a noisy classifier: pass --classifier (e.g. models/classifier)")
+        _check_classifier(bundle, classifier_bundle)
+    elif classes is not None and model_k is None:
+        raise SamplingError("this model is unconditional, so classes need classifier guidance: add "
+                            "--guidance classifier --classifier models/classifier")
+    if classes is not None:
+        known = classifier_bundle.num_classes if guidance_kind == "classifier" else model_k
+        if model_k is not None:
+            known = min(known, model_k)
+        bad = [c for c in classes if not 0 <= int(c) < known]
+        if bad:
+            raise SamplingError(f"class {bad[0]} is not known to the model (classes are 0..{known - 1})")
+
+
+def _check_classifier(bundle: DiffusionBundle, clf: ClassifierBundle) -> None:
+    mine, theirs = bundle.config["diffusion"], clf.config.get("diffusion")
+    if theirs is None:
+        raise SamplingError("the classifier's config.json has no 'diffusion' block, so its timesteps cannot be "
+                            "matched to the model's: retrain it with train_classifier")
+    for key in ("schedule", "num_timesteps"):
+        if mine.get(key) != theirs.get(key):
+            raise SamplingError(f"classifier was trained for diffusion {key}={theirs.get(key)!r} but the model uses "
+                                f"{mine.get(key)!r}: use a classifier trained with the same schedule")
+    cfg = clf.config["model"]
+    shape = tuple(bundle.shape)
+    if len(shape) != 3 or cfg.get("in_channels") != shape[0] or cfg.get("image_size") != shape[-1]:
+        raise SamplingError(f"classifier expects {cfg.get('in_channels')} channels at {cfg.get('image_size')}px but "
+                            f"the model samples {list(shape)}: use the classifier trained for this model's space")
+    if bundle.num_classes is not None and clf.num_classes != bundle.num_classes:
+        raise SamplingError(f"classifier has {clf.num_classes} classes but the model has {bundle.num_classes}")
+
+
+def sample_labels(num: int, classes: Sequence[int] | None, start: int = 0) -> np.ndarray:
+    """Labels of samples start..start+num-1: classes[i % len(classes)]; -1 (unconditional) when classes is None."""
+    if classes is None:
+        return np.full(num, -1, dtype=np.int64)
+    classes = np.asarray([int(c) for c in classes], dtype=np.int64)
+    return classes[np.arange(start, start + num) % len(classes)]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], [N, C, H, W] -> uint8 [N, H, W, C] (round to nearest of 256 levels)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class _CountingModel(torch.nn.Module):
+    """Wraps the denoiser to count per-sample network evaluations (a CFG double batch counts 2 per step)."""
+
+    def __init__(self, model, drop_y: bool):
+        super().__init__()
+        self.model, self.drop_y, self.evals = model, drop_y, 0
+
+    def forward(self, x_t, t, y=None):
+        self.evals += x_t.shape[0]
+        return self.model(x_t, t, None if self.drop_y else y)
+
+
+@torch.no_grad()
+def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+             guidance_kind: str = "none", scale: float = 1.0, classifier_bundle: ClassifierBundle | None = None,
+             classes: Sequence[int] | None = None, seed: int = 0, batch_size: int = 64, spacing: str = "trailing",
+             progress: bool = False, device: str | torch.device | None = None, start: int = 0) -> dict:
+    """Draw samples i = start..start+num-1 of a set; sample i uses seed `seed + i` and label `classes[i % len]`.
+
+    `start` lets workers split one set: generate(num=k, start=j) on each gives exactly that slice of the set.
+    Returns {"images": uint8 [N, H, W, C] (image data) or "points": float32 [N, D] (point data), "labels": int64 [N]
+    (-1 = unconditional), "seeds": int64 [N], "nfe": denoiser evaluations per sample, "seconds": wall time}.
+    `steps=None` runs the full schedule. Without `classes`, cfg and classifier guidance cycle through all classes;
+    no guidance on a class-conditional model then samples unconditionally (the null class).
+    """
+    _check_options(bundle, num, sampler, steps, eta, guidance_kind, scale, classifier_bundle, classes, batch_size,
+                   spacing)
+    if classes is None and guidance_kind != "none":
+        k = classifier_bundle.num_classes if guidance_kind == "classifier" else bundle.num_classes
+        classes = list(range(k))
+    if start < 0:
+        raise SamplingError(f"start must be >= 0, got {start}")
+    labels = sample_labels(num, classes, start)
+    seeds = np.arange(seed + start, seed + start + num, dtype=np.int64)
+    device = torch.device(device or "cpu")
+    model = _CountingModel(bundle.model.to(device).eval(), drop_y=bundle.num_classes is None)
+    guidance = None
+    if guidance_kind == "cfg":
+        guidance = ClassifierFreeGuidance(scale, null_class=bundle.num_classes)
+    elif guidance_kind == "classifier":
+        guidance = ClassifierGuidance(classifier_bundle.model.to(device).eval(), scale)
+    pixel = not bundle.is_latent
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num, desc=f"{sampler} {steps or bundle.diffusion.num_timesteps} steps", unit="sample")
+    start, chunks = time.perf_counter(), []
+    try:
+        for lo in range(0, num, batch_size):
+            hi = min(lo + batch_size, num)
+            y = None if classes is None else torch.as_tensor(labels[lo:hi], device=device)
+            x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=sampler, steps=steps, eta=eta,
+                        spacing=spacing, seeds=seeds[lo:hi].tolist(), y=y, clip_denoised=pixel, guidance=guidance,
+                        device=device)
+            chunks.append(bundle.to_images(x0).float().cpu())
+            if bar is not None:
+                bar.update(hi - lo)
+    finally:
+        if bar is not None:
+            bar.close()
+    x = torch.cat(chunks)
+    result = {"labels": labels, "seeds": seeds, "nfe": model.evals / num, "seconds": time.perf_counter() - start}
+    if x.ndim == 4:
+        result["images"] = to_uint8(x)
+    else:
+        result["points"] = x.numpy().astype(np.float32)
+    return result
+
+
+def sampling_steps(bundle: DiffusionBundle, steps: int | None, spacing: str = "trailing") -> int:
+    """Number of respaced steps before any log-SNR clamping (for labels and reports)."""
+    T = bundle.diffusion.num_timesteps
+    return T if steps is None else len(spaced_timesteps(T, steps, spacing))
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
+
+
+def save_samples(out: str | os.PathLike, result: dict, nrow: int | None = None) -> list[Path]:
+    """Write `generate`'s result; returns the paths written.
+
+    `out` ending in .png: one grid image. Otherwise a folder: one `seed-%06d.png` per sample, `samples.npz`
+    (images uint8 [N, H, W, C], labels, seeds) and `grid.png`; every file atomically, and stale `seed-*.png` of an
+    earlier, larger run removed. Point data gets a scatter plot instead of images.
+    """
+    from .data.preview import save_image_grid, save_scatter
+
+    out = Path(out)
+    labels, seeds = np.asarray(result["labels"]), np.asarray(result["seeds"])
+    if nrow is None:
+        distinct = len(np.unique(labels[labels >= 0]))
+        nrow = distinct if 1 < distinct <= 20 else min(len(seeds), 10)
+    if "points" in result:
+        scatter_labels = np.where(labels >= 0, labels, 0)
+        if out.suffix.lower() == ".png":
+            save_scatter(result["points"], scatter_labels, out, title="samples")
+            return [out]
+        _write_npz(out / "samples.npz", points=result["points"], labels=labels, seeds=seeds)
+        save_scatter(result["points"], scatter_labels, out / "grid.png", title="samples")
+        return [out / "samples.npz", out / "grid.png"]
+    images = np.asarray(result["images"])
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise SamplingError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    scale = max(1, 56 // images.shape[1])
+    if out.suffix.lower() == ".png":
+        save_image_grid(images, out, nrow=nrow, scale=scale)
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise SamplingError(f"--out {out} exists and is not a folder; give a folder or a .png path")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for img, s in zip(images, seeds):
+        written.append(out / SEED_FILE.format(int(s)))
+        _write_png(written[-1], img)
+    keep = {p.name for p in written}
+    for p in out.iterdir():
+        if _SEED_FILE_RE.match(p.name) and p.name not in keep:
+            p.unlink()
+    _write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
+    save_image_grid(images, out / "grid.png", nrow=nrow, scale=scale)
+    return written + [out / "samples.npz", out / "grid.png"]

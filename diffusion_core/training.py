@@ -1,0 +1,417 @@
+"""Diffusion training, one optimizer step at a time: model/diffusion/timestep sampler from params sections, AdamW
+with linear warm-up and gradient clipping, bf16 autocast, classifier-free label dropout, EMA, NaN/inf checks,
+per-timestep-quartile losses (as improved-diffusion logs them), checkpoints with exact resume.
+
+Engine-free: no ray, no mlflow. `torch.distributed` is used only when a process group is initialized (DDP
+wrapping, gathering (t, loss) so every rank's loss-aware sampler keeps the same history, rank-0 checkpoints).
+
+Randomness is a function of (seed, rank, step): each step draws its batch indices, timesteps, noise, label
+dropout and model dropout from generators seeded with those three numbers, so a resumed run takes exactly the
+steps an uninterrupted one would (the global RNG states are still saved and restored for any other user).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from .checkpoint import (EMA_FILE, MODEL_FILE, STEP_DIR_PATTERN, TRAINING_STATE_FILE, CheckpointError,
+                         load_training_state, save_checkpoint_dir, step_dir, verify_checkpoint_dir)
+from .diffusion import GaussianDiffusion
+from .guidance import cfg_label_dropout
+from .models import EMA, MLPDenoiser, UNet, unwrap_model
+from .pretrained import build_diffusion, diffusion_spec
+from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
+
+NUM_QUARTILES = 4
+
+
+class NumericalError(FloatingPointError):
+    """The loss or the gradient norm became NaN/inf; the message names the step."""
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def build_denoiser(unet_cfg: Any, data_shape: tuple[int, ...], num_classes: int | None,
+                   learn_sigma: bool) -> nn.Module:
+    """U-Net for [C, H, W] data (pixels or latents), residual MLP for [D] points; sizes from the `unet` sub-config."""
+    if len(data_shape) == 1:
+        return MLPDenoiser(dim=data_shape[0], hidden=4 * unet_cfg.base_channels, num_layers=2 * unet_cfg.num_res_blocks,
+                           num_classes=num_classes, learn_sigma=learn_sigma)
+    c, h, w = data_shape
+    if h != w:
+        raise ValueError(f"train_diffusion needs square images or latents, got {h}x{w}")
+    return UNet(in_channels=c, image_size=h, base_channels=unet_cfg.base_channels, channel_mult=unet_cfg.channel_mult,
+                num_res_blocks=unet_cfg.num_res_blocks, attention_resolutions=unet_cfg.attention_resolutions,
+                num_heads=unet_cfg.num_heads, dropout=unet_cfg.dropout, num_classes=num_classes, learn_sigma=learn_sigma)
+
+
+def build_diffusion_from_params(schedule_cfg: Any, diffusion_cfg: Any) -> GaussianDiffusion:
+    return build_diffusion(diffusion_spec(schedule_cfg, diffusion_cfg))
+
+
+def lr_at(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over the first `warmup_steps` optimizer steps (step counted from 0), then constant."""
+    return lr if warmup_steps <= 0 else lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (sha256), so nearby (seed, rank, step) give unrelated streams."""
+    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, rank: int, step: int, stream: int = 0) -> torch.Generator:
+    """CPU generator for one (seed, rank, step); stream separates independent uses within a step."""
+    return torch.Generator().manual_seed(_mix(seed, rank, step, stream))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int, rank: int) -> torch.Tensor:
+    """Indices into this rank's n samples for `step`: epochs of fresh permutations, consumed `batch` at a time."""
+    pos = torch.arange(step * batch, (step + 1) * batch)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, rank, e, 99)))
+        m = epochs == e
+        out[m] = perm[offsets[m]]
+    return out
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Global torch (CPU and CUDA), numpy and Python RNG states as tensors (loadable with weights_only=True)."""
+    state = {"torch": torch.get_rng_state(),
+             "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+             "numpy_pos": int(np.random.get_state()[2]),
+             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class RankData:
+    """This rank's block of the training split in memory: x [N, ...] float32, y [N] long, sample keys."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    keys: list[str]
+
+
+def load_rank_data(shard_dir: str | os.PathLike, data_cfg: Any, rank: int, world_size: int, *,
+                   split: str = "train", scale: float = 1.0) -> RankData:
+    """Read only this rank's shards (ShardDataset's rank split: disjoint, equal counts) once into memory.
+
+    Latents are multiplied by `scale` (the autoencoder's scale_factor) so the diffusion sees unit variance.
+    """
+    from .data import ShardDataset
+
+    ds = ShardDataset(shard_dir, split, shuffle_buffer=0, rank=rank, world_size=world_size, uneven="drop",
+                      verify_checksums=data_cfg.verify_checksums, on_bad_shard=data_cfg.on_bad_shard, with_keys=True)
+    xs, ys, keys = [], [], []
+    for x, y, key in ds:
+        xs.append(x)
+        ys.append(y)
+        keys.append(key)
+    x = torch.stack(xs).float()
+    return RankData(x * scale if scale != 1.0 else x, torch.as_tensor(ys, dtype=torch.long), keys)
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+class QuartileLoss:
+    """Running means of the loss per quarter of the timestep range, plus the overall mean (improved-diffusion)."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(NUM_QUARTILES, dtype=torch.float64)
+        self.counts = torch.zeros(NUM_QUARTILES, dtype=torch.int64)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        q = (t.cpu() * NUM_QUARTILES // self.num_timesteps).clamp(max=NUM_QUARTILES - 1)
+        self.sums.index_add_(0, q, losses.detach().double().cpu())
+        self.counts.index_add_(0, q, torch.ones_like(q))
+
+    def pop(self) -> dict[str, float]:
+        """{"loss": mean, "loss_q0".."loss_q3": means per quartile with samples}; resets the window."""
+        out = {}
+        if self.counts.sum() > 0:
+            out["loss"] = float(self.sums.sum() / self.counts.sum())
+        for i in range(NUM_QUARTILES):
+            if self.counts[i] > 0:
+                out[f"loss_q{i}"] = float(self.sums[i] / self.counts[i])
+        self.reset()
+        return out
+
+
+@dataclass
+class StepStats:
+    step: int  # optimizer steps completed
+    loss: float  # global mean of the importance-weighted loss of this step
+    lr: float
+    grad_norm: float
+    t: torch.Tensor = field(repr=False)  # global timesteps of this step
+    losses: torch.Tensor = field(repr=False)  # global per-sample weighted losses
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank (identity when not distributed)."""
+    rank, world = _distributed()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class DiffusionTrainer:
+    """Owns model (DDP-wrapped when distributed), EMA, AdamW, timestep sampler and step counter.
+
+    cfg: the `train_diffusion` section (lr, warmup_steps, weight_decay, grad_clip, ema_decay, bf16, channels_last,
+    label_dropout, seed). num_classes: None for unconditional; index num_classes is the null class.
+    """
+
+    def __init__(self, cfg: Any, diffusion: GaussianDiffusion, model: nn.Module, timestep_sampler: str,
+                 num_classes: int | None, device: str | torch.device = "cpu"):
+        self.cfg, self.diffusion, self.num_classes = cfg, diffusion, num_classes
+        self.device = torch.device(device)
+        self.rank, self.world_size = _distributed()
+        self.model = model.to(self.device)
+        self.channels_last = bool(cfg.channels_last) and isinstance(model, UNet)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ddp: nn.Module = self.model
+        if self.world_size > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr_at(0, cfg.lr, cfg.warmup_steps),
+                                     weight_decay=cfg.weight_decay)
+        self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
+        self.quartiles = QuartileLoss(diffusion.num_timesteps)
+        self.step = 0
+        self.samples_seen = 0
+        self.train_seconds = 0.0  # time spent in train_step, summed over resumes
+        self.history: list[dict[str, float]] = []  # logged points of the loss curve, carried across resumes
+
+    # ---- one optimizer step
+    def train_step(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> StepStats:
+        """One AdamW step on this rank's batch x0 [b, ...] (labels y [b]); raises NumericalError on NaN/inf."""
+        cfg, d = self.cfg, self.diffusion
+        g = step_generator(cfg.seed, self.rank, self.step, stream=1)
+        torch.manual_seed(_mix(cfg.seed, self.rank, self.step, 2))  # model dropout, reproducible per step
+        x0 = x0.to(self.device, torch.float32)
+        b = x0.shape[0]
+        t, weights = self.sampler.sample(b, generator=g, device=self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError("a class-conditional model needs labels y")
+            y = cfg_label_dropout(y.to(self.device), self.num_classes, cfg.label_dropout, generator=g)
+        else:
+            y = None
+        x_t = d.q_sample(x0, t, noise)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16)):
+            out = self.ddp(x_t, d.model_timesteps(t), y)
+        losses = d.losses_from_output(out.float(), x0, x_t, t, noise)["loss"]  # float32 losses
+        weighted = losses * weights
+        loss = weighted.mean()
+        # gather before backward: every rank sees the same global loss, so all stop at the same step on NaN
+        all_t = _gather(t)
+        all_w = _gather(weighted.detach().float())
+        global_loss = float(all_w.mean())
+        step_no = self.step + 1
+        if not math.isfinite(global_loss):
+            raise NumericalError(f"loss is {global_loss} at step {step_no}: training stopped, the last good "
+                                 f"checkpoint is kept; lower train_diffusion.lr or enable grad_clip")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(grad_norm):
+            raise NumericalError(f"gradient norm is {grad_norm} at step {step_no}: training stopped, the last good "
+                                 f"checkpoint is kept; lower train_diffusion.lr or enable grad_clip")
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.ema.update(self.model)
+        if isinstance(self.sampler, LossAwareSampler):
+            self.sampler.update(all_t, _gather(losses.detach().float()))  # same history on every rank
+        self.quartiles.update(all_t, all_w)
+        self.step = step_no
+        self.samples_seen += b * self.world_size
+        return StepStats(self.step, global_loss, lr, grad_norm, all_t, all_w)
+
+    # ---- state
+    def state_dict(self) -> dict[str, Any]:
+        """Training state for `training_state.pt` (tensors and plain values only: weights_only loading)."""
+        return {"step": self.step, "samples_seen": self.samples_seen, "optimizer": self.opt.state_dict(),
+                "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates},
+                "timestep_sampler": self.sampler.state_dict(), "rng": capture_rng_state(),
+                "history": [dict(h) for h in self.history], "seed": int(self.cfg.seed), "world_size": self.world_size,
+                "train_seconds": float(self.train_seconds)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.ema.decay, self.ema.num_updates = float(state["ema"]["decay"]), int(state["ema"]["num_updates"])
+        self.sampler.load_state_dict(state["timestep_sampler"])
+        restore_rng_state(state["rng"])
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+
+    def save_checkpoint(self, root: str | os.PathLike, extra_config: dict | None = None) -> Path:
+        """root/step-%08d (model, EMA, training state, config.json last), written atomically; rank 0 only."""
+        return save_checkpoint_dir(step_dir(root, self.step), self.model, self.ema, self.state_dict(), extra_config)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict:
+        """Restore weights, EMA, optimizer, sampler, RNG and step from a checkpoint folder; returns its config."""
+        path = Path(path)
+        config = verify_checkpoint_dir(path)
+        if config.get("model") != unwrap_model(self.model).config:
+            raise CheckpointError(f"{path} was written for a different model ({config.get('model', {}).get('kind')}, "
+                                  f"other sizes); delete {path.parent} to start over or restore the params")
+        tensors = load_file(str(path / MODEL_FILE), device=str(self.device))
+        self.model.load_state_dict(tensors)
+        if (path / EMA_FILE).exists():
+            self.ema.module.load_state_dict(load_file(str(path / EMA_FILE), device=str(self.device)))
+        self.load_state_dict(load_training_state(path / TRAINING_STATE_FILE, map_location=self.device))
+        return config
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` step folders, and temp folders left by interrupted saves."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR_PATTERN.match(p.name)))
+    for _, p in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step-*"):
+        if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes): equal iff the weights are bitwise equal."""
+    h = hashlib.sha256()
+    for k, v in sorted(unwrap_model(module).state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class LoopHooks:
+    """Callbacks of `train_loop`; each gets the trainer. log: every log_every steps with the window's stats."""
+
+    log: Callable[[DiffusionTrainer, dict[str, float]], None] | None = None
+    checkpoint: Callable[[DiffusionTrainer], None] | None = None  # every checkpoint_every steps and at the end
+    sample: Callable[[DiffusionTrainer], None] | None = None  # every sample_every steps (and at the end)
+
+
+def train_loop(trainer: DiffusionTrainer, data: RankData, total_steps: int, local_batch: int, *,
+               log_every: int, checkpoint_every: int, sample_every: int = 0,
+               hooks: LoopHooks = LoopHooks()) -> dict[str, float]:
+    """Run steps trainer.step+1 .. total_steps on this rank's data; returns the last logged window's stats."""
+    cfg = trainer.cfg
+    window_t0, window_samples, last = time.perf_counter(), 0, {}
+    n = len(data.keys)
+    while trainer.step < total_steps:
+        idx = batch_indices(n, local_batch, trainer.step, cfg.seed, trainer.rank)
+        t0 = time.perf_counter()
+        stats = trainer.train_step(data.x[idx], data.y[idx] if trainer.num_classes is not None else None)
+        trainer.train_seconds += time.perf_counter() - t0
+        window_samples += local_batch * trainer.world_size
+        s = stats.step
+        if s % log_every == 0 or s == total_steps:
+            now = time.perf_counter()
+            last = {**trainer.quartiles.pop(), "lr": stats.lr, "grad_norm": stats.grad_norm,
+                    "samples_per_second": window_samples / max(now - window_t0, 1e-9)}
+            trainer.history.append({"step": s, **{k: v for k, v in last.items() if k.startswith("loss")},
+                                    "lr": stats.lr})
+            window_t0, window_samples = now, 0
+            if hooks.log:
+                hooks.log(trainer, last)
+        if hooks.sample and sample_every and s % sample_every == 0 and s != total_steps:
+            hooks.sample(trainer)
+        if hooks.checkpoint and (s % checkpoint_every == 0 or s == total_steps):
+            hooks.checkpoint(trainer)
+    return last
+
+
+@torch.no_grad()
+def sample_preview(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, ...], num_classes: int | None,
+                   decoder: Callable[[torch.Tensor], torch.Tensor] | None = None, per_class: int = 4,
+                   steps: int = 25, seed: int = 0, clip_denoised: bool = True) -> np.ndarray:
+    """uint8 [N, H, W, C] preview samples (DDIM): `per_class` rows of every class, or 40 unconditional samples."""
+    from .samplers import sample
+
+    was_training = model.training
+    model.eval()
+    if num_classes is not None:
+        k = min(num_classes, 10)
+        y = torch.arange(k).repeat(per_class)
+    else:
+        y = None
+    n = len(y) if y is not None else 40
+    device = next(model.parameters()).device
+    x = sample(diffusion, model, (n, *shape), sampler="ddim", steps=min(steps, diffusion.num_timesteps),
+               generator=torch.Generator(device=device).manual_seed(seed), y=y, clip_denoised=clip_denoised)
+    if decoder is not None:
+        x = decoder(x).clamp(-1, 1)
+    model.train(was_training)
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+__all__ = ["DiffusionTrainer", "LoopHooks", "NumericalError", "QuartileLoss", "RankData", "StepStats",
+           "batch_indices", "build_denoiser", "build_diffusion_from_params", "capture_rng_state", "load_rank_data",
+           "lr_at", "prune_checkpoints", "restore_rng_state", "sample_preview", "step_generator", "train_loop",
+           "weights_sha256"]

@@ -1,0 +1,205 @@
+"""The Ray edge shared by the training stages: join or start Ray, run a TorchTrainer, turn failures into one line.
+
+    init_ray()                       # RAY_ADDRESS unset: local Ray sized to this machine; set: join that cluster
+    result = run_torch_trainer(loop, {"params": ...}, params.train_diffusion.scaling, "train_diffusion",
+                               storage_path=Path("ray_results").resolve())
+
+`scaling` is any object with num_workers, use_gpu, cpus_per_worker, max_failures and use_ray (false: the loop
+runs in this process with rank 0 of 1, same code path minus Ray). Inside the loop use `worker_context()` for
+(rank, world_size) and `report()` for metrics/checkpoints; both work with and without Ray.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+CONNECT_TIMEOUT_S = 3.0
+
+
+class RayError(RuntimeError):
+    """Ray could not start, could not be reached, or a training worker failed; the message is one line."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_reachable(address: str) -> None:
+    """TCP-connect to host:port of RAY_ADDRESS within seconds (ray.init would retry for a long time)."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise RayError(f"RAY_ADDRESS={address!r} is not host:port (e.g. 127.0.0.1:6379) or auto; fix or unset it")
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise RayError(f"Ray cluster at RAY_ADDRESS={address} is unreachable ({e.strerror or e}); start it "
+                       f"(`ray start --head`) or unset RAY_ADDRESS to run on a local Ray") from None
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray (RAY_ADDRESS unset; no dashboard; all CPUs unless num_cpus) or join RAY_ADDRESS's cluster.
+
+    Under `ray job submit` RAY_ADDRESS is set by Ray, so the job joins the cluster it was submitted to. An
+    unreachable address fails within CONNECT_TIMEOUT_S (ray.init itself would retry for a minute). ray.init runs
+    in the main thread on purpose: Ray ties its GCS/raylet to the starting thread (PR_SET_PDEATHSIG), so a
+    helper thread that ends kills the local cluster with it.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from an offline machine
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            _check_reachable(address)
+            ray.init(logging_level="WARNING")
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
+    except RayError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, RaySystemError ...
+        where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"
+        raise RayError(f"cannot {where}: {_one_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------------------------- inside workers
+
+
+def worker_context() -> tuple[int, int]:
+    """(world rank, world size) inside a Ray Train worker, else (0, 1)."""
+    if os.environ.get("_PIPELINE_IN_RAY_TRAIN") == "1":
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    return 0, 1
+
+
+def latest_ray_checkpoint() -> Any:
+    """The checkpoint Ray restores after a worker-group restart (None outside Ray or before the first one)."""
+    if os.environ.get("_PIPELINE_IN_RAY_TRAIN") == "1":
+        import ray.train
+
+        return ray.train.get_checkpoint()
+    return None
+
+
+def report(metrics: Mapping[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
+    """ray.train.report on every rank (a barrier); rank 0 passes checkpoint_dir. No-op outside Ray."""
+    if os.environ.get("_PIPELINE_IN_RAY_TRAIN") != "1":
+        return
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+    ray.train.report(dict(metrics), checkpoint=ckpt, checkpoint_dir_name=Path(checkpoint_dir).name if ckpt else None)
+
+
+def _worker_entry(loop: Callable[[dict], Any], no_retry: tuple[type[BaseException], ...], config: dict) -> None:
+    """Runs in every Ray Train worker: thread count = CPUs per worker, non-retryable errors handed to the driver."""
+    threads = int(config["_cpus_per_worker"])
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    os.environ["_PIPELINE_IN_RAY_TRAIN"] = "1"
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        loop(config)
+    except no_retry as e:
+        # deterministic errors (every rank raises them at the same step): retrying from a checkpoint would only
+        # repeat them, so hand them to the driver instead of letting FailureConfig restart the workers
+        rank, _ = worker_context()
+        if rank == 0:
+            path = Path(config["_error_file"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (WorkerGroupError -> worker failure -> RayTaskError -> cause)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            e = failures[min(failures)]
+            continue
+        nxt = getattr(e, "cause", None) or getattr(e, "controller_failure", None) or e.__cause__
+        if isinstance(nxt, BaseException):
+            e = nxt
+            continue
+        break
+    return e
+
+
+def run_torch_trainer(train_loop_per_worker: Callable[[dict], Any], loop_config: Mapping[str, Any], scaling: Any,
+                      name: str, storage_path: str | os.PathLike, *, keep_checkpoints: int | None = None,
+                      no_retry: tuple[type[BaseException], ...] = (),
+                      reraise: tuple[type[BaseException], ...] = ()) -> Any:
+    """Run `train_loop_per_worker(config)` on `scaling.num_workers` workers (DDP process group set up by Ray).
+
+    Returns Ray's Result (None with use_ray false). A worker failure that outlives max_failures raises its root
+    cause if it is one of `reraise` (e.g. ConfigError, DataError), else a one-line RayError. Errors in
+    `no_retry` are raised at once, without restarts.
+    """
+    config = {**loop_config, "_cpus_per_worker": int(scaling.cpus_per_worker)}
+    if not getattr(scaling, "use_ray", True):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(int(scaling.cpus_per_worker))
+        try:
+            train_loop_per_worker(config)
+        finally:
+            torch.set_num_threads(threads)
+        return None
+    init_ray()
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    error_file = Path(storage_path) / name / "errors" / f"{uuid.uuid4().hex}.json"
+    config["_error_file"] = str(error_file)
+    resources = {"CPU": int(scaling.cpus_per_worker), **({"GPU": 1} if scaling.use_gpu else {})}
+    trainer = TorchTrainer(
+        functools.partial(_worker_entry, train_loop_per_worker, tuple(no_retry)),
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=int(scaling.num_workers), use_gpu=bool(scaling.use_gpu),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=int(scaling.max_failures)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends
+        cause = _root_cause(e)
+        if isinstance(cause, tuple(reraise) + tuple(no_retry)):
+            raise cause from None
+        raise RayError(f"{name} failed in a Ray worker: {type(cause).__name__}: {_one_line(cause)}") from None
+    error = getattr(result, "error", None)
+    if error is not None:
+        cause = _root_cause(error)
+        if isinstance(cause, tuple(reraise) + tuple(no_retry)):
+            raise cause
+        raise RayError(f"{name} failed in a Ray worker: {type(cause).__name__}: {_one_line(cause)}")
+    if error_file.exists():
+        info = json.loads(error_file.read_text())
+        error_file.unlink()
+        for cls in no_retry:
+            if cls.__name__ == info["type"]:
+                raise cls(info["message"])
+        raise RayError(f"{name} failed in a Ray worker: {info['type']}: {info['message']}")
+    return result
+

@@ -1,0 +1,119 @@
+"""Stage `evaluate`: the chosen sampling configuration (params `evaluate`) on more samples -> `reports/metrics.json`
+(DVC metrics: fd_domain, kd_domain, precision_domain, recall_domain, class_accuracy, nll_bpd for pixel models,
+fid_inception/kid_inception only when Inception-v3 reference statistics exist) and `reports/samples.png`.
+
+Sampling is split over `evaluate.num_workers` Ray tasks with `generate(start=...)`: sample i uses seed `seed + i`
+whichever task draws it, so the set is the same for any worker count.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_core.config import load_params
+from diffusion_core.evaluation import DOMAIN, INCEPTION, load_reference
+from diffusion_core.io import atomic_write_json
+
+from ._stage import run_stage
+
+STAGE = "evaluate"
+SECTIONS = ("project", "tracking", "data", "reference_stats", STAGE)
+MODEL, CLASSIFIER, FEATURE_NET, REFERENCE = "models/diffusion", "models/classifier", "models/feature_net", \
+    Path("data/reference")
+OUT, SAMPLES = Path("reports/metrics.json"), Path("reports/samples.png")
+
+
+def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
+    """Samples start..start+num-1 of the evaluation set (runs in a Ray task or in-process)."""
+    os.chdir(root)
+    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.sampling import generate, load_classifier_dir
+
+    bundle = load_diffusion_dir(MODEL)
+    clf = load_classifier_dir(CLASSIFIER) if kwargs["guidance_kind"] == "classifier" else None
+    return generate(bundle, num, classifier_bundle=clf, start=start, **kwargs)
+
+
+def _sample(cfg, workers: int) -> dict:
+    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "guidance_kind": cfg.guidance,
+              "scale": cfg.scale, "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": cfg.spacing}
+    root = str(Path.cwd().resolve())
+    if workers == 1:
+        return sample_part(root, kwargs, cfg.num_samples, 0)
+    import ray
+
+    from ._ray import RayError, init_ray
+
+    init_ray()
+    task = ray.remote(num_cpus=1)(sample_part)
+    bounds = np.linspace(0, cfg.num_samples, workers + 1).round().astype(int)
+    try:
+        parts = ray.get([task.remote(root, kwargs, int(hi - lo), int(lo)) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise RayError(f"{STAGE}: a sampling task failed: {' '.join(str(e).split())[-300:]}") from None
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "labels", "seeds")}
+    out["nfe"] = sum(p["nfe"] * len(p["seeds"]) for p in parts) / cfg.num_samples
+    out["seconds"] = max(p["seconds"] for p in parts)
+    return out
+
+
+def _run(args) -> None:
+    import torch
+
+    from diffusion_core.data import load_split, read_meta
+    from diffusion_core.data.preview import save_image_grid
+    from diffusion_core.evaluation import nll_on_test, sample_metrics
+    from diffusion_core.metrics.fidelity import domain_extractor, inception_extractor
+    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.tracking import start_run
+
+    params = load_params(args.params, sections=SECTIONS)
+    cfg = params.evaluate
+    bundle = load_diffusion_dir(MODEL)  # fail before Ray starts if the model is missing
+    ref, ref_inception = load_reference(REFERENCE, DOMAIN), load_reference(REFERENCE, INCEPTION, required=False)
+    with start_run(STAGE, params.to_dict("project", "reference_stats", STAGE), params.tracking,
+                   experiment=params.project.experiment) as run:
+        t0 = time.perf_counter()
+        out = _sample(cfg, min(cfg.num_workers, cfg.num_samples))
+        inception = None
+        if ref_inception is not None:
+            inception = inception_extractor(params.reference_stats.inception_weights,
+                                            download=params.reference_stats.inception_download)
+        metrics = sample_metrics(out["images"], out["labels"], ref, domain_extractor(FEATURE_NET), inception,
+                                 ref_inception)
+        if cfg.nll_samples >= 2 and not bundle.is_latent:
+            shards = Path("data/shards")
+            x_test, y_test = load_split(shards, "test", meta=read_meta(shards),
+                                        verify_checksums=params.data.verify_checksums)
+            torch.manual_seed(cfg.seed)
+            metrics["nll_bpd"], metrics["nll_bpd_se"] = nll_on_test(bundle, x_test, y_test, cfg.nll_samples,
+                                                                    cfg.nll_batch_size, seed=cfg.seed)
+        metrics.update(nfe=out["nfe"], num_samples=int(len(out["seeds"])), sampling_seconds=round(out["seconds"], 2),
+                       wall_seconds=round(time.perf_counter() - t0, 2))
+        skipped = sorted(k for k, v in metrics.items() if v is None)
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # skipped, not faked
+        atomic_write_json(OUT, metrics)
+        k = min(cfg.grid_samples, len(out["images"]))
+        save_image_grid(out["images"][:k], SAMPLES, nrow=10, scale=max(1, 56 // out["images"].shape[1]))
+        run.log_metrics(metrics)
+        run.log_artifact(SAMPLES, STAGE)
+        run.log_artifact(OUT, STAGE)
+    note = f" (skipped: {', '.join(skipped)})" if skipped else ""
+    print(f"{STAGE}: fd_domain {metrics['fd_domain']:.4g} on {metrics['num_samples']} samples, "
+          f"{metrics['nfe']:.0f} NFE -> {OUT}, {SAMPLES}{note}")
+
+
+def main(argv=None) -> int:
+    return run_stage(STAGE, _run, argv, description="Evaluate the chosen sampling configuration on more samples.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

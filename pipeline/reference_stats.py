@@ -1,0 +1,61 @@
+"""Stage `reference_stats`: features, mean and covariance of the real test split under each feature extractor ->
+`data/reference/reference-domain.npz` (the domain feature net) and `reference-inception.npz` (Inception-v3, only
+when its weights can be had), plus `metrics/reference_stats.json`. Computed once; `sweep` and `evaluate` reuse them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from diffusion_core.config import load_params
+from diffusion_core.data import load_split, read_meta
+from diffusion_core.evaluation import DOMAIN, INCEPTION, reference_path
+from diffusion_core.io import atomic_write_json
+
+from ._stage import run_stage
+
+STAGE = "reference_stats"
+SECTIONS = ("project", "tracking", "data", STAGE)
+SHARDS, FEATURE_NET, OUT, METRICS = (Path("data/shards"), Path("models/feature_net"), Path("data/reference"),
+                                     Path("metrics/reference_stats.json"))
+
+
+def _run(args) -> None:
+    import torch
+
+    from diffusion_core.metrics.fidelity import domain_extractor, inception_extractor, reference_stats
+    from diffusion_core.tracking import start_run
+
+    params = load_params(args.params, sections=SECTIONS)
+    cfg = params.reference_stats
+    meta = read_meta(SHARDS)
+    real, _ = load_split(SHARDS, "test", meta=meta, verify_checksums=params.data.verify_checksums, as_uint8=True)
+    with start_run(STAGE, params.to_dict("project", "data", STAGE), params.tracking,
+                   experiment=params.project.experiment) as run:
+        t0 = time.perf_counter()
+        OUT.mkdir(parents=True, exist_ok=True)
+        for stale in OUT.glob("reference-*.npz"):  # an extractor dropped from params must not leave its old file
+            stale.unlink()
+        stats = {DOMAIN: reference_stats(real, domain_extractor(str(FEATURE_NET)), reference_path(OUT, DOMAIN),
+                                         batch_size=cfg.batch_size)}
+        inception = inception_extractor(cfg.inception_weights, download=cfg.inception_download)
+        if inception is not None:
+            stats[INCEPTION] = reference_stats(real, inception, reference_path(OUT, INCEPTION),
+                                               batch_size=cfg.batch_size)
+        metrics = {"num_real": int(real.shape[0]), "extractors": sorted(stats),
+                   **{f"feature_dim_{k}": int(v.mu.shape[0]) for k, v in stats.items()},
+                   "inception": inception is not None, "wall_seconds": round(time.perf_counter() - t0, 2)}
+        atomic_write_json(METRICS, metrics)
+        run.log_metrics({"num_real": metrics["num_real"], "wall_seconds": metrics["wall_seconds"]})
+    skipped = "" if inception is not None else " (Inception-v3 skipped: no weights; set reference_stats.inception_weights)"
+    print(f"{STAGE}: {', '.join(sorted(stats))} statistics of {real.shape[0]} test images -> {OUT}/{skipped}")
+
+
+def main(argv=None) -> int:
+    return run_stage(STAGE, _run, argv, description="Reference statistics of the real test split per feature extractor.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Stage `sweep` (Ray Tune): which schedule, parameterization, sampler, step count, eta and guidance give the best
+samples, at what cost -> `reports/sweep.csv` (one row a trial), `reports/sweep/*.png`, `metrics/sweep.json`.
+
+Two Tune runs under one MLflow run `sweep`, one nested MLflow run per trial (params and metrics, logged by the
+driver from Tune's results so SQLite has one writer):
+- training-time axis (`sweep.training`): schedule x parameterization, each trial a short training run from scratch
+  with train_diffusion's settings otherwise. The loop runs in-process inside the Tune function trainable (the
+  library's `DiffusionTrainer` + `train_loop`, the same code each Ray Train worker of train_diffusion runs, with
+  one worker): a TorchTrainer nested in a Tune trial would need its own worker group per trial (2 more processes
+  and ~10 s of start-up each on a 2-core machine) and could not report to ASHA before it finished. Every
+  `eval_every` steps the trial samples `eval_samples` images and reports fd_domain, so ASHA stops the worse ones.
+- sampling-time axes (`sweep.sampling` blocks): sampler x steps x eta x guidance x scale on models/diffusion, each
+  trial `num_samples` samples with seeds seed..seed+n-1 (sample i is the same noise in every trial).
+Trials run side by side, `max_concurrent` at a time with `cpus_per_trial` CPUs each; Ray storage is ray_results/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_core.config import load_params, validate_params
+from diffusion_core.evaluation import DOMAIN, load_reference, reference_path, sampling_trials, trial_name
+from diffusion_core.io import atomic_write_json
+
+from ._stage import run_stage
+
+STAGE = "sweep"
+SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", "train_diffusion", STAGE)
+MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER = "models/diffusion", "models/classifier", "models/feature_net", \
+    "models/autoencoder"
+REFERENCE, CSV, PLOTS, METRICS = Path("data/reference"), Path("reports/sweep.csv"), Path("reports/sweep"), \
+    Path("metrics/sweep.json")
+METRIC_KEYS = ("fd_domain", "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy",
+               "nll_bpd", "nll_bpd_se", "loss", "nfe", "wall_seconds")
+
+
+def _enter_trial(config: dict):
+    """Common start of a trial: repo root as cwd, one thread per CPU, the domain extractor and its reference."""
+    os.chdir(config["root"])
+    threads = str(config["threads"])
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+    import torch
+
+    torch.set_num_threads(int(threads))
+    from diffusion_core.metrics.fidelity import domain_extractor
+
+    return domain_extractor(FEATURE_NET), load_reference(REFERENCE, DOMAIN)
+
+
+def sampling_trial(config: dict) -> None:
+    """Tune trainable: one sample set of models/diffusion at one setting; reports its metrics once."""
+    from ray import tune
+
+    from diffusion_core.evaluation import Stopwatch, sample_metrics
+    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.sampling import generate, load_classifier_dir
+
+    watch = Stopwatch()
+    ext, ref = _enter_trial(config)
+    t = config["trial"]
+    bundle = load_diffusion_dir(MODEL)
+    clf = load_classifier_dir(CLASSIFIER) if t["guidance"] == "classifier" else None
+    out = generate(bundle, t["num_samples"], sampler=t["sampler"], steps=t["steps"], eta=t["eta"],
+                   guidance_kind=t["guidance"], scale=1.0 if t["scale"] is None else t["scale"],
+                   classifier_bundle=clf, seed=config["seed"], batch_size=config["batch_size"],
+                   spacing=config["spacing"])
+    metrics = sample_metrics(out["images"], out["labels"], ref, ext)
+    k = config["grid_samples"]
+    np.savez(Path(config["staging"]) / f"{trial_name(t)}.npz", images=out["images"][:k], labels=out["labels"][:k])
+    tune.report({**metrics, "nfe": out["nfe"], "sampling_seconds": out["seconds"], "wall_seconds": watch.seconds})
+
+
+def training_trial(config: dict) -> None:
+    """Tune trainable: a short training run with one (schedule, parameterization); reports every eval_every steps."""
+    from ray import tune
+
+    from diffusion_core.data import load_split, read_meta
+    from diffusion_core.evaluation import Stopwatch, nll_on_test, sample_metrics, short_training
+    from diffusion_core.pretrained import load_autoencoder_decoder
+    from diffusion_core.sampling import generate
+    from diffusion_core.training import load_rank_data
+
+    watch = Stopwatch()
+    ext, ref = _enter_trial(config)
+    params = validate_params(config["params"], SECTIONS)
+    t, td, tc, sw = config["trial"], params.train_diffusion, params.sweep.training, params.sweep
+    latent = td.space == "latent"
+    shard_dir = Path("data/latents" if latent else "data/shards")
+    meta = read_meta(shard_dir)
+    scale = float(meta["scale_factor"]) if latent else 1.0
+    data = load_rank_data(shard_dir, params.data, 0, 1, scale=scale)
+    decoder = load_autoencoder_decoder(AUTOENCODER, scale) if latent else None
+    num_classes = int(meta["num_classes"]) if td.conditional else None
+    data_block = {"space": td.space, "shape": list(meta["sample_shape"]), "num_classes": num_classes, "kind": "image"}
+    x_test = y_test = None
+    if not latent and tc.nll_samples >= 2:
+        x_test, y_test = load_split(shard_dir, "test", meta=meta)
+    schedule = params.schedule.model_copy(update={"name": t["schedule"]})
+    diffusion = params.diffusion.model_copy(update={"parameterization": t["parameterization"]})
+    guidance = tc.eval_guidance if num_classes is not None else "none"
+
+    def on_eval(step: int, bundle, loss) -> None:
+        out = generate(bundle, tc.eval_samples, sampler=tc.eval_sampler,
+                       steps=min(tc.eval_steps, schedule.num_timesteps), guidance_kind=guidance, scale=tc.eval_scale,
+                       seed=sw.seed, batch_size=sw.batch_size, spacing=sw.spacing)
+        metrics = {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"], "loss": loss,
+                   "step": step}
+        if step >= tc.steps and x_test is not None:
+            metrics["nll_bpd"], metrics["nll_bpd_se"] = nll_on_test(bundle, x_test, y_test, tc.nll_samples,
+                                                                    seed=sw.seed)
+        tune.report({**metrics, "wall_seconds": watch.seconds})
+
+    short_training(td, schedule, diffusion, data, data_block, decoder, steps=tc.steps, batch_size=tc.batch_size,
+                   eval_every=tc.eval_every, on_eval=on_eval)
+
+
+def _tune(trainable, trials: list[dict], common: dict, sw, name: str, scheduler=None):
+    """Run one grid of trials; returns Tune's ResultGrid, raising a one-line RayError if any trial failed."""
+    from ray import tune
+
+    from ._ray import RayError
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": sw.cpus_per_trial}),
+        param_space={**common, "trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=sw.max_concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=str(Path("ray_results").resolve()), verbose=0))
+    results = tuner.fit()
+    if results.errors:
+        e = results.errors[0]
+        raise RayError(f"{STAGE}: {len(results.errors)} trial(s) failed; first: {type(e).__name__}: "
+                       f"{' '.join(str(e).split())[-400:]}")
+    return results
+
+
+def _row(result, axis: str, max_reports: int = 0) -> tuple[dict, list[dict]]:
+    """A CSV row and the report history of one Tune result."""
+    t, m = result.config["trial"], result.metrics or {}
+    history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
+    row = {"trial": trial_name(t), "axis": axis, **t, **{k: m.get(k) for k in METRIC_KEYS}}
+    if axis == "training":
+        row["train_steps"] = m.get("step")
+        row["status"] = "completed" if m.get("training_iteration", 0) >= max_reports else "pruned"
+    else:
+        row["status"] = "completed"
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}, history
+
+
+def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str, Path]:
+    """One sample grid per sampler at (nearest to) a common NFE; returns {sampler: png}."""
+    from diffusion_core.data.preview import save_image_grid
+    from diffusion_core.reports import reference_setting
+
+    ref = reference_setting(rows)
+    pool = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref] or rows
+    by_sampler = {s: [r for r in pool if r["sampler"] == s] for s in sorted({r["sampler"] for r in pool})}
+    common = set.intersection(*({round(r["nfe"]) for r in rs} for rs in by_sampler.values())) if by_sampler else set()
+    target = target_nfe or (max(common) if common else min(max(r["nfe"] for r in rs) for rs in by_sampler.values()))
+    out = {}
+    for sampler, rs in by_sampler.items():
+        r = min(rs, key=lambda r: abs(r["nfe"] - target))
+        with np.load(staging / f"{r['trial']}.npz") as z:
+            images = z["images"]
+        out[sampler] = PLOTS / f"grid_{sampler}_nfe{round(r['nfe'])}.png"
+        save_image_grid(images, out[sampler], nrow=10, scale=max(1, 56 // images.shape[1]))
+    return out
+
+
+def _run(args) -> None:
+    from diffusion_core import reports
+    from diffusion_core.tracking import start_run
+
+    from ._ray import init_ray
+
+    params = load_params(args.params, sections=SECTIONS)
+    sw, tc = params.sweep, params.sweep.training
+    T = json.loads((Path(MODEL) / "config.json").read_text())["diffusion"]["num_timesteps"]
+    trials = sampling_trials(sw.sampling, sw.num_samples, T)
+    train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
+    if not reference_path(REFERENCE, DOMAIN).is_file():
+        load_reference(REFERENCE, DOMAIN)  # raises the one-line "run reference_stats" error
+    name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    staging = Path("ray_results").resolve() / name / "samples"
+    staging.mkdir(parents=True, exist_ok=True)
+    common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
+              "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples,
+              "staging": str(staging), "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
+    t0 = time.perf_counter()
+    init_ray()
+    rows, histories = [], {}
+    with start_run(STAGE, params.to_dict("project", "schedule", "diffusion", STAGE), params.tracking,
+                   experiment=params.project.experiment) as run:
+        if train_trials:
+            from ray.tune.schedulers import ASHAScheduler
+
+            max_reports = math.ceil(tc.steps / tc.eval_every)
+            asha = ASHAScheduler(metric="fd_domain", mode="min", time_attr="training_iteration", max_t=max_reports,
+                                 grace_period=min(tc.grace_period, max_reports), reduction_factor=tc.reduction_factor)
+            for result in _tune(training_trial, train_trials, common, sw, f"{name}-training", asha):
+                row, hist = _row(result, "training", max_reports)
+                row.update(sampler=tc.eval_sampler, steps=tc.eval_steps, eta=0.0, num_samples=tc.eval_samples,
+                           guidance=tc.eval_guidance, scale=tc.eval_scale)
+                rows.append(row)
+                histories[row["trial"]] = hist
+        if trials:
+            rows += [_row(r, "sampling")[0] for r in _tune(sampling_trial, trials, common, sw, f"{name}-sampling")]
+        sampled = [r for r in rows if r["axis"] == "sampling"]
+        reports.write_csv(CSV, rows)
+        plots = {"fd_vs_nfe": PLOTS / "fd_vs_nfe.png", "guidance": PLOTS / "guidance.png",
+                 "precision_recall": PLOTS / "precision_recall.png", "training": PLOTS / "training.png"}
+        reports.plot_fd_vs_nfe(sampled, plots["fd_vs_nfe"])
+        reports.plot_guidance(sampled, plots["guidance"])
+        reports.plot_precision_recall(rows, plots["precision_recall"])
+        reports.plot_training(histories, plots["training"])
+        grids = _grids(sampled, staging, sw.grid_nfe) if sampled else {}
+        best = {s: min((r for r in sampled if r["sampler"] == s), key=lambda r: r["fd_domain"])
+                for s in sorted({r["sampler"] for r in sampled})}
+        trained = [r for r in rows if r["axis"] == "training" and r["fd_domain"] is not None]
+        summary = {"num_trials": len(rows), "num_pruned": sum(r["status"] == "pruned" for r in rows),
+                   "wall_seconds": round(time.perf_counter() - t0, 1), "best": best,
+                   "best_training": min(trained, key=lambda r: r["fd_domain"]) if trained else None}
+        atomic_write_json(METRICS, summary)
+        for row in rows:  # one nested run per trial, under this sweep run
+            with start_run(f"{STAGE}/{row['trial']}", {"trial": {k: row[k] for k in row if k not in METRIC_KEYS}},
+                           params.tracking, experiment=params.project.experiment, nested=True,
+                           tags={"sweep_axis": row["axis"], "status": row["status"]}) as child:
+                for point in histories.get(row["trial"], []):
+                    child.log_metrics({k: point.get(k) for k in ("fd_domain", "loss")}, step=int(point["step"]))
+                child.log_metrics({k: row[k] for k in METRIC_KEYS if isinstance(row[k], (int, float))})
+        run.log_metrics({"num_trials": summary["num_trials"], "wall_seconds": summary["wall_seconds"]})
+        for p in [CSV, *plots.values(), *grids.values()]:
+            run.log_artifact(p, "sweep")
+    shutil.rmtree(staging.parent, ignore_errors=True)
+    for sub in ("training", "sampling"):
+        shutil.rmtree(Path("ray_results") / f"{name}-{sub}", ignore_errors=True)
+    print(f"{STAGE}: {len(rows)} trials ({summary['num_pruned']} pruned) in {summary['wall_seconds']} s -> {CSV}, "
+          f"{PLOTS}/, {METRICS}")
+
+
+def main(argv=None) -> int:
+    return run_stage(STAGE, _run, argv, description="Ray Tune sweep over schedules, samplers, steps and guidance.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

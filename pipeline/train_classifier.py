@@ -1,0 +1,112 @@
+"""Stage `train_classifier`: noisy classifier p(y | x_t, t) for classifier guidance, Ray Train (DDP) ->
+`models/classifier/`, `metrics/train_classifier.json` (test accuracy per quarter of the timestep range).
+
+Same space (pixel | latent) and the same forward process (`schedule`, `diffusion` sections) as train_diffusion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion_core.checkpoint import CheckpointError, save_model_dir
+from diffusion_core.classifiers import (NoisyClassifierTrainer, build_noisy_classifier, evaluate_noisy_classifier,
+                                        train_noisy_classifier)
+from diffusion_core.config import ConfigError, load_params, validate_params
+from diffusion_core.data import DataError, load_split, read_meta
+from diffusion_core.io import OutputError, atomic_write_json
+from diffusion_core.pretrained import diffusion_spec
+from diffusion_core.tracking import TrackingError, start_run
+from diffusion_core.training import NumericalError, build_diffusion_from_params, load_rank_data
+
+from ._ray import report, run_torch_trainer, worker_context
+from ._stage import run_stage
+
+STAGE = "train_classifier"
+SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
+OUT, METRICS = Path("models/classifier"), Path("metrics/train_classifier.json")
+EXPECTED = (ConfigError, DataError, CheckpointError, OutputError, TrackingError, NumericalError, ValueError)
+
+
+def _source(space: str) -> tuple[Path, dict, float]:
+    """(shard dir, its meta.json, scale): latents are scaled by scale_factor exactly as train_diffusion scales them."""
+    shard_dir = Path("data/shards") if space == "pixel" else Path("data/latents")
+    meta = read_meta(shard_dir)
+    if len(meta["sample_shape"]) != 3:
+        raise DataError(f"{STAGE} needs images or latents [C, H, W]; {meta['dataset']} is {meta['kind']} "
+                        f"{meta['sample_shape']}")
+    return shard_dir, meta, float(meta["scale_factor"]) if space == "latent" else 1.0
+
+
+def train_loop_per_worker(config: dict) -> None:
+    os.chdir(config["root"])
+    rank, world = worker_context()
+    params = validate_params(config["params"], SECTIONS)
+    cfg = params.train_classifier
+    shard_dir, meta, scale = _source(cfg.space)
+    data = load_rank_data(shard_dir, params.data, rank, world, scale=scale)
+    diffusion = build_diffusion_from_params(params.schedule, params.diffusion)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = build_noisy_classifier(cfg.classifier, meta["sample_shape"], int(meta["num_classes"]))
+    device = f"cuda:{torch.cuda.current_device()}" if cfg.scaling.use_gpu else "cpu"
+    trainer = NoisyClassifierTrainer(model, diffusion, params.diffusion.timestep_sampler, lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                     grad_clip=cfg.grad_clip, seed=cfg.seed, device=device)
+    with start_run(STAGE, params.to_dict("project", *SECTIONS[2:]), params.tracking, rank=rank,
+                   experiment=params.project.experiment, root=config["root"]) as run:
+        def log(step: int, m: dict) -> None:
+            run.log_metrics(m, step=step)
+            if rank == 0:
+                print(f"{STAGE}: step {step}/{cfg.steps} loss {m.get('loss', float('nan')):.4f} train acc "
+                      f"{m['train_accuracy']:.3f} lr {m['lr']:.2e} {m['samples_per_second']:.0f} samples/s", flush=True)
+
+        t0 = time.perf_counter()
+        last = train_noisy_classifier(trainer, data, cfg.steps, cfg.batch_size // world, log_every=cfg.log_every,
+                                      log_fn=log)
+        seconds = time.perf_counter() - t0
+        report({"step": trainer.step, "loss": last.get("loss")})
+        if rank != 0:
+            return
+        x_test, y_test = load_split(shard_dir, "test", meta=meta, verify_checksums=params.data.verify_checksums)
+        acc = evaluate_noisy_classifier(trainer.model.eval(), diffusion, x_test * scale, y_test,
+                                        repeats=cfg.eval_repeats, seed=cfg.seed)
+        data_block = {"space": cfg.space, "shape": list(meta["sample_shape"]), "num_classes": int(meta["num_classes"]),
+                      "class_names": meta["class_names"], "dataset": meta["dataset"],
+                      "scale_factor": scale if cfg.space == "latent" else None}
+        save_model_dir(OUT, trainer.model, {"diffusion": diffusion_spec(params.schedule, params.diffusion),
+                                            "data": data_block})
+        metrics = {**acc, "final_loss": last.get("loss"), "steps": trainer.step, "test_count": len(y_test),
+                   "wall_seconds": round(seconds, 2), "num_workers": world}
+        atomic_write_json(METRICS, metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if k not in ("steps", "num_workers")})
+
+
+def _run(args) -> None:
+    params = load_params(args.params, sections=(*SECTIONS, "train_diffusion"))
+    cfg = params.train_classifier
+    if cfg.space != params.train_diffusion.space:
+        raise ConfigError(f"train_classifier.space is {cfg.space!r} but train_diffusion.space is "
+                          f"{params.train_diffusion.space!r}: the classifier must see what the diffusion model "
+                          f"samples; set both to the same space")
+    _source(cfg.space)  # fail here, before Ray starts, if the shards are missing
+    config = {"params": json.loads(json.dumps(params.to_dict(*SECTIONS))), "root": str(Path.cwd().resolve())}
+    name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    storage = Path("ray_results").resolve()
+    run_torch_trainer(train_loop_per_worker, config, cfg.scaling, name, storage, no_retry=(NumericalError,),
+                      reraise=EXPECTED)
+    shutil.rmtree(storage / name, ignore_errors=True)
+    print(f"{STAGE}: wrote {OUT}/ and {METRICS}: {json.dumps(json.loads(METRICS.read_text()))}")
+
+
+def main(argv=None) -> int:
+    return run_stage(STAGE, _run, argv, description="Train the noisy classifier for classifier guidance (Ray Train).")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

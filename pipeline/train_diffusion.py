@@ -1,0 +1,176 @@
+"""Stage `train_diffusion`: DDPM training with Ray Train (DDP) -> `models/diffusion/`, `metrics/train_diffusion.json`.
+
+Resumes from the last good `checkpoints/train_diffusion/step-%08d/`; a lost worker restarts from it (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from diffusion_core.checkpoint import CheckpointError, find_last_good_checkpoint, read_config
+from diffusion_core.config import ConfigError, load_params, params_hash, validate_params
+from diffusion_core.data import DataError, read_meta
+from diffusion_core.io import OutputError, atomic_write_json
+from diffusion_core.pretrained import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
+from diffusion_core.tracking import TrackingError, start_run
+from diffusion_core.training import (DiffusionTrainer, LoopHooks, NumericalError, build_denoiser,
+                                     build_diffusion_from_params, load_rank_data, prune_checkpoints, sample_preview,
+                                     train_loop, weights_sha256)
+
+from ._ray import latest_ray_checkpoint, report, run_torch_trainer, worker_context
+from ._stage import run_stage
+
+STAGE = "train_diffusion"
+SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
+CKPT_ROOT, OUT, METRICS = Path("checkpoints") / STAGE, Path("models/diffusion"), Path("metrics/train_diffusion.json")
+CURVE, WORKERS, AUTOENCODER = Path("reports/train_diffusion_loss.json"), Path("reports/train_diffusion_workers.json"), \
+    "models/autoencoder"
+EXPECTED = (ConfigError, DataError, CheckpointError, OutputError, TrackingError, NumericalError)
+
+
+def _source(cfg) -> tuple[Path, dict, dict | None]:
+    """(shard dir, its meta.json, latent block of config.json or None) for train_diffusion.space."""
+    if cfg.space == "pixel":
+        return Path("data/shards"), read_meta(Path("data/shards")), None
+    meta = read_meta(Path("data/latents"))
+    if not (Path(AUTOENCODER) / "config.json").is_file():
+        raise CheckpointError(f"latent space needs {AUTOENCODER}/ to decode samples: run train_autoencoder and "
+                              f"encode_latents, or set train_diffusion.space: pixel")
+    return Path("data/latents"), meta, {"autoencoder": AUTOENCODER, "scale_factor": float(meta["scale_factor"])}
+
+
+def _run_key(params) -> str:
+    """Hash of what makes checkpoints interchangeable (not steps/cadences/scaling: those may change on resume)."""
+    cfg = params.train_diffusion.model_dump(mode="json")
+    for k in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "scaling"):
+        cfg.pop(k)
+    return params_hash({"cfg": cfg, **params.to_dict("schedule", "diffusion")})
+
+
+def train_loop_per_worker(config: dict) -> None:
+    os.chdir(config["root"])
+    rank, world = worker_context()
+    params = validate_params(config["params"], SECTIONS)
+    cfg = params.train_diffusion
+    shard_dir, meta, latent = _source(cfg)
+    data = load_rank_data(shard_dir, params.data, rank, world, scale=latent["scale_factor"] if latent else 1.0)
+    num_classes = int(meta["num_classes"]) if cfg.conditional else None
+    diffusion = build_diffusion_from_params(params.schedule, params.diffusion)
+    shape = tuple(meta["sample_shape"])
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = build_denoiser(cfg.unet, shape, num_classes, diffusion.learn_sigma)
+    device = f"cuda:{torch.cuda.current_device()}" if cfg.scaling.use_gpu else "cpu"
+    trainer = DiffusionTrainer(cfg, diffusion, model, params.diffusion.timestep_sampler, num_classes, device)
+    spec = diffusion_spec(params.schedule, params.diffusion)
+    data_block = {"space": cfg.space, "shape": list(shape), "num_classes": num_classes, "dataset": meta["dataset"],
+                  "class_names": meta.get("class_names"), "kind": "points" if meta["kind"] == "points" else "image"}
+    extra = {"diffusion": spec, "data": data_block, "latent": latent, "run_key": config["run_key"]}
+    ray_ckpt = latest_ray_checkpoint()  # set after FailureConfig restarted the workers (the one to use off-node)
+    with ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None) as from_ray:
+        candidates = [Path(c) for c in (from_ray, find_last_good_checkpoint(CKPT_ROOT)) if c is not None]
+        candidates = [c for c in candidates if read_config(c).get("run_key") == config["run_key"]]
+        if candidates:
+            trainer.load_checkpoint(max(candidates, key=lambda c: read_config(c)["training_step"]))
+    local_batch = cfg.batch_size // world
+    decoder = None
+
+    with start_run(STAGE, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), params.tracking, rank=rank,
+                   experiment=params.project.experiment, root=config["root"]) as run:
+        def log(tr: DiffusionTrainer, m: dict) -> None:
+            run.log_metrics(m, step=tr.step)
+            if rank == 0:
+                print(f"{STAGE}: step {tr.step}/{cfg.steps} loss {m.get('loss', float('nan')):.4f} "
+                      f"lr {m['lr']:.2e} {m['samples_per_second']:.0f} samples/s", flush=True)
+
+        def sample(tr: DiffusionTrainer) -> None:
+            nonlocal decoder
+            if rank != 0 or not run.active:
+                return
+            if latent and decoder is None:
+                decoder = load_autoencoder_decoder(AUTOENCODER, latent["scale_factor"], device)
+            if len(shape) == 3:
+                grid = sample_preview(tr.ema.module, diffusion, shape, num_classes, decoder, seed=cfg.seed,
+                                      clip_denoised=latent is None)
+                from diffusion_core.data.preview import image_grid
+                run.log_image(image_grid(grid, nrow=10, scale=max(1, 56 // grid.shape[1])),
+                              f"samples/step-{tr.step:08d}.png")
+
+        def checkpoint(tr: DiffusionTrainer) -> None:
+            path = None
+            if rank == 0:
+                path = tr.save_checkpoint(CKPT_ROOT, {**extra, "training_step": tr.step})
+                prune_checkpoints(CKPT_ROOT, cfg.keep_checkpoints)
+            report({"step": tr.step, "loss": tr.history[-1]["loss"] if tr.history else None}, path)
+
+        train_loop(trainer, data, cfg.steps, local_batch, log_every=cfg.log_every,
+                   checkpoint_every=cfg.checkpoint_every, sample_every=cfg.sample_every,
+                   hooks=LoopHooks(log=log, sample=sample, checkpoint=checkpoint))
+        workers = [{"rank": rank, "num_samples": len(data.keys), "keys": data.keys,
+                    "weights_sha256": weights_sha256(trainer.model)}]
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, workers[0])
+            workers = gathered
+        if rank != 0:
+            return
+        sample(trainer)
+        save_diffusion_dir(OUT, trainer.model, trainer.ema, spec, data_block, latent)
+        final_loss = trainer.history[-1]["loss"] if trainer.history else None
+        metrics = {"final_loss": final_loss, "steps": trainer.step, "samples_seen": trainer.samples_seen,
+                   "wall_seconds": round(trainer.train_seconds, 2),
+                   "samples_per_second": round(trainer.samples_seen / max(trainer.train_seconds, 1e-9), 1)}
+        atomic_write_json(CURVE, trainer.history)
+        atomic_write_json(WORKERS, workers)
+        atomic_write_json(METRICS, metrics)
+        run.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        print(f"{STAGE}: {trainer.step} steps, final loss {final_loss}, {metrics['samples_per_second']} "
+              f"samples/s -> {OUT}/", flush=True)
+
+
+def _set_aside_stale(run_key: str) -> Path | None:
+    """Last good checkpoint of these params; checkpoints of other params are moved to <root>.previous/."""
+    last = find_last_good_checkpoint(CKPT_ROOT)
+    if last is not None and read_config(last).get("run_key") != run_key:
+        aside = CKPT_ROOT.with_name(CKPT_ROOT.name + ".previous")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(CKPT_ROOT, aside)
+        print(f"{STAGE}: checkpoints in {CKPT_ROOT}/ were written with other params; moved to {aside}/, "
+              f"starting from step 0")
+        return None
+    return last
+
+
+def _run(args) -> None:
+    params = load_params(args.params, sections=SECTIONS)
+    cfg = params.train_diffusion
+    _source(cfg)  # fail here, before Ray starts, if the data or autoencoder is missing
+    run_key = _run_key(params)
+    last = _set_aside_stale(run_key)
+    if last is not None:
+        step = int(last.name.split("-")[1])
+        print(f"{STAGE}: resuming from {last} (step {step} of {cfg.steps})", flush=True)
+    config = {"params": json.loads(json.dumps(params.to_dict(*SECTIONS))), "root": str(Path.cwd().resolve()),
+              "run_key": run_key}
+    # a fresh Ray run name each time: resuming is ours (from checkpoints/), not Ray's restore-by-name
+    name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    storage = Path("ray_results").resolve()
+    run_torch_trainer(train_loop_per_worker, config, cfg.scaling, name, storage, keep_checkpoints=cfg.keep_checkpoints,
+                      no_retry=(NumericalError,), reraise=EXPECTED)
+    shutil.rmtree(storage / name, ignore_errors=True)  # Ray's copies of checkpoints/ (kept only after a failure)
+    print(f"{STAGE}: wrote {OUT}/ and {METRICS}: {METRICS.read_text().strip()}")
+
+
+def main(argv=None) -> int:
+    return run_stage(STAGE, _run, argv, description="Train the diffusion model (Ray Train DDP) named in params.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Stages `train_autoencoder` and `encode_latents` on tiny params (prepare -> train -> encode in a temp dir),
+plus the library pieces of `diffusion_core.autoencoding` against closed forms."""
+
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_core.autoencoding import (autoencoder_loss, batch_indices, encode_means, evaluate_autoencoder,
+                                         latent_scale_factor, psnr_db, reconstruction_loss)
+from diffusion_core.checkpoint import load_model_dir
+from diffusion_core.config import ConfigError, validate_params
+from diffusion_core.data import load_split, read_meta
+from diffusion_core.models import AutoencoderKL
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+STAGES = ("prepare", "train_autoencoder", "encode_latents")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """Working dir after prepare -> train_autoencoder -> encode_latents on configs/tiny.yaml (local MLflow store)."""
+    cwd = tmp_path_factory.mktemp("ae_stage")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT)
+    for stage in STAGES:
+        res = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(TINY)], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{stage}: {res.stderr[-2000:]}"
+    return cwd
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two [-1,1] image tensors on the [0,1] scale, computed directly."""
+    mse = (((a - b) / 2.0) ** 2).mean().item()
+    return 10.0 * math.log10(1.0 / mse)
+
+
+@pytest.mark.slow
+def test_autoencoder_outputs_and_mlflow_runs(tiny_run):
+    m = json.loads((tiny_run / "metrics" / "train_autoencoder.json").read_text())
+    for key in ("test_mse", "test_psnr", "kl", "latent_shape", "compression_factor", "train_seconds"):
+        assert key in m, key
+    assert m["latent_shape"] == [2, 2, 2]  # tiny: 8x8 digits, 4x downsampling, 2 latent channels
+    assert m["compression_factor"] == pytest.approx(64 / 8)
+    assert m["test_psnr"] == pytest.approx(psnr_db(m["test_mse"]))
+    folder = tiny_run / "models" / "autoencoder"
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json"}
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model"]["kind"] == "autoencoder_kl" and cfg["data"]["dataset"] == "digits"
+    assert cfg["train"]["steps"] == 100 and cfg["data"]["image_shape"] == [1, 8, 8]
+    # recon grid: originals row above reconstructions row, 10 images of 8x8 enlarged 7x with 1 px padding
+    with Image.open(tiny_run / "reports" / "autoencoder_recon.png") as im:
+        assert im.size == (10 * 57 + 1, 2 * 57 + 1)
+    # one MLflow run per stage, named after it, finished
+    with sqlite3.connect(tiny_run / "mlflow.db") as db:
+        runs = dict(db.execute("SELECT name, status FROM runs").fetchall())
+    assert runs == {s: "FINISHED" for s in STAGES}
+    assert not list((tiny_run / "data").glob(".encode_latents-*")) and not list((tiny_run / "data").glob(".latents*"))
+
+
+@pytest.mark.slow
+def test_psnr_beats_mean_image_baseline_and_model_rebuilds(tiny_run):
+    shards = tiny_run / "data" / "shards"
+    x_train, _ = load_split(shards, "train")
+    x_test, _ = load_split(shards, "test")
+    baseline = _psnr(x_train.mean(dim=0, keepdim=True).expand_as(x_test), x_test)  # identity-by-mean predictor
+    metrics = json.loads((tiny_run / "metrics" / "train_autoencoder.json").read_text())
+    assert metrics["test_psnr"] > baseline + 1.0, (metrics["test_psnr"], baseline)
+
+    model, _ = load_model_dir(tiny_run / "models" / "autoencoder")
+    assert isinstance(model, AutoencoderKL) and not model.training
+    with torch.no_grad():
+        rec = model.decode(model.encode(x_test).mode()).clamp(-1, 1)
+    assert _psnr(rec, x_test) == pytest.approx(metrics["test_psnr"], abs=0.01)  # the saved weights are the scored ones
+
+
+@pytest.mark.slow
+def test_latent_shards_round_trip_and_unit_variance(tiny_run):
+    latents, shards = tiny_run / "data" / "latents", tiny_run / "data" / "shards"
+    meta = read_meta(latents / "meta.json")
+    m = json.loads((tiny_run / "metrics" / "encode_latents.json").read_text())
+    assert meta["kind"] == "latent" and meta["payload"] == "npy" and meta["sample_shape"] == [2, 2, 2]
+    assert meta["scale_factor"] == m["scale_factor"] and "z * scale_factor" in meta["scaling"]
+    model, _ = load_model_dir(tiny_run / "models" / "autoencoder")
+    for split in ("train", "test"):
+        z, y = load_split(latents, split, verify_checksums=True)
+        x, y_img = load_split(shards, split)
+        assert z.dtype == torch.float32 and z.shape == (len(x), 2, 2, 2)
+        assert torch.equal(y, y_img) and m[f"{split}_count"] == len(z)
+        torch.testing.assert_close(z, encode_means(model, x), atol=1e-5, rtol=1e-5)  # raw posterior means, unscaled
+    z_train, _ = load_split(latents, "train")
+    assert (z_train * meta["scale_factor"]).std().item() == pytest.approx(1.0, abs=0.03)
+    assert m["scaled_std"] == pytest.approx(1.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ library
+
+
+def test_psnr_and_reconstruction_loss_closed_forms():
+    assert psnr_db(0.01) == pytest.approx(20.0) and psnr_db(1.0) == 0.0
+    x, x_rec = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.5)
+    assert reconstruction_loss(x_rec, x, "l1").tolist() == [0.5, 0.5]
+    assert reconstruction_loss(x_rec, x, "l2").tolist() == [0.25, 0.25]
+
+
+def test_batch_indices_are_seeded_permutations():
+    it = batch_indices(10, 4, torch.Generator().manual_seed(0))
+    first = torch.cat([next(it) for _ in range(5)])  # 20 indices = 2 epochs
+    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
+    again = batch_indices(10, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat([next(again) for _ in range(5)]), first)
+
+
+def test_loss_kl_term_and_evaluation():
+    torch.manual_seed(0)
+    model = AutoencoderKL(image_size=8, base_channels=8, num_groups=4)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    loss0, s0 = autoencoder_loss(model, x, 0.0, "l1", g())
+    loss1, s1 = autoencoder_loss(model, x, 1.0, "l1", g())
+    assert loss0.item() == pytest.approx(s0["recon"], rel=1e-6)
+    assert loss1.item() - loss0.item() == pytest.approx(s1["kl"] / 64, rel=1e-4)  # KL per image / pixel count
+    ev = evaluate_autoencoder(model, x, batch_size=3)
+    with torch.no_grad():
+        rec = model.decode(model.encode(x).mode()).clamp(-1, 1)
+    assert ev["psnr"] == pytest.approx(_psnr(rec, x), abs=1e-4) and ev["kl"] > 0
+
+
+def test_latent_scale_factor_gives_unit_std():
+    z = torch.randn(100, 4, 2, 2) * 5.0 + 1.0
+    assert (z * latent_scale_factor(z)).std().item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="std"):
+        latent_scale_factor(torch.zeros(3, 1, 2, 2))
+
+
+def test_config_downsample_must_match_channel_mult():
+    with pytest.raises(ConfigError, match=r"train_autoencoder.autoencoder: downsample 4 needs 3 channel_mult entries"):
+        validate_params({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2]}}})
+    p = validate_params({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2, 2, 4], "downsample": 8}}})
+    assert p.train_autoencoder.autoencoder.downsample == 8

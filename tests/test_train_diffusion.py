@@ -1,0 +1,298 @@
+"""Stage train_diffusion on configs/tiny.yaml in tmp dirs: Ray DDP (disjoint data, synced weights), kill -9 and
+resume, interrupted checkpoint writes, sampling from models/diffusion alone, bitwise determinism and exact resume,
+NaN -> one-line error, and `ray job submit` against a local `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffusion_core.checkpoint import find_last_good_checkpoint, verify_checkpoint_dir
+from diffusion_core.pretrained import load_diffusion_dir
+from diffusion_core.samplers import sample
+from pipeline import train_diffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+VENV_BIN = Path(sys.executable).parent
+CKPTS = Path("checkpoints") / "train_diffusion"
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env.update(PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A folder with tiny.yaml's data prepared once (digits 8x8); tests copy it."""
+    d = tmp_path_factory.mktemp("prepared")
+    shutil.copy(TINY, d / "tiny.yaml")
+    res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", "tiny.yaml"], cwd=d, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+def _workdir(prepared: Path, dest: Path, tracking: bool = False, **train) -> Path:
+    """dest/ with the prepared data and tiny.yaml (train_diffusion keys overridden); returns dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(prepared / "data", dest / "data")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["tracking"]["enabled"] = tracking
+    scaling = train.pop("scaling", {})
+    raw["train_diffusion"].update(train)
+    raw["train_diffusion"]["scaling"].update(scaling)
+    (dest / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+IN_PROCESS = {"num_workers": 1, "use_ray": False}
+
+
+def _main_in(cwd: Path, monkeypatch, *argv: str) -> int:
+    monkeypatch.chdir(cwd)
+    return train_diffusion.main(["--params", "tiny.yaml", *argv])
+
+
+def _steps(cwd: Path) -> list[int]:
+    return [h["step"] for h in json.loads((cwd / "reports" / "train_diffusion_loss.json").read_text())]
+
+
+# ----------------------------------------------------------------------------------------------- Ray, 2 workers
+
+
+def _ckpt_steps(cwd: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in (cwd / CKPTS).glob("step-*/config.json"))
+
+
+def _cmd(p) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001 - a process that just ended
+        return ""
+
+
+def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, f"training ended before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_workers_killed_after_checkpoint_then_resumed(prepared, tmp_path):
+    """A Ray worker killed after the first checkpoint is restarted inside the run (FailureConfig); then the whole
+    stage is killed -9; the rerun resumes, ends at `steps`, the loss curve continues, and the 2 DDP workers read
+    disjoint, equal-sized data and end with bitwise-identical weights."""
+    import psutil
+
+    cwd = _workdir(prepared, tmp_path / "w", steps=60, checkpoint_every=10, log_every=5, sample_every=0)
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=cwd,
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: _ckpt_steps(cwd), first, "a first checkpoint")
+        at_worker_kill = _ckpt_steps(cwd)[-1]
+        workers = [p for p in psutil.Process(first.pid).children(recursive=True) if "RayTrainWorker" in _cmd(p)]
+        assert len(workers) == 2
+        workers[-1].kill()  # a lost worker: Ray restarts the group from the last checkpoint, same run
+        _wait_for(lambda: _ckpt_steps(cwd)[-1] > at_worker_kill, first, "checkpoint after the worker restart")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # now the whole stage and the local Ray it started
+        first.wait()
+    killed_at = int(find_last_good_checkpoint(cwd / CKPTS).name.split("-")[1])
+    assert killed_at < 60
+
+    res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=cwd,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = int(res.stdout.split("resuming from checkpoints/train_diffusion/step-")[1][:8])
+    assert resumed >= killed_at and f"(step {resumed} of 60)" in res.stdout
+    metrics = json.loads((cwd / "metrics" / "train_diffusion.json").read_text())
+    assert metrics["steps"] == 60 and metrics["samples_seen"] == 60 * 32 and metrics["final_loss"] > 0
+    assert _steps(cwd) == list(range(5, 61, 5))  # one curve: the points before the kill kept, none repeated
+
+    workers = json.loads((cwd / "reports" / "train_diffusion_workers.json").read_text())
+    assert [w["rank"] for w in workers] == [0, 1]
+    keys0, keys1 = set(workers[0]["keys"]), set(workers[1]["keys"])
+    assert len(keys0) == len(keys1) == 1438 // 2 and not keys0 & keys1
+    assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]  # DDP keeps the replicas identical
+    assert len(list((cwd / CKPTS).glob("step-*"))) == 2  # keep_checkpoints
+
+
+# ----------------------------------------------------------------------------------------------- in-process
+
+
+def test_interrupted_checkpoint_write_keeps_last_good_then_sampling_needs_only_the_path(prepared, tmp_path,
+                                                                                          monkeypatch):
+    cwd = _workdir(prepared, tmp_path / "w", steps=30, checkpoint_every=10, scaling=IN_PROCESS)
+    import diffusion_core.checkpoint as ckpt
+
+    real, calls = ckpt.save_training_state, {"n": 0}
+
+    def dying_save(*a, **k):  # the second checkpoint dies between its weight files and its state/config
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_training_state", dying_save)
+    assert _main_in(cwd, monkeypatch) == 130
+    good = find_last_good_checkpoint(cwd / CKPTS)
+    assert good.name == "step-00000010" and verify_checkpoint_dir(good)["training_step"] == 10
+    assert sorted(p.name for p in (cwd / CKPTS).iterdir()) == ["step-00000010"]  # no partial step-20, no temp dir
+    assert not (cwd / "models").exists()
+
+    monkeypatch.setattr(ckpt, "save_training_state", real)
+    assert _main_in(cwd, monkeypatch) == 0
+    assert json.loads((cwd / "metrics" / "train_diffusion.json").read_text())["steps"] == 30
+    assert _steps(cwd) == list(range(5, 31, 5))
+
+    bundle = load_diffusion_dir(cwd / "models" / "diffusion")  # no flags but the path
+    assert bundle.shape == (1, 8, 8) and bundle.num_classes == 10 and not bundle.is_latent
+    y = torch.arange(4)
+    x = sample(bundle.diffusion, bundle.model, (4, *bundle.shape), sampler="ddim", steps=10,
+               generator=torch.Generator().manual_seed(0), y=y)
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+
+
+def test_same_seed_bitwise_identical_and_resume_is_exact(prepared, tmp_path, monkeypatch):
+    """Two 20-step runs, and a 10-step run continued to 20, end with the same bytes (weights and EMA)."""
+    runs = {}
+    for name, plan in (("a", [20]), ("b", [20]), ("resumed", [10, 20])):
+        cwd = _workdir(prepared, tmp_path / name, steps=plan[0], checkpoint_every=10, scaling=IN_PROCESS)
+        for steps in plan:
+            raw = yaml.safe_load((cwd / "tiny.yaml").read_text())
+            raw["train_diffusion"]["steps"] = steps
+            (cwd / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            assert _main_in(cwd, monkeypatch) == 0
+        runs[name] = [(cwd / "models" / "diffusion" / f).read_bytes() for f in ("model.safetensors", "ema.safetensors")]
+    assert runs["a"] == runs["b"] == runs["resumed"]
+
+
+def test_nan_loss_one_line_error_names_step_keeps_checkpoint_marks_run_failed(prepared, tmp_path, monkeypatch,
+                                                                              capsys):
+    cwd = _workdir(prepared, tmp_path / "w", tracking=True, steps=30, checkpoint_every=10, scaling=IN_PROCESS)
+    from diffusion_core.diffusion import GaussianDiffusion
+
+    real, calls = GaussianDiffusion.losses_from_output, {"n": 0}
+
+    def nan_at_15(self, *a, **k):
+        calls["n"] += 1
+        terms = real(self, *a, **k)
+        if calls["n"] == 15:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(GaussianDiffusion, "losses_from_output", nan_at_15)
+    assert _main_in(cwd, monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: loss is nan at step 15") and "Traceback" not in err
+    assert find_last_good_checkpoint(cwd / CKPTS).name == "step-00000010"
+    assert not (cwd / "models").exists() and not (cwd / "metrics" / "train_diffusion.json").exists()
+    with sqlite3.connect(cwd / "mlflow.db") as db:
+        assert db.execute("select name, status from runs").fetchall() == [("train_diffusion", "FAILED")]
+
+
+def test_config_errors_before_any_work(tmp_path, monkeypatch, capsys):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["train_diffusion"]["batch_size"] = 33
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    assert _main_in(tmp_path, monkeypatch) == 2
+    assert "batch_size 33 must be divisible by scaling.num_workers 2" in capsys.readouterr().err
+    raw["train_diffusion"]["batch_size"] = 32
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    assert _main_in(tmp_path, monkeypatch) == 2  # no data prepared here
+    assert "data/shards not found" in capsys.readouterr().err
+
+
+def test_unreachable_ray_address_fails_fast(prepared, tmp_path, monkeypatch, capsys):
+    cwd = _workdir(prepared, tmp_path / "w")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    t0 = time.time()
+    assert _main_in(cwd, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert time.time() - t0 < 15 and err.count("\n") == 1 and f"RAY_ADDRESS=127.0.0.1:{port} is unreachable" in err
+
+
+# ----------------------------------------------------------------------------------------------- ray job submit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_local_head(prepared, tmp_path):
+    job_dir = _workdir(prepared, tmp_path / "job")
+    for pkg in ("diffusion_core", "pipeline"):  # the working dir ray uploads holds the code, as the repo root does
+        shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    port, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+                time.sleep(1)
+        while True:  # the dashboard answers before its job agent is up ("No available agent"): retry
+            res = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+                                  ".", "--", "python", "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"],
+                                 cwd=job_dir, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in res.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        assert "succeeded" in res.stdout and "train_diffusion: wrote models/diffusion/" in res.stdout
+        assert '"steps": 30' in res.stdout
+    finally:
+        # stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes
+        # `ray start` stop its processes on SIGTERM; whatever is left in our session folder is killed by pid
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        _kill_session_leftovers(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_session_leftovers(temp_dir: str) -> None:
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
