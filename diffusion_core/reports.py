@@ -85,6 +85,10 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
         ax.annotate(f"{r['sampler']} {_setting(r)}" + (f" eta {r['eta']:g}" if r["eta"] else ""),
                     (r["nfe"], r["fd_domain"]), fontsize=6, color="grey")
     ax.set_xscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel("fd_domain (lower is better)")
     if ref is not None:
@@ -96,13 +100,16 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def plot_guidance(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """fd_domain and class_accuracy against guidance scale, a line per (guidance kind, sampler, steps)."""
+    """fd_domain and class_accuracy against guidance scale, a line per (guidance kind, sampler, steps) that has
+    more than one scale (all groups when none has)."""
     plt = _figure()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     groups: dict[tuple, list] = defaultdict(list)
     for r in rows:
         if r.get("scale") is not None and _ok(r.get("fd_domain")):
             groups[(r["guidance"], r["sampler"], r["steps"], r["eta"])].append(r)
+    if any(len(rs) > 1 for rs in groups.values()):  # single-scale groups say nothing about the scale's effect
+        groups = {k: rs for k, rs in groups.items() if len(rs) > 1}
     for (g, s, n, eta), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["scale"])
         label = f"{g} {s}-{n}" + (f" eta {eta:g}" if eta else "")

@@ -116,7 +116,7 @@ def training_trial(config: dict) -> None:
         if step >= tc.steps and x_test is not None:
             metrics["nll_bpd"], metrics["nll_bpd_se"] = nll_on_test(bundle, x_test, y_test, tc.nll_samples,
                                                                     seed=sw.seed)
-        tune.report({**metrics, "wall_seconds": watch.seconds})
+        tune.report({**metrics, "guidance": guidance, "wall_seconds": watch.seconds})
 
     short_training(td, schedule, diffusion, data, data_block, decoder, steps=tc.steps, batch_size=tc.batch_size,
                    eval_every=tc.eval_every, on_eval=on_eval)
@@ -152,6 +152,13 @@ def _row(result, axis: str, max_reports: int = 0) -> tuple[dict, list[dict]]:
     else:
         row["status"] = "completed"
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}, history
+
+
+def _brief(row: dict) -> dict:
+    """The config and main metrics of a row for metrics/sweep.json (empty values dropped)."""
+    keys = ("trial", "schedule", "parameterization", "sampler", "steps", "eta", "guidance", "scale", "num_samples",
+            "nfe", "fd_domain", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd")
+    return {k: row[k] for k in keys if row.get(k) is not None}
 
 
 def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str, Path]:
@@ -207,7 +214,7 @@ def _run(args) -> None:
             for result in _tune(training_trial, train_trials, common, sw, f"{name}-training", asha):
                 row, hist = _row(result, "training", max_reports)
                 row.update(sampler=tc.eval_sampler, steps=tc.eval_steps, eta=0.0, num_samples=tc.eval_samples,
-                           guidance=tc.eval_guidance, scale=tc.eval_scale)
+                           guidance=result.metrics.get("guidance", tc.eval_guidance), scale=tc.eval_scale)
                 rows.append(row)
                 histories[row["trial"]] = hist
         if trials:
@@ -221,12 +228,12 @@ def _run(args) -> None:
         reports.plot_precision_recall(rows, plots["precision_recall"])
         reports.plot_training(histories, plots["training"])
         grids = _grids(sampled, staging, sw.grid_nfe) if sampled else {}
-        best = {s: min((r for r in sampled if r["sampler"] == s), key=lambda r: r["fd_domain"])
+        best = {s: _brief(min((r for r in sampled if r["sampler"] == s), key=lambda r: r["fd_domain"]))
                 for s in sorted({r["sampler"] for r in sampled})}
         trained = [r for r in rows if r["axis"] == "training" and r["fd_domain"] is not None]
         summary = {"num_trials": len(rows), "num_pruned": sum(r["status"] == "pruned" for r in rows),
                    "wall_seconds": round(time.perf_counter() - t0, 1), "best": best,
-                   "best_training": min(trained, key=lambda r: r["fd_domain"]) if trained else None}
+                   "best_training": _brief(min(trained, key=lambda r: r["fd_domain"])) if trained else None}
         atomic_write_json(METRICS, summary)
         for row in rows:  # one nested run per trial, under this sweep run
             with start_run(f"{STAGE}/{row['trial']}", {"trial": {k: row[k] for k in row if k not in METRIC_KEYS}},
