@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -72,8 +73,39 @@ def _save_dir(path: Path, model: nn.Module, extra_config: dict, ema_model, state
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, extra_config: dict | None = None,
                    ema_model: nn.Module | EMA | None = None) -> None:
-    """Write model.safetensors (+ ema.safetensors) then config.json into `path`, each file atomically."""
-    _save_dir(Path(path), model, dict(extra_config or {}), ema_model, None)
+    """Write model.safetensors (+ ema.safetensors) then config.json into a temp folder beside `path`, then swap it
+    onto `path` by renames: a failure (full disk, kill) leaves the previous model folder intact."""
+    _save_swapped(Path(path), model, dict(extra_config or {}), ema_model, None)
+
+
+def _save_swapped(path: Path, model: nn.Module, extra_config: dict, ema_model, state: dict | None) -> Path:
+    """_save_dir into a temp sibling folder, then rename it onto `path` (the old folder moved aside, then removed)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder") from e
+    try:
+        _save_dir(tmp, model, extra_config, ema_model, state)
+        try:
+            if path.exists():  # move the old folder aside so the swap stays a rename
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+            fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e} (disk full or folder not writable?)") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -114,7 +146,11 @@ def load_model_dir(path: str | os.PathLike, use_ema: bool = True,
         model = build_model(config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE} has a bad 'model' section: {e}") from e
-    tensors = load_file(str(path / name), device=str(map_location))
+    try:
+        tensors = load_file(str(path / name), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / name} is not a readable safetensors file ({' '.join(str(e).split())}); "
+                              f"it is corrupt or truncated: restore it or re-run the training stage") from None
     expected = model.state_dict()
     for key, value in expected.items():
         if key not in tensors or tensors[key].shape != value.shape:
@@ -153,30 +189,7 @@ def load_training_state(path: str | os.PathLike, map_location: str | torch.devic
 def save_checkpoint_dir(path: str | os.PathLike, model: nn.Module, ema_model: nn.Module | EMA | None,
                         state: dict[str, Any], extra_config: dict | None = None) -> Path:
     """Write weights, training state and config.json into a temp folder, then rename it onto `path` at once."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder") from e
-    try:
-        _save_dir(tmp, model, dict(extra_config or {}), ema_model, state)
-        if path.exists():  # a re-saved step: move the old one aside so the swap stays a rename
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return _save_swapped(Path(path), model, dict(extra_config or {}), ema_model, state)
 
 
 def verify_checkpoint_dir(path: str | os.PathLike) -> dict:

@@ -57,6 +57,27 @@ def load_classifier_dir(path: str | os.PathLike, use_ema: bool = True, map_locat
     return ClassifierBundle(model, config)
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """torch.device for `device` (None: cpu); SamplingError (one line) if it is not a device or is absent here."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SamplingError(f"device {str(device)!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise SamplingError(f"device {str(device)!r}: no CUDA GPU is available on this machine; use cpu")
+        if d.index is not None and d.index >= n:
+            raise SamplingError(f"device {str(device)!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    elif d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SamplingError(f"device {str(device)!r}: MPS is not available on this machine; use cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise SamplingError(f"device {str(device)!r} is not supported for sampling; use cpu, cuda, cuda:N or mps")
+    return d
+
+
 def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int | None, eta: float,
                    guidance_kind: str, scale: float, classifier_bundle: ClassifierBundle | None,
                    classes: Sequence[int] | None, batch_size: int, spacing: str) -> None:
@@ -166,7 +187,7 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
         raise SamplingError(f"start must be >= 0, got {start}")
     labels = sample_labels(num, classes, start)
     seeds = np.arange(seed + start, seed + start + num, dtype=np.int64)
-    device = torch.device(device or "cpu")
+    device = check_device(device)
     model = _CountingModel(bundle.model.to(device).eval(), drop_y=bundle.num_classes is None)
     guidance = None
     if guidance_kind == "cfg":

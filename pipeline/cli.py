@@ -83,8 +83,9 @@ def _add_sample(sub) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from diffusion_core.pretrained import load_diffusion_dir
-    from diffusion_core.sampling import generate, load_classifier_dir, save_samples
+    from diffusion_core.sampling import check_device, generate, load_classifier_dir, save_samples
 
+    check_device(args.device)  # before loading: a bad --device is the user's typo, not a corrupt checkpoint
     bundle = load_diffusion_dir(args.model, use_ema=not args.no_ema, map_location=args.device,
                                 autoencoder=args.autoencoder)
     clf = load_classifier_dir(args.classifier, map_location=args.device) if args.classifier else None
