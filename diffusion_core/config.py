@@ -191,7 +191,7 @@ class TrainDiffusionConfig(Section):
     space: Literal["pixel", "latent"] = "latent"
     conditional: bool = True
     label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # classifier-free guidance: p(label -> null class)
-    steps: PosInt = 1200
+    steps: PosInt = 1500
     batch_size: PosInt = 64  # global; split evenly across scaling.num_workers
     lr: PosFloat = 5e-4
     warmup_steps: NonNegInt = 100

@@ -228,7 +228,7 @@ CASES: dict[str, Case] = {
     # ---- params file: keys, types, ranges, names, cross-field rules (fail at config load)
     "missing params file": Case("prepare", ["--params", "nope.yaml"], ("params file not found: nope.yaml",
                                                                        "--params PATH"), setup=lambda cwd, A: None),
-    "params file is not YAML": Case("prepare", P, ("p.yaml: invalid YAML at line 2",),
+    "params file is not YAML": Case("prepare", P, ("p.yaml: invalid YAML at line 3", "expected ',' or ']'"),
                                     setup=lambda cwd, A: (cwd / "p.yaml").write_text("prepare:\n  dataset: [digits\n")),
     "params top level is a list": Case("prepare", P, ("top level must be a mapping of sections", "got a list"),
                                        setup=lambda cwd, A: (cwd / "p.yaml").write_text("- prepare\n- data\n")),
