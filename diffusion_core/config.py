@@ -186,6 +186,16 @@ class ScalingSection(Section):
     use_ray: bool = True  # false: run the loop in-process (1 worker only; tests and benchmarks)
 
 
+def _check_batch_split(batch_size: int, scaling: "ScalingSection") -> None:
+    """The global batch must split evenly across Ray workers; in-process runs have exactly one worker."""
+    n = scaling.num_workers
+    if batch_size % n:
+        raise ValueError(f"batch_size {batch_size} must be divisible by scaling.num_workers {n} "
+                         f"(the global batch is split evenly across workers)")
+    if not scaling.use_ray and n != 1:
+        raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
+
+
 @register_section("train_diffusion")
 class TrainDiffusionConfig(Section):
     space: Literal["pixel", "latent"] = "latent"
@@ -209,13 +219,8 @@ class TrainDiffusionConfig(Section):
     scaling: ScalingSection = ScalingSection()
 
     @model_validator(mode="after")
-    def _batch_splits_across_workers(self) -> "TrainDiffusionConfig":
-        n = self.scaling.num_workers
-        if self.batch_size % n:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by scaling.num_workers {n} "
-                             f"(the global batch is split evenly across workers)")
-        if not self.scaling.use_ray and n != 1:
-            raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
+    def _batch_splits_across_workers(self):
+        _check_batch_split(self.batch_size, self.scaling)
         return self
 
 
@@ -249,13 +254,8 @@ class TrainClassifierConfig(Section):
     scaling: ScalingSection = ScalingSection()
 
     @model_validator(mode="after")
-    def _batch_splits_across_workers(self) -> "TrainClassifierConfig":
-        n = self.scaling.num_workers
-        if self.batch_size % n:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by scaling.num_workers {n} "
-                             f"(the global batch is split evenly across workers)")
-        if not self.scaling.use_ray and n != 1:
-            raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
+    def _batch_splits_across_workers(self):
+        _check_batch_split(self.batch_size, self.scaling)
         return self
 
 

@@ -203,6 +203,12 @@ def _widen(cfg: dict) -> None:
     cfg["model"]["base_channels"] = 16  # weights are for 8: an incompatible architecture
 
 
+def _drop_autoencoder(m: Path) -> None:
+    """The latent model folder as train_diffusion writes it (autoencoder recorded as models/autoencoder), without it."""
+    shutil.rmtree(m / "autoencoder")
+    _edit_config(lambda c: c["latent"].__setitem__("autoencoder", "models/autoencoder"))(m / "diffusion")
+
+
 def _unwritable_out(cwd: Path, A: Path) -> None:
     (cwd / "somefile").write_text("a regular file where a folder should be")  # root ignores chmod; this works
 
@@ -253,7 +259,7 @@ CASES: dict[str, Case] = {
                                          "evaluate.eta must be a number in [0, 1]", "got -0.1"),
     "guidance scale < 0 (params)": params_case("evaluate", {"evaluate": {"scale": -2.0}},
                                                "evaluate.scale must be a number >= 0", "got -2.0"),
-    "unknown sampler (params)": params_case("evaluate", {"evaluate": {"sampler": "ddmi"}},
+    "unknown sampler (params)": params_case("evaluate", {"evaluate": {"sampler": "ddimm"}},
                                             "evaluate.sampler must be one of ddpm, ddim, dpmpp2m", "did you mean 'ddim'?"),
     "test_fraction = 1": params_case("prepare", {"prepare": {"test_fraction": 1.0}},
                                      "prepare.test_fraction must be a number in (0, 1)", "got 1.0"),
@@ -327,7 +333,7 @@ CASES: dict[str, Case] = {
     "latent model without its autoencoder": Case("cli", [*SAMPLE, "--model", "m/diffusion", "--out", "o.png"],
                                                  ("latent model m/diffusion needs its autoencoder",
                                                   "run train_autoencoder or pass its folder"),
-                                                 setup=with_model("latent", lambda m: shutil.rmtree(m / "autoencoder"))),
+                                                 setup=with_model("latent", _drop_autoencoder)),
     # ---- sampling options (diffusion sample)
     "negative eta (cli)": Case("cli", [*SAMPLE, "--model", "{A}/cond", "--eta", "-0.5", "--out", "o.png"],
                                ("eta must be in [0, 1], got -0.5",)),
@@ -346,7 +352,7 @@ CASES: dict[str, Case] = {
     # ---- environment: unwritable output, full disk, unreachable services
     "unwritable output folder (cli)": Case("cli", [*SAMPLE, "--model", "{A}/cond", "--out", "somefile/x.png"],
                                            ("cannot write somefile/x.png",), setup=_unwritable_out),
-    "unwritable output folder (stage)": Case("prepare", P, ("data",), setup=lambda cwd, A: (
+    "unwritable output folder (stage)": Case("prepare", P, ("cannot write into data", "writable folder"), setup=lambda cwd, A: (
         write_params(cwd), (cwd / "data").write_text("a file where the data folder should be"))),
     "full disk while writing shards": Case("python", ["-c", FULL_DISK_DRIVER, *P], ("No space left on device", "data"),
                                            setup=_prepared_then_full_disk),
