@@ -177,6 +177,13 @@ def _detect_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
@@ -238,13 +245,18 @@ def start_run(
     except ImportError as e:  # pragma: no cover - mlflow is a declared dependency
         raise TrackingError(f"mlflow is not installed ({e}); install the project or set tracking.enabled: false") from None
 
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would make every later run in this process
+    # (tests, notebooks, sweeps over folders) follow this store: put the caller's environment back afterwards
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         exp_id = _experiment_id(mlflow, experiment, uri)
         run = mlflow.start_run(run_name=stage, experiment_id=exp_id, nested=nested)
     except TrackingError:
+        _restore_env("MLFLOW_TRACKING_URI", env_before)
         raise
     except Exception as e:  # noqa: BLE001 - MlflowException, sqlalchemy, requests errors all mean the same
+        _restore_env("MLFLOW_TRACKING_URI", env_before)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrackingError(f"cannot open an MLflow run at {redact(uri)}: {msg}") from None
     handle = MlflowRun(mlflow, run, uri)
@@ -264,3 +276,4 @@ def start_run(
         raise
     finally:
         mlflow.end_run(status=status)
+        _restore_env("MLFLOW_TRACKING_URI", env_before)

@@ -91,6 +91,20 @@ def test_exception_marks_run_failed(store):
     assert _client(f"sqlite:///{store / 'mlflow.db'}").get_run(run.run_id).info.status == "FAILED"
 
 
+def test_runs_in_one_process_follow_their_own_folder(store, tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second stage run from another folder in the same
+    process (a notebook, a test session) must still log to its own folder's store, not the first one's."""
+    with start_run("prepare", PARAMS, TrackingConfig()):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    with start_run("prepare", PARAMS, TrackingConfig()) as run:
+        assert run.tracking_uri == f"sqlite:///{other / 'mlflow.db'}"
+    assert _client(run.tracking_uri).get_run(run.run_id).info.status == "FINISHED"
+
+
 def test_disabled_and_nonzero_rank_are_noops(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for cfg, rank in ((TrackingConfig(enabled=False), 0), (TrackingConfig(), 1)):
