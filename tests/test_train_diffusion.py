@@ -186,24 +186,31 @@ def test_same_seed_bitwise_identical_and_resume_is_exact(prepared, tmp_path, mon
     assert runs["a"] == runs["b"] == runs["resumed"]
 
 
-def test_nan_loss_one_line_error_names_step_keeps_checkpoint_marks_run_failed(prepared, tmp_path, monkeypatch,
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_nan_loss_one_line_error_names_step_keeps_checkpoint_marks_run_failed(bad, prepared, tmp_path, monkeypatch,
                                                                               capsys):
+    """A NaN, +inf or -inf loss at step 15 (injected into the per-sample losses of that step only)."""
     cwd = _workdir(prepared, tmp_path / "w", tracking=True, steps=30, checkpoint_every=10, scaling=IN_PROCESS)
     from diffusion_core.diffusion import GaussianDiffusion
 
     real, calls = GaussianDiffusion.losses_from_output, {"n": 0}
 
-    def nan_at_15(self, *a, **k):
+    def bad_at_15(self, *a, **k):
         calls["n"] += 1
         terms = real(self, *a, **k)
         if calls["n"] == 15:
-            terms["loss"] = terms["loss"] * float("nan")
+            poisoned = terms["loss"].clone()
+            poisoned[0] = float(bad)  # one sample of the batch: the mean must still come out non-finite
+            terms["loss"] = poisoned
         return terms
 
-    monkeypatch.setattr(GaussianDiffusion, "losses_from_output", nan_at_15)
+    monkeypatch.setattr(GaussianDiffusion, "losses_from_output", bad_at_15)
     assert _main_in(cwd, monkeypatch) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: loss is nan at step 15") and "Traceback" not in err
+    assert calls["n"] == 15  # stopped at the bad step: no step after it was taken
+    out = capsys.readouterr()
+    errors = [line for line in out.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == out.err.strip().splitlines()[-1] and "Traceback" not in out.err
+    assert errors[0].startswith(f"error: loss is {bad} at step 15:") and "last good checkpoint is kept" in errors[0]
     assert find_last_good_checkpoint(cwd / CKPTS).name == "step-00000010"
     assert not (cwd / "models").exists() and not (cwd / "metrics" / "train_diffusion.json").exists()
     with sqlite3.connect(cwd / "mlflow.db") as db:
