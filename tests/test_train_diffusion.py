@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -134,6 +137,73 @@ def test_two_workers_killed_after_checkpoint_then_resumed(prepared, tmp_path):
     assert len(keys0) == len(keys1) == 1438 // 2 and not keys0 & keys1
     assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]  # DDP keeps the replicas identical
     assert len(list((cwd / CKPTS).glob("step-*"))) == 2  # keep_checkpoints
+
+
+def _start_training(cwd: Path) -> tuple[subprocess.Popen, list[str]]:
+    """The stage as its own process group; its stdout lines are collected in the returned list as they come."""
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=cwd,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines
+
+
+def _last_logged_step(lines: list[str]) -> int:
+    steps = [int(m.group(1)) for line in list(lines) if (m := re.match(r"train_diffusion: step (\d+)/", line))]
+    return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_kill_9_at_three_random_points_then_resume_to_the_end(prepared, tmp_path):
+    """`kill -9` of the stage's process group at three random steps (seeded), each strictly after the first
+    checkpoint and after the checkpoint the previous kill left; each rerun says it resumes from the newest complete
+    step folder; the last run ends at `steps` with one gap-free loss curve and a complete, loadable model."""
+    steps, every = 60, 5
+    cwd = _workdir(prepared, tmp_path / "w", steps=steps, checkpoint_every=every, log_every=1, sample_every=0,
+                   keep_checkpoints=2, scaling=IN_PROCESS)
+    rng = random.Random(20261130)
+    good, killed_at = 0, []
+    proc, lines = _start_training(cwd)
+    for _ in range(3):
+        try:
+            target = rng.randint(good + every + 1, good + 2 * every + 2)  # a new checkpoint is written first
+            _wait_for(lambda: _last_logged_step(lines) >= target, proc, f"step {target}", timeout=120)
+            time.sleep(rng.uniform(0, 0.1))  # anywhere in a step, a checkpoint write included
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reached = _last_logged_step(lines)
+        assert proc.returncode == -signal.SIGKILL and target <= reached < steps
+        # independent of the product's own search: step folders are renamed into place complete, config.json last
+        complete = _ckpt_steps(cwd)
+        newest = complete[-1]  # (an older folder may be half-pruned; readers skip it by its checksums)
+        assert verify_checkpoint_dir(cwd / CKPTS / f"step-{newest:08d}")["training_step"] == newest
+        # every checkpoint before the last logged step was done; none can be past it
+        assert every * ((reached - 1) // every) <= newest <= reached and newest > good
+        killed_at.append((target, reached, newest))
+        good = newest
+        proc, lines = _start_training(cwd)  # the next round's run (the last one is left to finish)
+        _wait_for(lambda: any("resuming from" in line for line in list(lines)), proc, "the resume line", timeout=120)
+        resumed = next(line for line in list(lines) if "resuming from" in line).strip()
+        assert resumed == f"train_diffusion: resuming from {CKPTS}/step-{good:08d} (step {good} of {steps})", resumed
+
+    assert proc.wait(timeout=180) == 0, "".join(lines)[-3000:]
+    assert [g for *_, g in killed_at] == sorted({g for *_, g in killed_at})  # three distinct, growing resume points
+    metrics = json.loads((cwd / "metrics" / "train_diffusion.json").read_text())
+    assert metrics["steps"] == steps and metrics["samples_seen"] == steps * 32
+    assert _steps(cwd) == list(range(1, steps + 1))  # every logged step exactly once: none lost, none repeated
+    assert sorted(p.name for p in (cwd / CKPTS).iterdir()) == ["step-00000055", "step-00000060"]  # no temp left
+    bundle = load_diffusion_dir(cwd / "models" / "diffusion")  # checksums verified on load
+    assert verify_checkpoint_dir(cwd / "models" / "diffusion")
+    x = sample(bundle.diffusion, bundle.model, (2, *bundle.shape), sampler="ddim", steps=5,
+               generator=torch.Generator().manual_seed(0), y=torch.arange(2))
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
 
 
 # ----------------------------------------------------------------------------------------------- in-process
