@@ -1,10 +1,19 @@
-"""Atomic file output: write to a temporary name in the same folder, fsync, then rename into place."""
+"""Atomic file output: write to a temporary name in the same folder, fsync, then rename into place.
+
+A process killed (SIGKILL) part-way leaves its temporary behind under a hidden name (`.<name>.<random><suffix>.tmp`,
+or a hidden temp folder) that no reader opens; the next write of the same output removes it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,6 +27,52 @@ class OutputError(RuntimeError):
     """A stage could not write one of its outputs (unwritable folder, full disk)."""
 
 
+_MKSTEMP_NAME = "[a-z0-9_]{8}"  # tempfile's random part
+
+
+def remove_stale_temps(path: Path, suffix: str) -> None:
+    """Delete temporaries of `path` left by a writer that was killed before its rename (atomic_path's names only)."""
+    name = re.compile(rf"\.{re.escape(path.name)}\.{_MKSTEMP_NAME}{re.escape(suffix)}\.tmp")
+    try:
+        for p in path.parent.iterdir():
+            if name.fullmatch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_dirs(parent: str | os.PathLike, prefix: str) -> None:
+    """Delete hidden temp folders `parent/<prefix>*` that a killed stage left (its `finally` never ran)."""
+    parent = Path(parent)
+    if parent.is_dir():
+        for p in parent.glob(f"{prefix}*"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE): at every instant each name holds
+    either its old or its new content. False where the OS or file system cannot; nothing is changed then."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -27,6 +82,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path, suffix or path.suffix)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions

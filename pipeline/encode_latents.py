@@ -21,7 +21,7 @@ from diffusion_core.checkpoint import load_model_dir
 from diffusion_core.config import load_params
 from diffusion_core.data import build_meta, load_split, read_meta, write_array_split, write_meta
 from diffusion_core.data.shards import META_NAME, replace_dir
-from diffusion_core.io import OutputError, atomic_write_json
+from diffusion_core.io import OutputError, atomic_write_json, remove_stale_dirs
 from diffusion_core.tracking import start_run
 
 from ._stage import run_stage
@@ -47,6 +47,7 @@ def _run(args) -> None:
         scale = latent_scale_factor(z["train"])
         try:
             LATENTS.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_dirs(LATENTS.parent, ".encode_latents-")  # left by a run that was killed
             tmp = Path(tempfile.mkdtemp(prefix=".encode_latents-", dir=LATENTS.parent))
         except OSError as e:
             raise OutputError(f"cannot write into {LATENTS.parent}: {e.strerror or e}") from e

@@ -5,14 +5,17 @@ when its weights can be had), plus `metrics/reference_stats.json`. Computed once
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from diffusion_core.config import load_params
 from diffusion_core.data import load_split, read_meta
 from diffusion_core.evaluation import DOMAIN, INCEPTION, reference_path
-from diffusion_core.io import atomic_write_json
+from diffusion_core.data.shards import replace_dir
+from diffusion_core.io import OutputError, atomic_write_json, remove_stale_dirs
 
 from ._stage import run_stage
 
@@ -20,6 +23,7 @@ STAGE = "reference_stats"
 SECTIONS = ("project", "tracking", "data", STAGE)
 SHARDS, FEATURE_NET, OUT, METRICS = (Path("data/shards"), Path("models/feature_net"), Path("data/reference"),
                                      Path("metrics/reference_stats.json"))
+TMP_PREFIX = ".reference_stats-"
 
 
 def _run(args) -> None:
@@ -35,15 +39,25 @@ def _run(args) -> None:
     with start_run(STAGE, params.to_dict("project", "data", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
-        OUT.mkdir(parents=True, exist_ok=True)
-        for stale in OUT.glob("reference-*.npz"):  # an extractor dropped from params must not leave its old file
-            stale.unlink()
-        stats = {DOMAIN: reference_stats(real, domain_extractor(str(FEATURE_NET)), reference_path(OUT, DOMAIN),
-                                         batch_size=cfg.batch_size)}
-        inception = inception_extractor(cfg.inception_weights, download=cfg.inception_download)
-        if inception is not None:
-            stats[INCEPTION] = reference_stats(real, inception, reference_path(OUT, INCEPTION),
-                                               batch_size=cfg.batch_size)
+        # the whole folder is written aside and swapped in: readers see the old set of files or the new one, and
+        # an extractor dropped from params leaves no old file behind
+        try:
+            OUT.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_dirs(OUT.parent, TMP_PREFIX)  # left by a run that was killed
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=OUT.parent))
+        except OSError as e:
+            raise OutputError(f"cannot write into {OUT.parent}: {e.strerror or e}") from e
+        try:
+            new = tmp / OUT.name
+            stats = {DOMAIN: reference_stats(real, domain_extractor(str(FEATURE_NET)), reference_path(new, DOMAIN),
+                                             batch_size=cfg.batch_size)}
+            inception = inception_extractor(cfg.inception_weights, download=cfg.inception_download)
+            if inception is not None:
+                stats[INCEPTION] = reference_stats(real, inception, reference_path(new, INCEPTION),
+                                                   batch_size=cfg.batch_size)
+            replace_dir(new, OUT)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         metrics = {"num_real": int(real.shape[0]), "extractors": sorted(stats),
                    **{f"feature_dim_{k}": int(v.mu.shape[0]) for k, v in stats.items()},
                    "inception": inception is not None, "wall_seconds": round(time.perf_counter() - t0, 2)}

@@ -1,5 +1,6 @@
-"""Sources, stratified split, shard round trip, rank/worker splitting, corrupt shards."""
+"""Sources, stratified split, shard round trip, rank/worker splitting, corrupt shards, folder swaps."""
 
+import errno
 import hashlib
 import json
 import warnings
@@ -24,6 +25,7 @@ from diffusion_core.data import (
     write_meta,
 )
 from diffusion_core.data.sources import load_torchvision
+from diffusion_core.io import OutputError
 
 
 def make_shards(root: Path, n=50, per_shard=7, shape=(6, 5, 1), seed=0, payload=None):
@@ -208,3 +210,48 @@ def test_torchvision_offline_names_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd, "MNIST", Offline)
     with pytest.raises(DataError, match=rf"place .*idx.* in {tmp_path.resolve()}/MNIST/raw"):
         load_torchvision("mnist", tmp_path)
+
+
+def _tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_replace_dir_swaps_in_one_step_and_recovers_a_fallback_swap_cut_in_two(tmp_path, monkeypatch):
+    """replace_dir: with RENAME_EXCHANGE the old folder never leaves its name (no rename moves it aside); where the
+    file system cannot exchange, a swap killed between its two renames (old folder at .<name>.old, no <name>) is
+    undone by the next call before it swaps, and nothing is left behind either way."""
+    import os
+
+    import diffusion_core.data.shards as shards
+
+    def folder(name: str, content: bytes) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.bin").write_bytes(content)
+        return tmp_path / name
+
+    dst = folder("out", b"old")
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((Path(a).name, Path(b).name)), real_replace(a, b)))
+    shards.replace_dir(folder(".new1", b"new"), dst)
+    assert _tree(tmp_path) == {"out/f.bin": b"new"} and renames == []  # one exchange, no rename at all
+
+    monkeypatch.setattr(shards, "exchange_paths", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    real_replace(dst, tmp_path / ".out.old")  # as a kill after the first of the fallback's two renames leaves it
+    assert not dst.exists()
+
+    def failing_swap(a, b):  # the next run fails at its own swap: the previous folder must be back in place
+        renames.append((Path(a).name, Path(b).name))
+        if Path(a).name == ".new2":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", failing_swap)
+    with pytest.raises(OutputError, match="No space left"):
+        shards.replace_dir(folder(".new2", b"newer"), dst)
+    assert _tree(tmp_path) == {"out/f.bin": b"new", ".new2/f.bin": b"newer"}  # .new2 is the caller's to remove
+    assert renames == [(".out.old", "out"), ("out", ".out.old"), (".new2", "out"), (".out.old", "out")]
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    shards.replace_dir(tmp_path / ".new2", dst)
+    assert _tree(tmp_path) == {"out/f.bin": b"newer"}

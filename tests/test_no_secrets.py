@@ -1,10 +1,12 @@
-"""No secrets and no environment in MLflow (issue 7, safety): a real stage run with fake secrets in its environment
-and a credential inside a params URI; afterwards neither appears anywhere in the MLflow store (params, tags, any
-byte of the SQLite file, any artifact) nor in the stage's output, and no param or tag is an environment variable."""
+"""No secrets and no environment in MLflow (issue 7, safety): real stage runs with fake secrets in their environment
+(and, for prepare, a credential inside a params URI); afterwards none appears anywhere in the MLflow store (params,
+tags, any byte of the SQLite file, any artifact) nor in the stage's output, and no param or tag is an environment
+variable. `prepare` and `train_diffusion` (in-process, its artifacts include sample grids) are run."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -26,19 +28,19 @@ SECRETS = {
 URI_PASSWORD = "hunter2-in-a-uri"
 
 
-@pytest.mark.slow
-def test_prepare_logs_no_secret_and_no_environment_to_mlflow(tmp_path):
-    raw = yaml.safe_load(TINY.read_text())
-    raw["tracking"].update(enabled=True, tracking_uri=None)
-    raw["prepare"]["data_dir"] = f"s3://bob:{URI_PASSWORD}@bucket/raw"  # digits ignores data_dir; it is still logged
+def _run(tmp_path: Path, stage: str, raw: dict) -> subprocess.CompletedProcess:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     env.update(SECRETS, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", "p.yaml"], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", "p.yaml"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+    return res
 
-    secrets = [*SECRETS.values(), URI_PASSWORD]
+
+def _assert_no_secret_and_no_environment(tmp_path: Path, res: subprocess.CompletedProcess, stage: str,
+                                         sections: set[str], secrets: list[str]) -> dict[str, str]:
+    """The checks on one stage's run; returns its params as MLflow stored them."""
     for s in secrets:
         assert s not in res.stdout and s not in res.stderr
 
@@ -46,16 +48,46 @@ def test_prepare_logs_no_secret_and_no_environment_to_mlflow(tmp_path):
     with sqlite3.connect(db) as con:
         params = dict(con.execute("select key, value from params").fetchall())
         tags = dict(con.execute("select key, value from tags").fetchall())
-        assert [r[0] for r in con.execute("select name from runs")] == ["prepare"]
-    # the credential in the URI is redacted, the rest of the value kept
-    assert params["prepare.data_dir"] == "s3://***@bucket/raw"
+        assert [r[0] for r in con.execute("select name from runs")] == [stage]
     # params are the stage's sections only: no environment variable names, no env values
-    assert all(k.split(".")[0] in ("project", "prepare") for k in params), sorted(params)
+    assert params and all(k.split(".")[0] in sections for k in params), sorted(params)
     env_values = {v for k, v in os.environ.items() if len(v) >= 8} | set(SECRETS.values())
     for k, v in {**params, **tags}.items():
         assert k not in os.environ and k not in SECRETS, k
         assert v not in env_values or v in (os.environ.get("USER"), os.environ.get("LOGNAME")), (k, v)
     # and no secret anywhere in the store: every byte of the SQLite file and every artifact
-    blobs = [db.read_bytes()] + [p.read_bytes() for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()]
+    artifacts = [p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()]
+    blobs = [db.read_bytes()] + [p.read_bytes() for p in artifacts]
     for s in secrets:
         assert not any(s.encode() in b for b in blobs), s
+    return params
+
+
+@pytest.mark.slow
+def test_prepare_logs_no_secret_and_no_environment_to_mlflow(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["tracking"].update(enabled=True, tracking_uri=None)
+    raw["prepare"]["data_dir"] = f"s3://bob:{URI_PASSWORD}@bucket/raw"  # digits ignores data_dir; it is still logged
+    res = _run(tmp_path, "prepare", raw)
+    params = _assert_no_secret_and_no_environment(tmp_path, res, "prepare", {"project", "prepare"},
+                                                  [*SECRETS.values(), URI_PASSWORD])
+    # the credential in the URI is redacted, the rest of the value kept
+    assert params["prepare.data_dir"] == "s3://***@bucket/raw"
+
+
+@pytest.mark.slow
+def test_train_diffusion_logs_no_secret_and_no_environment_to_mlflow(prepared, tmp_path):
+    """The stage Ray trains (here in-process, one worker: the same start_run/flatten_params path), 10 steps with a
+    sample grid logged at step 5 and at the end, so the store holds metrics, params and image artifacts."""
+    shutil.copytree(prepared / "data", tmp_path / "data")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["tracking"].update(enabled=True, tracking_uri=None)
+    raw["train_diffusion"].update(steps=10, checkpoint_every=5, log_every=5, sample_every=5)
+    raw["train_diffusion"]["scaling"].update(num_workers=1, use_ray=False)
+    res = _run(tmp_path, "train_diffusion", raw)
+    params = _assert_no_secret_and_no_environment(
+        tmp_path, res, "train_diffusion", {"project", "data", "schedule", "diffusion", "train_diffusion"},
+        list(SECRETS.values()))
+    assert params["train_diffusion.steps"] == "10"  # the stage's own params did reach the store
+    pngs = sorted(p.name for p in (tmp_path / "mlartifacts").rglob("*.png"))
+    assert pngs == ["step-00000005.png", "step-00000010.png"], pngs  # the artifacts checked above exist

@@ -29,27 +29,12 @@ from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.samplers import sample
 from pipeline import train_diffusion
 
+from .stages import stage_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-VENV_BIN = Path(sys.executable).parent
 CKPTS = Path("checkpoints") / "train_diffusion"
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
-    env.update(PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
-    return env
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A folder with tiny.yaml's data prepared once (digits 8x8); tests copy it."""
-    d = tmp_path_factory.mktemp("prepared")
-    shutil.copy(TINY, d / "tiny.yaml")
-    res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", "tiny.yaml"], cwd=d, env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return d
+_env = stage_env  # the `prepared` folder (tiny.yaml's data) is the session fixture of conftest.py
 
 
 def _workdir(prepared: Path, dest: Path, tracking: bool = False, **train) -> Path:

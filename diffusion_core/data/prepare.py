@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import OutputError
+from ..io import OutputError, remove_stale_dirs
 from .shards import META_NAME, build_meta, replace_dir, write_array_split, write_meta
 from .sources import SourceData, load_source, stratified_split
 
@@ -27,6 +27,7 @@ def prepare_dataset(cfg, out_dir: str | os.PathLike = "data", shard_subdir: str 
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_dirs(out_dir, ".prepare-")  # left by a prepare that was killed
         tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     except OSError as e:
         raise OutputError(f"cannot write into {out_dir}: {e.strerror or e}; choose a writable folder") from e

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..io import OutputError, atomic_path, atomic_write_json
+from ..io import OutputError, atomic_path, atomic_write_json, exchange_paths
 from .errors import DataError
 
 SPLITS = ("train", "test")
@@ -260,12 +260,23 @@ def parse_tar(data: bytes, name: str = "<shard>") -> Iterator[dict[str, bytes]]:
 
 
 def replace_dir(new: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Move folder `new` onto `dst`, keeping the old `dst` until the new one is in place."""
+    """Move folder `new` onto `dst`: `dst` names the old or the new folder at every instant, even across a kill.
+
+    Where the file system can swap two names in one step (Linux RENAME_EXCHANGE) that is used, and `new` then holds
+    the old folder and is deleted. Elsewhere the old `dst` is moved aside first (a kill between the two renames
+    leaves it as `.<dst>.old`, which the next call puts back before it starts).
+    """
     new, dst = Path(new), Path(dst)
     old = dst.with_name(f".{dst.name}.old")
     try:
         if old.exists():
-            shutil.rmtree(old)
+            if dst.exists():
+                shutil.rmtree(old)
+            else:  # a swap killed between its two renames: the previous folder goes back first
+                os.replace(old, dst)
+        if dst.exists() and exchange_paths(new, dst):
+            shutil.rmtree(new, ignore_errors=True)  # now the previous folder
+            return
         if dst.exists():
             os.replace(dst, old)
         os.replace(new, dst)
