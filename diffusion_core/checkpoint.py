@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import OutputError, atomic_path, atomic_write_json
+from .io import OutputError, atomic_path, atomic_write_json, exchange_paths
 from .models import EMA, build_model, unwrap_model
 
 MODEL_FILE, EMA_FILE, CONFIG_FILE, TRAINING_STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", \
@@ -78,17 +78,28 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, extra_config: dict
     _save_swapped(Path(path), model, dict(extra_config or {}), ema_model, None)
 
 
+def _remove_killed_saves(path: Path) -> None:
+    """Delete the `.<name>.XXXXXXXX.tmp` / `.old` folders that a save of `path` killed part-way left beside it."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    for p in path.parent.iterdir():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _save_swapped(path: Path, model: nn.Module, extra_config: dict, ema_model, state: dict | None) -> Path:
     """_save_dir into a temp sibling folder, then rename it onto `path` (the old folder moved aside, then removed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_killed_saves(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder") from e
     try:
         _save_dir(tmp, model, extra_config, ema_model, state)
         try:
-            if path.exists():  # move the old folder aside so the swap stays a rename
+            if path.exists() and exchange_paths(tmp, path):  # one step: `path` is never without a model
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+            elif path.exists():  # no RENAME_EXCHANGE here: move the old folder aside so the swap stays a rename
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
                 os.replace(path, old / path.name)
                 os.replace(tmp, path)

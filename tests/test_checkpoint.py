@@ -176,3 +176,26 @@ def test_failed_checkpoint_leaves_nothing(tmp_path):
         save_checkpoint_dir(step_dir(root, 5), model, ema, {"bad": lambda: 0}, {})
     assert list(root.iterdir()) == []
     assert find_last_good_checkpoint(root) is None
+
+
+def test_resaved_model_folder_never_leaves_its_name_and_killed_saves_are_cleared(tmp_path, monkeypatch):
+    """Re-saving onto an existing model folder swaps old and new in one step: no rename moves the old folder away
+    (a kill between two renames would leave no model). The temp folders a killed save leaves beside it
+    (`.<name>.XXXXXXXX.tmp` with half the files, `.<name>.XXXXXXXX.old/<name>`) are removed by the next save."""
+    first, _ = trained_pair(0)
+    second, _ = trained_pair(1)
+    path = tmp_path / "diffusion"
+    save_model_dir(path, first, {})
+    for leftover in (".diffusion.ab_cd123.tmp", ".diffusion.zz9_0000.old/diffusion"):  # as a SIGKILL leaves them
+        (tmp_path / leftover).mkdir(parents=True)
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.ab_cd123.tmp").mkdir()  # another output's temp: not this save's to remove
+
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((str(a), str(b))), real(a, b)))
+    save_model_dir(path, second, {})
+    assert not [r for r in renames if r[0] == str(path)], renames  # the old folder never left `path`
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ab_cd123.tmp", "diffusion"]
+    loaded, _ = load_model_dir(path, use_ema=False)
+    torch.testing.assert_close(outputs(loaded), outputs(second), rtol=0, atol=0)
