@@ -1,7 +1,7 @@
 """Atomic file output: write to a temporary name in the same folder, fsync, then rename into place.
 
-A process killed (SIGKILL) part-way leaves its temporary behind under a hidden name (`.<name>.<random><suffix>.tmp`,
-or a hidden temp folder) that no reader opens; the next write of the same output removes it.
+A process killed (SIGKILL) part-way leaves its temporary behind under a hidden name (`.<name>.<random><suffix>.tmp`)
+that no reader opens; the next atomic write into the same folder removes it (stages remove their temp folders).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,16 +28,27 @@ class OutputError(RuntimeError):
     """A stage could not write one of its outputs (unwritable folder, full disk)."""
 
 
-_MKSTEMP_NAME = "[a-z0-9_]{8}"  # tempfile's random part
+# atomic_path's temporaries: "." + target name + "." + mkstemp's 8 random characters + suffix + ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)*\.tmp")
+_STARTED = time.time()
+_swept: set[str] = set()
 
 
-def remove_stale_temps(path: Path, suffix: str) -> None:
-    """Delete temporaries of `path` left by a writer that was killed before its rename (atomic_path's names only)."""
-    name = re.compile(rf"\.{re.escape(path.name)}\.{_MKSTEMP_NAME}{re.escape(suffix)}\.tmp")
+def remove_stale_temps(folder: Path) -> None:
+    """Delete atomic_path temporaries in `folder` that a writer killed before its rename left behind.
+
+    Once per process and folder (a folder of many outputs is listed once, not once per file), and only files older
+    than this module's import, so a temporary that another thread of this process is writing is never touched."""
+    key = os.path.realpath(folder)
+    if key in _swept:
+        return
+    _swept.add(key)
     try:
-        for p in path.parent.iterdir():
-            if name.fullmatch(p.name) and p.is_file():
-                p.unlink(missing_ok=True)
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if _TEMP_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False) and \
+                        e.stat(follow_symlinks=False).st_mtime < _STARTED:
+                    os.unlink(e.path)
     except FileNotFoundError:
         pass
 
@@ -82,7 +94,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path, suffix or path.suffix)
+        remove_stale_temps(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
