@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -84,15 +83,7 @@ def machine() -> dict:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """JSON in insertion order (the table's order), through the library's atomic writer (temp file, then rename)."""
+    from diffusion_core.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -33,7 +33,11 @@ def test_ddpm_1000_steps_reproduces_gaussian_data(name, variance):
     x = sample(diff, model, (4000, 4), sampler="ddpm", generator=torch.Generator().manual_seed(0),
                clip_denoised=False)
     _check_moments(x)
-    assert model.calls == 1000
+    # the cosine-end guard skips the steps with log-SNR below 2 * -5.1 (cosine's last few; none of linear's)
+    kept = int((0.5 * torch.log(diff.schedule.snr) >= -5.1).sum())
+    assert model.calls == kept and 990 < kept <= 1000
+    if name == "linear":
+        assert kept == 1000
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v", "mu"])
@@ -228,16 +232,25 @@ def test_bad_sampler_arguments():
         ClassifierFreeGuidance(-1.0, 2)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m", "ddpm"])
 def test_cosine_end_guard_keeps_an_imperfect_model_stable(sampler):
-    """At cosine's last step (ab ~ 2e-9) a 1% eps error becomes a huge x0 error; lambda_min avoids starting there."""
+    """At cosine's last steps (ab ~ 2e-9) an eps error becomes a huge x0 error; lambda_min avoids starting there.
+
+    Deterministic samplers carry even a 1% error everywhere into the sample. DDPM's noise washes a small error out,
+    so it gets the error a trained network really has: worst at the very end of the schedule (t >= 996 here, the
+    steps the guard skips), where x_t is almost pure noise (measured on the default latent model: FD 28.7 -> 0.98).
+    """
     diff, exact = _setup("cosine")
 
     def imperfect(x, t, y=None):
+        if sampler == "ddpm":
+            return exact(x, t) + 0.05 * (t >= 996).float()[:, None]
         return exact(x, t) + 0.01
 
     kw = dict(sampler=sampler, steps=50, clip_denoised=False, generator=torch.Generator().manual_seed(0))
     unguarded = sample(diff, imperfect, (2000, 4), lambda_min=None, **kw)
     guarded = sample(diff, imperfect, (2000, 4), **kw)
-    assert (unguarded.mean(0) - MEAN).abs().max() > 1.0  # the pitfall is real
-    _check_moments(guarded, tol_mean=0.1, tol_std=0.1)
+    # the pitfall is real: the mean moves by more than the data's smallest std (0.25), far more for DDIM/DPM++
+    assert (unguarded.mean(0) - MEAN).abs().max() > (0.25 if sampler == "ddpm" else 1.0)
+    # 50 ancestral steps with the posterior variance lose ~12% of the spread (sigma_t below the true one)
+    _check_moments(guarded, tol_mean=0.1, tol_std=0.15 if sampler == "ddpm" else 0.1)

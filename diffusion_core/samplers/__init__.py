@@ -33,8 +33,9 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
            callback=None, lambda_min: float | None = -5.1) -> torch.Tensor:
     """Draw samples of `shape` [B, ...]; returns x0 in the data space (clipped to [-1,1] if clip_denoised).
 
-    `lambda_min` (DDIM and DPM-Solver++ only): start no lower than log-SNR 2*lambda_min (diffusers' value for
-    cosine, -5.1); None keeps the schedule's first step whatever its SNR. See `sampling_diffusion`.
+    `lambda_min`: start no lower than log-SNR 2*lambda_min (diffusers' value for cosine, -5.1); None keeps the
+    schedule's first step whatever its SNR. Every sampler needs it on the cosine schedule without x0 clipping
+    (latents): DDPM's first ancestral step there multiplies the eps error by ~60. See `sampling_diffusion`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
@@ -45,7 +46,7 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
         raise ValueError(f"steps must be in 1..{T} (the model's T), got {steps}")
     if device is None:
         device = x_T.device if x_T is not None else next(_params(model), torch.empty(0)).device
-    d = sampling_diffusion(diffusion, steps, spacing, None if sampler == "ddpm" else lambda_min)
+    d = sampling_diffusion(diffusion, steps, spacing, lambda_min)
     noise = NoiseSource(shape, device, torch.float32, generator, seeds)
     x = noise() if x_T is None else x_T.to(device, torch.float32)
     if y is not None:

@@ -1,0 +1,99 @@
+"""End to end (issue 6): wall time of the default `dvc repro` on a fresh clone, per stage, and of a no-op rerun.
+
+    python -m bench.e2e [--dir DIR]     # DIR: a fresh clone to run in (default: clone this repo into /tmp)
+
+Slow (the whole default pipeline, ~30 min on 2 cores): not part of `python -m bench --quick`, which only times a
+no-op `dvc repro` where one has finished. The clone's `.venv` is created by `make install` first (not timed). The
+figures go into `bench/results.json` under groups.e2e; the clone keeps every output (models, reports, mlflow.db)
+for `python -m bench.quality --run DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import atomic_write_json, load
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).with_name("results.json")
+STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+
+
+def timed_repro(cwd: Path, log: Path) -> tuple[float, dict[str, float]]:
+    """Run `dvc repro` in cwd, streaming its output to log; (total seconds, seconds per stage in run order)."""
+    t0 = time.perf_counter()
+    marks: list[tuple[str, float]] = []
+    with log.open("w") as f:
+        proc = subprocess.Popen([str(cwd / ".venv/bin/dvc"), "repro"], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True,
+                                env={"PATH": f"{cwd / '.venv/bin'}:/usr/bin:/bin", "HOME": str(Path.home()),
+                                     "RAY_USAGE_STATS_ENABLED": "0"})
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            m = STAGE_LINE.search(line)
+            if m:
+                marks.append((m.group(1), time.perf_counter()))
+        rc = proc.wait()
+    total = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"dvc repro failed in {cwd} (exit {rc}); see {log}")
+    ends = [t for _, t in marks[1:]] + [t0 + total]
+    return total, {name: round(end - start, 1) for (name, start), end in zip(marks, ends)}
+
+
+def noop_seconds(cwd: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([str(cwd / ".venv/bin/dvc"), "repro"], cwd=cwd, check=True, capture_output=True,
+                   env={"PATH": f"{cwd / '.venv/bin'}:/usr/bin:/bin", "HOME": str(Path.home())})
+    return round(time.perf_counter() - t0, 2)
+
+
+def run(quick: bool = True, directory: Path | None = None) -> dict:
+    """Quick: only the no-op rerun in `directory` (default: this repo, where dvc.lock exists)."""
+    cwd = directory or ROOT
+    if not (cwd / "dvc.lock").exists() or not (cwd / ".venv/bin/dvc").exists():
+        return {"noop_repro_s": None, "reason": f"no finished `dvc repro` in {cwd}: run python -m bench.e2e"}
+    return {"noop_repro_s": noop_seconds(cwd)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, default=None, help="fresh clone to run in (default: a new clone in /tmp)")
+    args = ap.parse_args(argv)
+    cwd = args.dir or Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    if args.dir is None:
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(cwd)], check=True)
+    subprocess.run(["make", "install"], cwd=cwd, check=True)
+    if (cwd / "dvc.lock").exists():
+        raise SystemExit(f"{cwd} already has dvc.lock: give a fresh clone")
+    load_before = load()
+    total, stages = timed_repro(cwd, cwd / "repro.log")
+    fig = {"default_repro_s": round(total, 1), "stages_s": stages, "noop_repro_s": noop_seconds(cwd),
+           "load_before": load_before, "load_after": load(), "dir": str(cwd),
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True,
+                                    text=True).stdout.strip(),
+           "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    for name in ("train_autoencoder", "train_diffusion", "evaluate"):
+        p = cwd / "metrics" / f"{name}.json"
+        if name == "evaluate":
+            p = cwd / "reports" / "metrics.json"
+        if p.exists():
+            fig[f"{name}_metrics"] = json.loads(p.read_text())
+    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"groups": {}}
+    res.setdefault("groups", {})["e2e"] = fig
+    atomic_write_json(RESULTS, res)
+    print(json.dumps({k: v for k, v in fig.items() if not k.endswith("_metrics")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
