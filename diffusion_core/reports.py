@@ -85,10 +85,11 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
         ax.annotate(f"{r['sampler']} {_setting(r)}" + (f" eta {r['eta']:g}" if r["eta"] else ""),
                     (r["nfe"], r["fd_domain"]), fontsize=6, color="grey")
     ax.set_xscale("log")
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    ax.set_xticks(sorted({int(round(r["nfe"])) for r in rows}))  # label the NFEs measured, not every log tick
     ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel("fd_domain (lower is better)")
     if ref is not None:
