@@ -60,8 +60,10 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "leading
         ratio = num_timesteps // steps
         ts = torch.arange(steps, dtype=torch.float64).mul(ratio).round()
     elif spacing == "trailing":
+        # diffusers: round(arange(T, 0, -T/steps)) - 1. A float-step arange can yield steps + 1 values (the last
+        # ~0, giving t = -1: T=711, steps=469); T - i * ratio for i < steps is the same list without that edge
         ratio = num_timesteps / steps
-        ts = torch.round(torch.arange(num_timesteps, 0, -ratio, dtype=torch.float64)) - 1
+        ts = torch.round(num_timesteps - torch.arange(steps, dtype=torch.float64) * ratio) - 1
     elif spacing == "linspace":
         ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round()
     else:

@@ -57,6 +57,16 @@ def test_spacing_matches_diffusers(spacing, steps):
     assert torch.equal(ours.flip(0), ref.timesteps.long())
 
 
+@pytest.mark.parametrize("T,steps", [(711, 469), (1000, 3), (1000, 7), (999, 333), (50, 49)])
+def test_trailing_spacing_has_exactly_steps_valid_timesteps(T, steps):
+    """diffusers' float-step arange gives 470 values, one of them -1, for T=711, steps=469 (found by hypothesis)."""
+    ts = spaced_timesteps(T, steps, "trailing")
+    assert len(ts) == steps and ts.min() >= 0 and ts.max() == T - 1
+    ratio = T / steps
+    expected = sorted({round(T - i * ratio) - 1 for i in range(steps)})
+    assert ts.tolist() == expected
+
+
 def test_respace_keeps_alpha_bar_at_kept_steps():
     s = NoiseSchedule.from_name("cosine", 1000)
     r = s.spaced(50, "trailing")
