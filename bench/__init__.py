@@ -1,7 +1,9 @@
 """Benchmark suite (issue 6): `python -m bench [--quick] [--only NAME...]`.
 
 Figure groups, one module each: peak (GEMM ceiling), train (training step vs diffusers), sample (DDIM-50 and
-DPM-Solver++-20 vs diffusers), reader (shard reader vs training consumption). diffusers is imported here only.
+DPM-Solver++-20 vs diffusers), reader (shard reader vs training consumption), system (2 Ray workers vs one
+process, peak RSS, latent vs pixel), e2e (no-op `dvc repro`; the full default repro: `python -m bench.e2e`).
+Quality against diffusers at equal wall-clock: `python -m bench.quality --run DIR` (slow, separate). diffusers is imported here only.
 """
 
-GROUPS = ("peak", "train", "sample", "reader")
+GROUPS = ("peak", "train", "sample", "reader", "system", "e2e")

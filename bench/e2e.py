@@ -58,7 +58,10 @@ def noop_seconds(cwd: Path) -> float:
 
 
 def run(quick: bool = True, directory: Path | None = None) -> dict:
-    """Quick: only the no-op rerun in `directory` (default: this repo, where dvc.lock exists)."""
+    """Quick: only the no-op rerun in `directory` (default: the clone of the last full run, else this repo)."""
+    if directory is None and RESULTS.exists():
+        last = json.loads(RESULTS.read_text()).get("groups", {}).get("e2e", {}).get("dir")
+        directory = Path(last) if last and (Path(last) / "dvc.lock").exists() else None
     cwd = directory or ROOT
     if not (cwd / "dvc.lock").exists() or not (cwd / ".venv/bin/dvc").exists():
         return {"noop_repro_s": None, "reason": f"no finished `dvc repro` in {cwd}: run python -m bench.e2e"}
