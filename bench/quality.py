@@ -121,6 +121,17 @@ def sample_peer(unet, shape: tuple, labels: np.ndarray, num_classes: int, schedu
     return torch.cat(out), time.perf_counter() - t0
 
 
+def our_grid_samples(run: Path, num: int) -> np.ndarray:
+    """The first `num` samples of our evaluate stage's set, drawn again with the run's own evaluate params."""
+    from diffusion_core.config import load_params
+    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.sampling import generate
+
+    ev = load_params(run / "params.yaml", sections=("evaluate",)).evaluate
+    return generate(load_diffusion_dir(run / "models" / "diffusion"), num, sampler=ev.sampler, steps=ev.steps,
+                    eta=ev.eta, guidance_kind=ev.guidance, scale=ev.scale, seed=ev.seed, spacing=ev.spacing)["images"]
+
+
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     from diffusion_core.sampling import to_uint8
 
@@ -210,11 +221,7 @@ def main(argv=None) -> int:
     atomic_write_json(OUT_JSON, res)
     if rows:
         # one pair of rows per model, column j asks for class j (sample i asks for class i % k): ours first
-        from diffusion_core.pretrained import load_diffusion_dir
-        from diffusion_core.sampling import generate
-
-        mine = generate(load_diffusion_dir(run / "models" / "diffusion"), 2 * k, sampler="ddim", steps=50,
-                        guidance_kind="cfg", scale=2.0, seed=1_000_000)["images"]
+        mine = our_grid_samples(run, 2 * k)
         grid = np.concatenate([mine, *[rows[n][:2 * k] for n in rows]])
         save_image_grid(grid, OUT_GRID, nrow=k, scale=2)
         print(f"wrote {OUT_JSON}, {OUT_GRID} (row pairs: ours, {', '.join(rows)})")
