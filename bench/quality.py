@@ -4,15 +4,19 @@
 
 Two peers, trained here on the same train split and scored with the same feature net and reference statistics as
 our `evaluate` stage (fd_domain, kd_domain, precision/recall_domain, class_accuracy at the same sample count, DDIM-50,
-CFG scale 2, classes cycled 0..K-1):
+classes cycled 0..K-1), each sampled at CFG scale 2 (the issue's setting) and at our evaluate stage's scale, so the
+comparison holds at equal settings too:
 
 - pixel: diffusers' `UNet2DModel` (block_out_channels 32,64,64, attention at the 7x7 level, class-conditional with a
   null class, label dropout 0.1) trained with `DDPMScheduler` (its default linear schedule) for the wall-clock time of
   our training stages together (train_autoencoder + train_diffusion + train_classifier from DIR/metrics), then sampled
-  with `DDIMScheduler` (50 steps, eta 0 and 1) and `DPMSolverMultistepScheduler` (2M, 20 steps);
+  with `DDIMScheduler` (50 steps, eta 0);
 - latent: diffusers' `UNet2DModel` (64,128 channels, attention at 4x4, class-conditional) trained for
   `--latent-seconds` on the same 8x8x4 latents our diffusion uses (DIR/data/latents, our autoencoder from
   DIR/models/autoencoder, scaled to unit variance), sampled with DDIM-50 (eta 0 and 1) and decoded by that autoencoder.
+
+The peers' trained (EMA) weights are kept in `--cache` (default DIR/bench_peers); `--reuse` samples them again
+without retraining. Each peer counts at its best setting (lowest fd_domain over eta and scale).
 
 Both use our training hyper-parameters (AdamW, lr 5e-4, 100 warm-up steps, grad clip 1, EMA 0.995 for sampling) so
 the comparison is of the networks and libraries, not of tuning. Writes `bench/quality.json` (atomically) and
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from bench.common import atomic_write_json, machine
 
@@ -138,6 +143,24 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return to_uint8(x.clamp(-1, 1))
 
 
+def _peer(unet, label: str, cache: Path, reuse: bool, train) -> tuple[torch.nn.Module, dict]:
+    """The trained peer (its EMA weights): loaded from `cache` with --reuse, else trained and saved there."""
+    from safetensors.torch import load_file, save_file
+
+    weights, info_path = cache / f"{label}.safetensors", cache / f"{label}.json"
+    if reuse and weights.is_file() and info_path.is_file():
+        unet.load_state_dict(load_file(weights))
+        print(f"{label} peer: weights from {weights} (trained earlier, not retrained)", flush=True)
+        return unet.eval().requires_grad_(False), json.loads(info_path.read_text())
+    ema, info = train()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    atomic_write_json(info_path, info)
+    return ema, info
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="folder where the default `dvc repro` finished")
@@ -145,6 +168,11 @@ def main(argv=None) -> int:
                     help="pixel peer's training budget (default: our training stages' wall time from RUN/metrics)")
     ap.add_argument("--latent-seconds", type=float, default=900.0, help="latent peer's training budget (15 min)")
     ap.add_argument("--num", type=int, default=None, help="samples per model (default: as our evaluate stage)")
+    ap.add_argument("--scales", type=float, nargs="+", default=None,
+                    help="CFG scales the peers are sampled at (default: 2 and our evaluate scale)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder for the peers' trained weights (default: RUN/bench_peers)")
+    ap.add_argument("--reuse", action="store_true", help="load peers trained earlier from --cache instead of training")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", choices=["pixel", "latent"], default=["pixel", "latent"])
     args = ap.parse_args(argv)
@@ -158,25 +186,32 @@ def main(argv=None) -> int:
     from diffusion_core.pretrained import load_autoencoder_decoder
 
     run = args.run.resolve()
+    cache = args.cache or run / "bench_peers"
     ours = json.loads((run / "reports" / "metrics.json").read_text())
+    our_scale = float(yaml.safe_load((run / "params.yaml").read_text())["evaluate"]["scale"])
+    scales = sorted(set(args.scales or [2.0, our_scale]), reverse=True)
     num = args.num or int(ours["num_samples"])
     stage_s = _stage_seconds(run)
     pixel_budget = args.pixel_seconds or sum(stage_s.values())
-    meta = read_meta(run / "data" / "meta.json")
+    meta = read_meta(run / "data" / "shards")
     k = int(meta["num_classes"])
     labels = np.arange(num) % k
     ref, extractor = load_reference(run / "data" / "reference", DOMAIN), domain_extractor(run / "models" / "feature_net")
     previous = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
     res = {"machine": machine(), "run": str(run), "num_samples": num, "our_stage_seconds": stage_s,
+           "our_scale": our_scale,
            "ours": {k2: ours[k2] for k2 in ("fd_domain", "kd_domain", "precision_domain", "recall_domain",
                                             "class_accuracy", "nfe") if k2 in ours},
-           "peers": previous.get("peers", {})}
+           # a peer kind not rerun keeps its earlier figures (same sample count only)
+           "peers": {n: p for n, p in previous.get("peers", {}).items()
+                     if n.split("_")[0] not in args.only and p.get("num_samples", num) == num}}
     rows = {}
 
     def score(name: str, imgs: np.ndarray, extra: dict) -> None:
         m = sample_metrics(imgs, labels, ref, extractor)
-        res["peers"][name] = {**{k2: v for k2, v in m.items() if v is not None}, **extra}
-        rows[name] = imgs
+        res["peers"][name] = {**{k2: v for k2, v in m.items() if v is not None}, **extra, "num_samples": num}
+        if name.endswith(f"_s{our_scale:g}"):  # the grid shows every model at our scale
+            rows[name] = imgs
         print(f"{name}: fd_domain {m['fd_domain']:.3f} class_accuracy {m['class_accuracy']:.3f}", flush=True)
 
     if "pixel" in args.only:
@@ -186,31 +221,35 @@ def main(argv=None) -> int:
                            num_class_embeds=k + 1, **PIXEL_UNET)
         print(f"pixel peer: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {pixel_budget:.0f} s",
               flush=True)
-        ema, info = train_peer(unet, x, y, k, pixel_budget, 64, "pixel")
-        for sched, steps, eta in (("ddim", 50, 0.0), ("ddim", 50, 1.0), ("dpmpp2m", 20, 0.0)):
-            imgs, secs = sample_peer(ema, tuple(x.shape[1:]), labels, k, sched, steps, 2.0, True, 250, 1_000_000, eta)
-            name = f"pixel_{sched}{steps}" + (f"_eta{eta:g}" if sched == "ddim" else "")
-            score(name, _to_uint8(imgs), {"train": info, "sampling_seconds": round(secs, 1), "nfe": 2 * steps})
+        ema, info = _peer(unet, "pixel", cache, args.reuse,
+                          lambda: train_peer(unet, x, y, k, pixel_budget, 64, "pixel"))
+        for scale in scales:  # DDIM-50 eta 0 only: each 1,000-sample set at 28x28 takes minutes here
+            imgs, secs = sample_peer(ema, tuple(x.shape[1:]), labels, k, "ddim", 50, scale, True, 250, 1_000_000)
+            score(f"pixel_ddim50_eta0_s{scale:g}", _to_uint8(imgs),
+                  {"train": info, "scale": scale, "sampling_seconds": round(secs, 1), "nfe": 100})
     if "latent" in args.only:
-        lat_meta = read_meta(run / "data" / "latents" / "meta.json")
+        lat_meta = read_meta(run / "data" / "latents")
         z, y = load_split(run / "data" / "latents", "train", meta=lat_meta)
-        scale = float(lat_meta["scale_factor"])
-        z = z * scale
+        sf = float(lat_meta["scale_factor"])
+        z = z * sf
         torch.manual_seed(0)
         unet = UNet2DModel(sample_size=z.shape[-1], in_channels=z.shape[1], out_channels=z.shape[1],
                            num_class_embeds=k + 1, **LATENT_UNET)
         print(f"latent peer: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {args.latent_seconds:.0f} s",
               flush=True)
-        ema, info = train_peer(unet, z, y, k, args.latent_seconds, 128, "latent")
-        decode = load_autoencoder_decoder(run / "models" / "autoencoder", scale)
-        for eta in (0.0, 1.0):
-            zs, secs = sample_peer(ema, tuple(z.shape[1:]), labels, k, "ddim", 50, 2.0, False, 250, 1_000_000, eta)
-            with torch.no_grad():
-                imgs = torch.cat([decode(zs[i:i + 250]) for i in range(0, len(zs), 250)])
-            score(f"latent_ddim50_eta{eta:g}", _to_uint8(imgs), {"train": info, "sampling_seconds": round(secs, 1),
-                                                                  "nfe": 100})
+        ema, info = _peer(unet, "latent", cache, args.reuse,
+                          lambda: train_peer(unet, z, y, k, args.latent_seconds, 128, "latent"))
+        decode = load_autoencoder_decoder(run / "models" / "autoencoder", sf)
+        for scale in scales:
+            for eta in (0.0, 1.0):
+                zs, secs = sample_peer(ema, tuple(z.shape[1:]), labels, k, "ddim", 50, scale, False, 250, 1_000_000,
+                                       eta)
+                with torch.no_grad():
+                    imgs = torch.cat([decode(zs[i:i + 250]) for i in range(0, len(zs), 250)])
+                score(f"latent_ddim50_eta{eta:g}_s{scale:g}", _to_uint8(imgs),
+                      {"train": info, "scale": scale, "sampling_seconds": round(secs, 1), "nfe": 100})
 
-    # each peer at its best DDIM-50 (eta 0 or 1): ours must have the lower fd_domain at the same sample count
+    # each peer at its best DDIM-50 (any eta, any scale tried): ours must have the lower fd_domain at equal N
     best = {}
     for n, p in res["peers"].items():
         if "_ddim50" in n:

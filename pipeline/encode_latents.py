@@ -36,7 +36,7 @@ def _run(args) -> None:
     params = load_params(args.params, sections=("project", "tracking", STAGE))
     cfg = params.encode_latents
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)  # all cores unless told
-    meta = read_meta("data/meta.json")
+    meta = read_meta("data/shards")
     model, model_cfg = load_model_dir(MODEL_DIR)
     with start_run(STAGE, params.to_dict("project", STAGE), params.tracking, experiment=params.project.experiment) as run:
         t0 = time.perf_counter()

@@ -41,7 +41,7 @@ def _run(args) -> None:
     params = load_params(args.params, sections=("project", "tracking", STAGE))
     cfg = params.train_autoencoder
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)  # all cores unless told
-    meta = read_meta("data/meta.json")
+    meta = read_meta("data/shards")
     image_size = _image_size(meta, cfg)
     x_train, _ = load_split(SHARDS, "train", meta=meta)
     x_test, _ = load_split(SHARDS, "test", meta=meta)

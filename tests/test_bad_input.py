@@ -294,7 +294,7 @@ CASES: dict[str, Case] = {
                                                           "one size and mode"), setup=imagefolder(_mixed_sizes)),
     "imagefolder: corrupt image": Case("prepare", P, ("cannot read image imgs/b/broken.png",),
                                        setup=imagefolder(_corrupt_image)),
-    "stage run before prepare": params_case("train_autoencoder", {}, "data/meta.json not found",
+    "stage run before prepare": params_case("train_autoencoder", {}, "data/shards not found",
                                             "dvc repro prepare"),
     "truncated shard": Case("train_autoencoder", P, ("shard data/shards/train-000000.tar", "truncated"),
                             setup=with_data(then=lambda cwd: truncate(cwd / "data/shards/train-000000.tar", 0.4))),

@@ -1,5 +1,7 @@
-"""`kill -9` in the middle of a stage's writes, for the stages that are not checkpointed training: prepare,
-encode_latents, reference_stats and evaluate, each through its real command line on configs/tiny.yaml.
+"""`kill -9` in the middle of a stage's writes, through its real command line on configs/tiny.yaml: prepare,
+encode_latents, reference_stats, evaluate, and the training stages that write a model folder without
+checkpoints (train_feature_net, train_autoencoder, and train_classifier in-process; train_diffusion's kills are in
+test_train_diffusion.py).
 
 The harness is a `sitecustomize.py` put first on PYTHONPATH. It wraps `os.replace` and `os.rename`, through which
 every output file reaches its name (`diffusion_core.io.atomic_path`, files moved out of a stage's temp folder), and
@@ -36,7 +38,7 @@ from .tiny_models import make_diffusion_dir, make_feature_net_dir
 
 pytestmark = pytest.mark.slow
 
-TIMINGS = {"seconds", "wall_seconds", "sampling_seconds"}  # the only keys two equal runs may differ in
+TIMINGS = {"seconds", "wall_seconds", "sampling_seconds", "train_seconds"}  # the only keys two equal runs may differ in
 
 SITECUSTOMIZE = '''
 import os, signal
@@ -78,6 +80,7 @@ def _params(path: Path, **sections) -> Path:
     raw["tracking"]["enabled"] = False
     raw["evaluate"].update(num_workers=1, num_samples=20, batch_size=20, grid_samples=10, nll_samples=4,
                            nll_batch_size=4)
+    raw["train_classifier"]["scaling"].update(num_workers=1, use_ray=False)  # in-process: the kill hits the writer
     for name, keys in sections.items():
         raw[name].update(keys)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -151,6 +154,10 @@ def a_states(prepared, harness, tmp_path_factory) -> dict[str, Path]:
         _run(harness, work, stage, params)
         states[stage] = base / f"after-{stage}"
         shutil.copytree(work, states[stage], symlinks=True)
+    for stage in TRAINED:  # trained for real (tiny.yaml: 60-100 steps), each on a copy of the prepared data
+        states[stage] = base / f"after-{stage}"
+        shutil.copytree(prepared, states[stage], symlinks=True)
+        _run(harness, states[stage], stage, params)
     return states
 
 
@@ -170,6 +177,21 @@ def _b_reference_stats(work: Path, tmp: Path) -> Path:
 
 def _b_evaluate(work: Path, tmp: Path) -> Path:
     return _params(tmp / "b.yaml", evaluate={"seed": 7})  # other samples: other metrics and samples.png
+
+
+def _b_train_feature_net(work: Path, tmp: Path) -> Path:
+    return _params(tmp / "b.yaml", train_feature_net={"seed": 1})  # other weights, metrics
+
+
+def _b_train_autoencoder(work: Path, tmp: Path) -> Path:
+    return _params(tmp / "b.yaml", train_autoencoder={"seed": 1})  # other weights, metrics, reconstruction grid
+
+
+def _b_train_classifier(work: Path, tmp: Path) -> Path:
+    return _params(tmp / "b.yaml", train_classifier={"seed": 1})  # other weights and metrics
+
+
+TRAINED = ("train_feature_net", "train_autoencoder", "train_classifier")
 
 
 def _dvc_folders() -> list[str]:
@@ -206,8 +228,23 @@ def _check_old_or_new(where: str, got: dict, a_files: dict, b_files: dict, folde
         assert part(got) in (part(a_files), part(b_files)), f"{where}: {folder}/ mixes old and new files"
 
 
+def _readers_get_shards_that_match_their_meta(where: str, work: Path) -> None:
+    """prepare swaps data/shards and then data/meta.json; a kill between the two must not give a reader new shards
+    with the old meta: the readers' meta.json lives inside the shards folder and swaps in with it."""
+    from diffusion_core.data import load_split, read_meta
+
+    shards = work / "data" / "shards"
+    meta = read_meta(shards)
+    for split in ("train", "test"):
+        x, y = load_split(shards, split, meta=meta, verify_checksums=True)
+        assert len(y) == meta["counts"][split], where
+
+
 @pytest.mark.parametrize("stage, make_b", [("prepare", _b_prepare), ("encode_latents", _b_encode_latents),
-                                           ("reference_stats", _b_reference_stats), ("evaluate", _b_evaluate)])
+                                           ("reference_stats", _b_reference_stats), ("evaluate", _b_evaluate),
+                                           ("train_feature_net", _b_train_feature_net),
+                                           ("train_autoencoder", _b_train_autoencoder),
+                                           ("train_classifier", _b_train_classifier)])
 def test_kill_9_at_a_rename_leaves_old_or_new_files_and_the_rerun_succeeds(stage, make_b, harness, a_states,
                                                                           tmp_path):
     a_dir = a_states[stage]
@@ -235,6 +272,8 @@ def test_kill_9_at_a_rename_leaves_old_or_new_files_and_the_rerun_succeeds(stage
         where = f"{stage} killed before rename {kill_at}/{len(renames)} ({last[1]} -> {last[2]})"
         assert int(last[0]) == kill_at and Path(last[2]).name == Path(renames[kill_at - 1][2]).name, where
         _check_old_or_new(where, _files(work), a_files, b_files, folders)
+        if stage == "prepare":
+            _readers_get_shards_that_match_their_meta(where, work)
 
     _run(harness, work, stage, b_params)  # the normal rerun
     after = _files(work)

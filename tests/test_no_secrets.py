@@ -1,7 +1,9 @@
 """No secrets and no environment in MLflow (issue 7, safety): real stage runs with fake secrets in their environment
 (and, for prepare, a credential inside a params URI); afterwards none appears anywhere in the MLflow store (params,
 tags, any byte of the SQLite file, any artifact) nor in the stage's output, and no param or tag is an environment
-variable. `prepare` and `train_diffusion` (in-process, its artifacts include sample grids) are run."""
+variable. `prepare` and `train_diffusion` (in-process, its artifacts include sample grids) are run here; every
+other stage (train_classifier and the sweep in Ray workers, evaluate, ...) is checked the same way on the whole
+tiny pipeline in tests/test_pipeline_e2e.py, whose `dvc repro` runs with these secrets in its environment."""
 
 from __future__ import annotations
 
@@ -38,28 +40,34 @@ def _run(tmp_path: Path, stage: str, raw: dict) -> subprocess.CompletedProcess:
     return res
 
 
+def assert_store_holds_no_secret_or_environment(folder: Path, secrets: list[str]) -> None:
+    """Over every run in `folder`'s MLflow store (mlflow.db, mlartifacts/): no param or tag is an environment
+    variable or holds an environment value, and no secret is in any byte of the SQLite file or any artifact."""
+    db = folder / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        pairs = con.execute("select key, value from params union all select key, value from tags").fetchall()
+    assert pairs
+    env_values = {v for k, v in os.environ.items() if len(v) >= 8} | set(SECRETS.values())
+    for k, v in pairs:
+        assert k not in os.environ and k not in SECRETS, k
+        assert v not in env_values or v in (os.environ.get("USER"), os.environ.get("LOGNAME")), (k, v)
+    artifacts = [p for p in (folder / "mlartifacts").rglob("*") if p.is_file()]
+    blobs = [db.read_bytes()] + [p.read_bytes() for p in artifacts]
+    for s in secrets:
+        assert not any(s.encode() in b for b in blobs), s
+
+
 def _assert_no_secret_and_no_environment(tmp_path: Path, res: subprocess.CompletedProcess, stage: str,
                                          sections: set[str], secrets: list[str]) -> dict[str, str]:
     """The checks on one stage's run; returns its params as MLflow stored them."""
     for s in secrets:
         assert s not in res.stdout and s not in res.stderr
-
-    db = tmp_path / "mlflow.db"
-    with sqlite3.connect(db) as con:
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
         params = dict(con.execute("select key, value from params").fetchall())
-        tags = dict(con.execute("select key, value from tags").fetchall())
         assert [r[0] for r in con.execute("select name from runs")] == [stage]
-    # params are the stage's sections only: no environment variable names, no env values
+    # params are the stage's sections only
     assert params and all(k.split(".")[0] in sections for k in params), sorted(params)
-    env_values = {v for k, v in os.environ.items() if len(v) >= 8} | set(SECRETS.values())
-    for k, v in {**params, **tags}.items():
-        assert k not in os.environ and k not in SECRETS, k
-        assert v not in env_values or v in (os.environ.get("USER"), os.environ.get("LOGNAME")), (k, v)
-    # and no secret anywhere in the store: every byte of the SQLite file and every artifact
-    artifacts = [p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()]
-    blobs = [db.read_bytes()] + [p.read_bytes() for p in artifacts]
-    for s in secrets:
-        assert not any(s.encode() in b for b in blobs), s
+    assert_store_holds_no_secret_or_environment(tmp_path, secrets)
     return params
 
 

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from .test_no_secrets import SECRETS, assert_store_holds_no_secret_or_environment
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,7 @@ def _outputs(stage: dict) -> list[str]:
 
 def _env(work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(SECRETS)  # fake: no stage may log them (test_no_secrets_in_the_store_or_the_output)
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(work),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", DVC_NO_ANALYTICS="1")
     return env
@@ -153,3 +156,12 @@ def test_second_repro_is_a_no_op(pipeline):
     out = _dvc(work, "repro", timeout=300)
     assert "Running stage" not in out
     assert "up to date" in out.lower()
+
+
+def test_no_secrets_in_the_store_or_the_output(pipeline):
+    """Every stage ran with fake secrets in its environment (Ray workers inherit it): none reached the MLflow store
+    (any run's params, tags, any byte of mlflow.db, any artifact) or dvc's output."""
+    work, log, _ = pipeline
+    for secret in SECRETS.values():
+        assert secret not in log
+    assert_store_holds_no_secret_or_environment(work, list(SECRETS.values()))

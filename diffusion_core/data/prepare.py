@@ -50,7 +50,9 @@ def prepare_dataset(cfg, out_dir: str | os.PathLike = "data", shard_subdir: str 
             test_fraction=cfg.test_fraction,
         )
         write_meta(tmp / META_NAME, meta)
-        # swap: shards folder first, then meta.json (readers check shard counts/sha256 against meta)
+        # The readers' copy travels inside the shards folder, so shards and the meta.json they read swap in together
+        # (find_meta prefers it); out_dir/meta.json follows as a second swap, for people and dvc.
+        write_meta(tmp / shard_subdir / META_NAME, meta)
         replace_dir(tmp / shard_subdir, out_dir / shard_subdir)
         os.replace(tmp / META_NAME, out_dir / META_NAME)
     except OSError as e:

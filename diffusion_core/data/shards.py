@@ -201,7 +201,8 @@ def write_meta(path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
 
 
 def find_meta(shard_dir: str | os.PathLike) -> Path:
-    """`meta.json` inside `shard_dir` (latents), else beside it (`data/shards` -> `data/meta.json`)."""
+    """`meta.json` inside `shard_dir` (written with the shards and swapped in with them), else beside it (shards
+    from before prepare wrote the inside copy: `data/shards` -> `data/meta.json`)."""
     shard_dir = Path(shard_dir)
     for cand in (shard_dir / META_NAME, shard_dir.parent / META_NAME):
         if cand.is_file():
