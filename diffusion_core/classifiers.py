@@ -150,6 +150,9 @@ def train_feature_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
         xb = random_shift(x[idx], max_shift, step_generator(seed, 0, step, stream=2))
         logits = model(xb)
         loss = F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise NumericalError(f"feature net loss is {loss.item()} at step {step + 1}: training stopped before "
+                                 f"anything was saved; lower the learning rate (train_feature_net.lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

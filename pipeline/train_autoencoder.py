@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from diffusion_core.data import load_split, read_meta
 from diffusion_core.data.preview import save_image_grid
 from diffusion_core.io import atomic_write_json
 from diffusion_core.tracking import start_run
+from diffusion_core.training import NumericalError
 
 from ._stage import run_stage
 
@@ -55,6 +57,9 @@ def _run(args) -> None:
         bar = tqdm(range(1, cfg.steps + 1), desc=STAGE, unit="step", mininterval=2.0, file=sys.stderr)
         for step in bar:
             loss, stats = autoencoder_loss(model, x_train[next(batches)], cfg.kl_weight, cfg.recon_loss, gen)
+            if not math.isfinite(stats["loss"]):
+                raise NumericalError(f"autoencoder loss is {stats['loss']} at step {step}: training stopped, "
+                                     f"{MODEL_DIR} is left as it was; lower train_autoencoder.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

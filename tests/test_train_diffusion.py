@@ -272,6 +272,47 @@ def test_nan_loss_one_line_error_names_step_keeps_checkpoint_marks_run_failed(ba
         assert db.execute("select name, status from runs").fetchall() == [("train_diffusion", "FAILED")]
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), an infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("inf"))
+
+
+def test_infinite_gradient_with_a_finite_loss_stops_at_that_step(prepared, tmp_path, monkeypatch, capsys):
+    """The loss of step 15 is finite but its gradient is infinite: the grad-norm check (not the loss check) stops
+    training with one line naming the step, before the optimizer touches the weights; the last good checkpoint
+    stays, no model is written and the MLflow run is FAILED."""
+    cwd = _workdir(prepared, tmp_path / "w", tracking=True, steps=30, checkpoint_every=10, scaling=IN_PROCESS)
+    from diffusion_core.diffusion import GaussianDiffusion
+
+    real, calls = GaussianDiffusion.losses_from_output, {"n": 0}
+
+    def inf_grad_at_15(self, *a, **k):
+        calls["n"] += 1
+        terms = real(self, *a, **k)
+        if calls["n"] == 15:
+            terms["loss"] = _InfiniteGradient.apply(terms["loss"])
+        return terms
+
+    monkeypatch.setattr(GaussianDiffusion, "losses_from_output", inf_grad_at_15)
+    assert _main_in(cwd, monkeypatch) == 2
+    assert calls["n"] == 15
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # inf gradients turn to nan on their way back through the network (inf - inf): either is non-finite
+    assert re.match(r"error: gradient norm is (inf|nan) at step 15: ", err.strip().splitlines()[-1]), err
+    assert find_last_good_checkpoint(cwd / CKPTS).name == "step-00000010"
+    assert not (cwd / "models").exists()
+    with sqlite3.connect(cwd / "mlflow.db") as db:
+        assert db.execute("select name, status from runs").fetchall() == [("train_diffusion", "FAILED")]
+
+
 def test_config_errors_before_any_work(tmp_path, monkeypatch, capsys):
     raw = yaml.safe_load(TINY.read_text())
     raw["train_diffusion"]["batch_size"] = 33
