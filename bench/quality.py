@@ -220,6 +220,7 @@ def main(argv=None) -> int:
         if name.endswith(f"_s{our_scale:g}"):  # the grid shows every model at our scale
             rows[name] = imgs
         print(f"{name}: fd_domain {m['fd_domain']:.3f} class_accuracy {m['class_accuracy']:.3f}", flush=True)
+        atomic_write_json(OUT_JSON, res)  # each score kept as soon as it is measured (a killed run loses no figure)
 
     if "pixel" in args.only:
         x, y = load_split(run / "data" / "shards", "train", meta=meta)

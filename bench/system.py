@@ -6,7 +6,7 @@
   from the stage's metrics file is kept beside it (`ratio_whole_loop`). Ray start-up = stage wall time minus loop
   time.
 - peak RSS of that single-process training stage and of `diffusion sample` at batch 256 (DDIM-50), each in its own
-  process (ru_maxrss).
+  process (VmHWM of that process: ru_maxrss would report the bench's own peak, kept across fork + exec).
 - latent vs pixel at the default U-Net (params.yaml train_diffusion.unet): training images/s of one step at batch 64
   on 4x8x8 latents against 1x28x28 pixels, and DDIM-50 sampling images/s at batch 256 (latent includes decoding
   with the default autoencoder architecture).
@@ -47,7 +47,10 @@ def _run_rss(args: list[str], cwd: Path, threads: int) -> tuple[float, int, str]
             "sys.argv = sys.argv[1:]\n"
             "try:\n    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
             "except SystemExit as e:\n    rc = e.code\nelse:\n    rc = 0\n"
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+            # VmHWM: peak RSS of this process image (ru_maxrss would carry the parent's peak across fork + exec)
+            "hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
+            "kb = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print('PEAK_RSS_KB', kb, file=sys.stderr)\n"
             "sys.exit(rc)\n")
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=_env(threads), capture_output=True,
