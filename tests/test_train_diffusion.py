@@ -241,25 +241,36 @@ def test_same_seed_bitwise_identical_and_resume_is_exact(prepared, tmp_path, mon
     assert runs["a"] == runs["b"] == runs["resumed"]
 
 
+def _change_loss_at_call(monkeypatch, n: int, change) -> dict:
+    """Wrap GaussianDiffusion.losses_from_output so its n-th call returns change(per-sample losses); the call count
+    is in the returned dict's "n"."""
+    from diffusion_core.diffusion import GaussianDiffusion
+
+    real, calls = GaussianDiffusion.losses_from_output, {"n": 0}
+
+    def wrapped(self, *a, **k):
+        calls["n"] += 1
+        terms = real(self, *a, **k)
+        if calls["n"] == n:
+            terms["loss"] = change(terms["loss"])
+        return terms
+
+    monkeypatch.setattr(GaussianDiffusion, "losses_from_output", wrapped)
+    return calls
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
 def test_nan_loss_one_line_error_names_step_keeps_checkpoint_marks_run_failed(bad, prepared, tmp_path, monkeypatch,
                                                                               capsys):
     """A NaN, +inf or -inf loss at step 15 (injected into the per-sample losses of that step only)."""
     cwd = _workdir(prepared, tmp_path / "w", tracking=True, steps=30, checkpoint_every=10, scaling=IN_PROCESS)
-    from diffusion_core.diffusion import GaussianDiffusion
 
-    real, calls = GaussianDiffusion.losses_from_output, {"n": 0}
+    def poison(loss):
+        loss = loss.clone()
+        loss[0] = float(bad)  # one sample of the batch: the mean must still come out non-finite
+        return loss
 
-    def bad_at_15(self, *a, **k):
-        calls["n"] += 1
-        terms = real(self, *a, **k)
-        if calls["n"] == 15:
-            poisoned = terms["loss"].clone()
-            poisoned[0] = float(bad)  # one sample of the batch: the mean must still come out non-finite
-            terms["loss"] = poisoned
-        return terms
-
-    monkeypatch.setattr(GaussianDiffusion, "losses_from_output", bad_at_15)
+    calls = _change_loss_at_call(monkeypatch, 15, poison)
     assert _main_in(cwd, monkeypatch) == 2
     assert calls["n"] == 15  # stopped at the bad step: no step after it was taken
     out = capsys.readouterr()
@@ -289,18 +300,7 @@ def test_infinite_gradient_with_a_finite_loss_stops_at_that_step(prepared, tmp_p
     training with one line naming the step, before the optimizer touches the weights; the last good checkpoint
     stays, no model is written and the MLflow run is FAILED."""
     cwd = _workdir(prepared, tmp_path / "w", tracking=True, steps=30, checkpoint_every=10, scaling=IN_PROCESS)
-    from diffusion_core.diffusion import GaussianDiffusion
-
-    real, calls = GaussianDiffusion.losses_from_output, {"n": 0}
-
-    def inf_grad_at_15(self, *a, **k):
-        calls["n"] += 1
-        terms = real(self, *a, **k)
-        if calls["n"] == 15:
-            terms["loss"] = _InfiniteGradient.apply(terms["loss"])
-        return terms
-
-    monkeypatch.setattr(GaussianDiffusion, "losses_from_output", inf_grad_at_15)
+    calls = _change_loss_at_call(monkeypatch, 15, _InfiniteGradient.apply)
     assert _main_in(cwd, monkeypatch) == 2
     assert calls["n"] == 15
     err = capsys.readouterr().err
