@@ -33,7 +33,7 @@ def run_group(name: str, quick: bool, compile: bool, previous: dict) -> dict:
     kw = {"compile": compile} if name == "train" else {}
     fig = mod.run(quick=quick, **kw)
     if name == "e2e":  # keep the slow full-repro figures (python -m bench.e2e); --quick only re-times the no-op
-        fig = {**{k: v for k, v in previous.get("groups", {}).get("e2e", {}).items()}, **fig}
+        fig = {**previous.get("groups", {}).get("e2e", {}), **fig}
     fig["measured_at"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     fig["wall_s"] = round(time.perf_counter() - t0, 1)
     fig["quick"] = quick

@@ -150,14 +150,15 @@ def train_feature_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
         xb = random_shift(x[idx], max_shift, step_generator(seed, 0, step, stream=2))
         logits = model(xb)
         loss = F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise NumericalError(f"feature net loss is {loss.item()} at step {step + 1}: training stopped before "
+        loss_value = loss.item()  # one host sync per step, for the check and the window mean
+        if not math.isfinite(loss_value):
+            raise NumericalError(f"feature net loss is {loss_value} at step {step + 1}: training stopped before "
                                  f"anything was saved; lower the learning rate (train_feature_net.lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        window_loss += loss.item() * len(idx)
+        window_loss += loss_value * len(idx)
         window_correct += int((logits.detach().argmax(1) == y[idx]).sum())
         window_n += len(idx)
         if (log_every and (step + 1) % log_every == 0) or step + 1 == steps:
