@@ -153,6 +153,33 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+class FastDenoiser(torch.nn.Module):
+    """The denoiser under bf16 autocast and/or channels_last, returning float32: the sampler's math stays float32.
+
+    Measured here (bench/README.md, "Fastest settings"): the default latent U-Net's forward at batch 500 on one
+    thread ran 429 samples/s in fp32 and 1,198 under bf16 + channels_last. Samples are then not bitwise those of
+    fp32 (the network's activations round to bf16); they stay the same whatever the batch size (tested).
+    `channels_last` converts the wrapped model's 4-D weights in place; `restore()` converts them back.
+    """
+
+    def __init__(self, model: torch.nn.Module, bf16: bool = False, channels_last: bool = False):
+        super().__init__()
+        self.model, self.bf16, self.channels_last = model, bool(bf16), bool(channels_last)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+
+    def forward(self, x_t, t, y=None):
+        if self.channels_last and x_t.ndim == 4:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(x_t, t, y)
+        return out.float().contiguous()
+
+    def restore(self) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+
+
 class _CountingModel(torch.nn.Module):
     """Wraps the denoiser to count per-sample network evaluations (a CFG double batch counts 2 per step)."""
 
@@ -169,7 +196,8 @@ class _CountingModel(torch.nn.Module):
 def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
              guidance_kind: str = "none", scale: float = 1.0, classifier_bundle: ClassifierBundle | None = None,
              classes: Sequence[int] | None = None, seed: int = 0, batch_size: int = 64, spacing: str = "trailing",
-             progress: bool = False, device: str | torch.device | None = None, start: int = 0) -> dict:
+             progress: bool = False, device: str | torch.device | None = None, start: int = 0,
+             bf16: bool = False, channels_last: bool = False) -> dict:
     """Draw samples i = start..start+num-1 of a set; sample i uses seed `seed + i` and label `classes[i % len]`.
 
     `start` lets workers split one set: generate(num=k, start=j) on each gives exactly that slice of the set.
@@ -177,6 +205,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     (-1 = unconditional), "seeds": int64 [N], "nfe": denoiser evaluations per sample, "seconds": wall time}.
     `steps=None` runs the full schedule. Without `classes`, cfg and classifier guidance cycle through all classes;
     no guidance on a class-conditional model then samples unconditionally (the null class).
+    `bf16` / `channels_last` run the denoiser under bf16 autocast / in channels_last memory format (FastDenoiser:
+    2.8x faster for the default latent model on this CPU; off by default, which keeps samples bitwise fp32).
     """
     _check_options(bundle, num, sampler, steps, eta, guidance_kind, scale, classifier_bundle, classes, batch_size,
                    spacing)
@@ -188,7 +218,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     labels = sample_labels(num, classes, start)
     seeds = np.arange(seed + start, seed + start + num, dtype=np.int64)
     device = check_device(device)
-    model = _CountingModel(bundle.model.to(device).eval(), drop_y=bundle.num_classes is None)
+    fast = FastDenoiser(bundle.model.to(device).eval(), bf16=bf16, channels_last=channels_last)
+    model = _CountingModel(fast, drop_y=bundle.num_classes is None)
     guidance = None
     if guidance_kind == "cfg":
         guidance = ClassifierFreeGuidance(scale, null_class=bundle.num_classes)
@@ -212,6 +243,7 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
             if bar is not None:
                 bar.update(hi - lo)
     finally:
+        fast.restore()
         if bar is not None:
             bar.close()
     x = torch.cat(chunks)

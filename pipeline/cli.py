@@ -72,6 +72,10 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="samples per batch (no effect on results)")
     p.add_argument("--spacing", choices=SPACINGS, default="trailing", help="timestep spacing (diffusers' names)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the network under bf16 autocast (sampler math stays float32; ~2x faster on CPUs with "
+                        "bf16 units, samples no longer bitwise those of fp32)")
+    p.add_argument("--channels-last", action="store_true", help="run the network in channels_last memory format")
     p.add_argument("--autoencoder", metavar="DIR", default=None,
                    help="autoencoder folder of a latent model (default: the one recorded in the model's config.json)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -93,7 +97,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     result = generate(bundle, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                       guidance_kind=args.guidance, scale=args.scale, classifier_bundle=clf, classes=classes,
                       seed=args.seed, batch_size=args.batch_size, spacing=args.spacing,
-                      progress=not args.no_progress, device=args.device)
+                      progress=not args.no_progress, device=args.device, bf16=args.bf16,
+                      channels_last=args.channels_last)
     save_samples(args.out, result)
     print(f"wrote {args.num} samples to {args.out} ({result['nfe']:g} network evaluations per sample, "
           f"{result['seconds']:.1f} s)")

@@ -41,7 +41,8 @@ def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
 
 def _sample(cfg, workers: int) -> dict:
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "guidance_kind": cfg.guidance,
-              "scale": cfg.scale, "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": cfg.spacing}
+              "scale": cfg.scale, "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": cfg.spacing,
+              "bf16": cfg.bf16, "channels_last": cfg.channels_last}
     root = str(Path.cwd().resolve())
     if workers == 1:
         return sample_part(root, kwargs, cfg.num_samples, 0)

@@ -71,7 +71,7 @@ def sampling_trial(config: dict) -> None:
     out = generate(bundle, t["num_samples"], sampler=t["sampler"], steps=t["steps"], eta=t["eta"],
                    guidance_kind=t["guidance"], scale=1.0 if t["scale"] is None else t["scale"],
                    classifier_bundle=clf, seed=config["seed"], batch_size=config["batch_size"],
-                   spacing=config["spacing"])
+                   spacing=config["spacing"], bf16=config["bf16"], channels_last=config["channels_last"])
     metrics = sample_metrics(out["images"], out["labels"], ref, ext)
     k = config["grid_samples"]
     np.savez(Path(config["staging"]) / f"{trial_name(t)}.npz", images=out["images"][:k], labels=out["labels"][:k])
@@ -110,7 +110,8 @@ def training_trial(config: dict) -> None:
     def on_eval(step: int, bundle, loss) -> None:
         out = generate(bundle, tc.eval_samples, sampler=tc.eval_sampler,
                        steps=min(tc.eval_steps, schedule.num_timesteps), guidance_kind=guidance, scale=tc.eval_scale,
-                       seed=sw.seed, batch_size=sw.batch_size, spacing=sw.spacing)
+                       seed=sw.seed, batch_size=sw.batch_size, spacing=sw.spacing, bf16=sw.bf16,
+                       channels_last=sw.channels_last)
         metrics = {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"], "loss": loss,
                    "step": step}
         if step >= tc.steps and x_test is not None:
@@ -199,7 +200,7 @@ def _run(args) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
               "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples,
-              "staging": str(staging), "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
+              "bf16": sw.bf16, "channels_last": sw.channels_last, "staging": str(staging), "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
     t0 = time.perf_counter()
     init_ray()
     rows, histories = [], {}

@@ -15,7 +15,7 @@ from PIL import Image
 from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.sampling import SamplingError, generate, load_classifier_dir, save_samples
 from pipeline.cli import main
-from tests.tiny_models import DIFFUSION, make_classifier_dir, make_diffusion_dir, make_latent_dir
+from tests.tiny_models import CHANNELS, DIFFUSION, SIZE, make_classifier_dir, make_diffusion_dir, make_latent_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_help_lists_every_option():
     text = " ".join(out.stdout.split())
     for opt in ("--model", "--sampler", "--steps", "--eta", "--guidance", "--scale", "--classifier", "--class ",
                 "--classes", "--num", "--seed", "--batch-size", "--spacing", "--device", "--out", "--debug",
-                "--autoencoder", "--no-ema", "--no-progress"):
+                "--autoencoder", "--no-ema", "--no-progress", "--bf16", "--channels-last"):
         assert opt in text, opt
     for default in ("(default: ddim)", "(default: 50)", "(default: 0.0)", "(default: none)", "(default: 1.0)",
                     "(default: 16)", "(default: 0)", "(default: 64)", "(default: trailing)", "(default: cpu)"):
@@ -105,6 +105,36 @@ def test_generate_is_batch_size_invariant_and_counts_nfe(folders):
     assert np.abs(part["images"].astype(int) - a["images"][2:]).max() <= 1
     c = generate(bundle, 2, sampler="dpmpp2m", steps=4, seed=3, batch_size=2)
     assert c["nfe"] == 4 and c["labels"].tolist() == [-1, -1]  # no guidance, no classes: unconditional
+
+
+def test_bf16_channels_last_sampling_is_close_batch_invariant_and_restores_the_model(folders):
+    bundle = load_diffusion_dir(folders["cond"])
+    kw = dict(sampler="ddim", steps=5, eta=1.0, guidance_kind="cfg", scale=2.0, classes=[1, 2, 0], seed=3)
+    exact = generate(bundle, 6, batch_size=6, **kw)["images"].astype(int)
+    a = generate(bundle, 6, batch_size=6, bf16=True, channels_last=True, **kw)["images"].astype(int)
+    b = generate(bundle, 6, batch_size=4, bf16=True, channels_last=True, **kw)["images"].astype(int)
+    assert np.abs(a - b).max() <= 1  # whatever the batch size, as in fp32
+    diff = np.abs(a - exact)
+    assert diff.max() > 0  # the network really ran in bf16
+    assert diff.mean() < 2.0, diff.mean()  # bf16 keeps 8 mantissa bits: ~0.4% per op, far below 2 of 255 levels
+    first = next(p for p in bundle.model.parameters() if p.ndim == 4)
+    assert first.is_contiguous()  # channels_last was undone after sampling
+
+
+def test_fast_denoiser_returns_float32_and_autocasts(folders):
+    from diffusion_core.sampling import FastDenoiser
+
+    model = load_diffusion_dir(folders["cond"]).model.eval()
+    x, t = torch.randn(3, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 20, 45])
+    with torch.no_grad():
+        ref = model(x, t)
+        fast = FastDenoiser(model, bf16=True, channels_last=True)
+        out = fast(x, t)
+        fast.restore()
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert not torch.equal(out, ref)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 0.05, rel  # bf16 rounding (2^-8 relative per op) over a few layers, not a wrong computation
 
 
 def test_classifier_guidance_and_latent_decoding(folders, tmp_path):
