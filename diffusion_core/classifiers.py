@@ -18,8 +18,8 @@ from torch import nn
 from .diffusion import GaussianDiffusion
 from .models import NoisyClassifier
 from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
-from .training import (NumericalError, QuartileLoss, RankData, _distributed, _gather, batch_indices, lr_at,
-                       step_generator)
+from .training import (NumericalError, QuartileLoss, RankData, _distributed, _gather, adamw, batch_indices,
+                       lr_at, step_generator)
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -141,7 +141,7 @@ def train_feature_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
     `log_every` steps and at the end.
     """
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = adamw(model.parameters(), lr, weight_decay, next(model.parameters()).device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup_steps))
     model.train()
     window_loss, window_correct, window_n, stats = 0.0, 0, 0, {}
@@ -201,7 +201,7 @@ class NoisyClassifierTrainer:
         if self.world_size > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr_at(0, lr, warmup_steps), weight_decay=weight_decay)
+        self.opt = adamw(self.model.parameters(), lr_at(0, lr, warmup_steps), weight_decay, self.device)
         self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
         self.quartiles = QuartileLoss(diffusion.num_timesteps)
         self.step = 0

@@ -200,7 +200,8 @@ def _run(args) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
               "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples,
-              "bf16": sw.bf16, "channels_last": sw.channels_last, "staging": str(staging), "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
+              "bf16": sw.bf16, "channels_last": sw.channels_last, "staging": str(staging),
+              "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
     t0 = time.perf_counter()
     init_ray()
     rows, histories = [], {}

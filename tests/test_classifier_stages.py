@@ -214,3 +214,52 @@ def test_train_classifier_refuses_a_space_other_than_the_diffusion_models(tmp_pa
     res = _stage(tmp_path, "train_classifier", tmp_path / "p.yaml")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "train_classifier.space" in res.stderr and "train_diffusion.space" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_train_classifier_non_finite_loss_stops_at_that_step_and_keeps_the_model(bad, tiny_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """In-process, one worker: a good run writes models/classifier; a rerun (another seed) whose 5th step's loss is
+    made non-finite stops there with one line naming the step, leaves the good model folder byte-identical, writes
+    no metrics, and its MLflow run is FAILED."""
+    import shutil
+
+    import diffusion_core.classifiers as classifiers
+    from pipeline import train_classifier
+
+    cwd = tmp_path / "w"
+    shutil.copytree(tiny_dir / "data", cwd / "data")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["train_classifier"].update(steps=10)
+    raw["train_classifier"]["scaling"].update(num_workers=1, use_ray=False)
+    (cwd / "a.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    raw["train_classifier"]["seed"] = 1
+    (cwd / "b.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(cwd)
+    assert train_classifier.main(["--params", "a.yaml"]) == 0
+    model_dir = cwd / "models" / "classifier"
+    good = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    (cwd / "metrics" / "train_classifier.json").unlink()
+    capsys.readouterr()
+
+    real, calls = classifiers.noisy_classifier_step, {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        if calls["n"] == 5:
+            out["loss"] = out["loss"] * float(bad)  # the loss of step 5 only
+        return out
+
+    monkeypatch.setattr(classifiers, "noisy_classifier_step", poisoned)
+    assert train_classifier.main(["--params", "b.yaml"]) == 2
+    assert calls["n"] == 5  # no step after the bad one
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1] and "Traceback" not in err
+    assert errors[0].startswith(f"error: classifier loss is {bad} at step 5"), errors[0]
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == good
+    assert not (cwd / "metrics" / "train_classifier.json").exists()
+    assert sorted(_runs(cwd)) == [("train_classifier", "FAILED"), ("train_classifier", "FINISHED")]

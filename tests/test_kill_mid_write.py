@@ -1,12 +1,13 @@
 """`kill -9` in the middle of a stage's writes, through its real command line on configs/tiny.yaml: prepare,
-encode_latents, reference_stats, evaluate, and the training stages that write a model folder without
+encode_latents, reference_stats, evaluate, sweep (Ray Tune, three sampling trials), and the training stages that write a model folder without
 checkpoints (train_feature_net, train_autoencoder, and train_classifier in-process; train_diffusion's kills are in
 test_train_diffusion.py).
 
 The harness is a `sitecustomize.py` put first on PYTHONPATH. It wraps `os.replace` and `os.rename`, through which
 every output file reaches its name (`diffusion_core.io.atomic_path`, files moved out of a stage's temp folder), and
-counts the calls whose destination lies in the stage's working folder. With `KILL_AT_RENAME=N` the process SIGKILLs
-itself just before the N-th such rename; with `RENAME_LOG=FILE` it appends each one to FILE. (A whole output folder
+counts the calls whose destination lies in the stage's working folder (outside Ray Tune's scratch `ray_results`).
+With `KILL_AT_RENAME=N` the stage SIGKILLs its process group (itself and any local Ray it started) just before the
+N-th such rename; with `RENAME_LOG=FILE` it appends each one to FILE. (A whole output folder
 is swapped in by one renameat2(RENAME_EXCHANGE) call, which the harness does not see: there is no point between
 two renames to kill at. Where the file system cannot exchange, the fallback's renames are seen and killed at.)
 
@@ -22,6 +23,8 @@ never by listing a folder). A normal rerun must then succeed and leave exactly t
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -43,15 +46,20 @@ TIMINGS = {"seconds", "wall_seconds", "sampling_seconds", "train_seconds"}  # th
 SITECUSTOMIZE = '''
 import os, signal
 
+# armed in the stage's own process only: its Ray workers inherit the variable and see another pid
+if "KILL_HARNESS_PID" not in os.environ:
+    os.environ["KILL_HARNESS_PID"] = str(os.getpid())
+_ARMED = os.environ["KILL_HARNESS_PID"] == str(os.getpid())
 _N = int(os.environ.get("KILL_AT_RENAME") or 0)
 _LOG = os.environ.get("RENAME_LOG")
 _ROOT = os.path.realpath(os.getcwd())
+_SCRATCH = os.path.join(_ROOT, "ray_results")  # Ray Tune's own bookkeeping, not a stage output
 _count = 0
 
 
 def _inside(path):
     p = os.path.realpath(os.fsdecode(path))
-    return p == _ROOT or p.startswith(_ROOT + os.sep)
+    return (p == _ROOT or p.startswith(_ROOT + os.sep)) and not p.startswith(_SCRATCH + os.sep)
 
 
 def _wrap(real):
@@ -64,12 +72,12 @@ def _wrap(real):
                     f.write(f"{_count}\\t{os.path.relpath(os.path.realpath(os.fsdecode(src)), _ROOT)}\\t"
                             f"{os.path.relpath(os.path.realpath(os.fsdecode(dst)), _ROOT)}\\n")
             if _count == _N:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.killpg(os.getpgrp(), signal.SIGKILL)  # the stage and any local Ray it started
         return real(src, dst, *args, **kwargs)
     return wrapped
 
 
-if _N or _LOG:
+if _ARMED and (_N or _LOG):
     os.replace, os.rename = _wrap(os.replace), _wrap(os.rename)
 '''
 
@@ -81,6 +89,10 @@ def _params(path: Path, **sections) -> Path:
     raw["evaluate"].update(num_workers=1, num_samples=20, batch_size=20, grid_samples=10, nll_samples=4,
                            nll_batch_size=4)
     raw["train_classifier"]["scaling"].update(num_workers=1, use_ray=False)  # in-process: the kill hits the writer
+    raw["sweep"].update(num_samples=8, batch_size=8, grid_samples=4, max_concurrent=1,  # one Ray start, 3 trials
+                        training={**raw["sweep"]["training"], "schedules": []},
+                        sampling=[{"samplers": ["ddim", "dpmpp2m"], "steps": [2], "guidance": ["cfg"]},
+                                  {"samplers": ["ddim"], "steps": [3], "guidance": ["cfg"]}])
     for name, keys in sections.items():
         raw[name].update(keys)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -95,16 +107,25 @@ def _run(harness: Path, cwd: Path, stage: str, params: Path, kill_at: int = 0, l
     if log:
         env["RENAME_LOG"] = str(log)
     res = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, start_new_session=True)
     assert res.returncode == expect, f"{stage} (kill at {kill_at}): rc {res.returncode}\n{res.stderr[-3000:]}"
 
 
 def _files(cwd: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(cwd)): p.read_bytes() for p in sorted(cwd.rglob("*")) if p.is_file()}
+    """Every file under cwd but Ray Tune's scratch folder (ray_results: trial logs and staging, read by nobody
+    after the sweep that wrote them)."""
+    return {str(p.relative_to(cwd)): p.read_bytes() for p in sorted(cwd.rglob("*"))
+            if p.is_file() and p.relative_to(cwd).parts[0] != "ray_results"}
 
 
 def _content(rel: str, data: bytes):
-    """What must match: the bytes, except the timings in JSON files (which must still parse, whole)."""
+    """What must match: the bytes, except the timings in JSON files (which must still parse, whole) and in CSV
+    tables (sweep.csv: its rows compared as a set, as trials may finish in any order)."""
+    if rel.endswith(".csv"):
+        rows = list(csv.reader(io.StringIO(data.decode())))
+        keep = [i for i, name in enumerate(rows[0] if rows else []) if name not in TIMINGS]
+        picked = [tuple(row[i] if i < len(row) else None for i in keep) for row in rows]
+        return (picked[:1], sorted(picked[1:], key=repr))
     if not rel.endswith(".json"):
         return data
     try:
@@ -150,7 +171,7 @@ def a_states(prepared, harness, tmp_path_factory) -> dict[str, Path]:
                                                                  base_channels=8, channel_mult=(1, 2), num_groups=4))
     make_feature_net_dir(work / "models" / "feature_net", num_classes=10, seed=2)
     make_diffusion_dir(work / "models" / "diffusion", num_classes=10, seed=0)
-    for stage in ("encode_latents", "reference_stats", "evaluate"):
+    for stage in ("encode_latents", "reference_stats", "evaluate", "sweep"):
         _run(harness, work, stage, params)
         states[stage] = base / f"after-{stage}"
         shutil.copytree(work, states[stage], symlinks=True)
@@ -177,6 +198,10 @@ def _b_reference_stats(work: Path, tmp: Path) -> Path:
 
 def _b_evaluate(work: Path, tmp: Path) -> Path:
     return _params(tmp / "b.yaml", evaluate={"seed": 7})  # other samples: other metrics and samples.png
+
+
+def _b_sweep(work: Path, tmp: Path) -> Path:
+    return _params(tmp / "b.yaml", sweep={"seed": 3})  # other samples: other table, metrics, plots and grids
 
 
 def _b_train_feature_net(work: Path, tmp: Path) -> Path:
@@ -242,6 +267,7 @@ def _readers_get_shards_that_match_their_meta(where: str, work: Path) -> None:
 
 @pytest.mark.parametrize("stage, make_b", [("prepare", _b_prepare), ("encode_latents", _b_encode_latents),
                                            ("reference_stats", _b_reference_stats), ("evaluate", _b_evaluate),
+                                           ("sweep", _b_sweep),
                                            ("train_feature_net", _b_train_feature_net),
                                            ("train_autoencoder", _b_train_autoencoder),
                                            ("train_classifier", _b_train_classifier)])

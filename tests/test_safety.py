@@ -32,6 +32,9 @@ def test_ray_heads_in_the_docs_bind_dashboard_and_node_to_localhost():
         assert (re.search(r"--dashboard-host[ =]127\.0\.0\.1\b", line) or "--include-dashboard=false" in line), \
             f"{doc}: {line.strip()}"
         assert re.search(r"--node-ip-address[ =]127\.0\.0\.1\b", line), f"{doc}: {line.strip()}"
+    # Ray's GCS and raylet listen on every interface anyway: the docs must never switch its token check off
+    disabling = _command_lines(r"RAY_AUTH_MODE=disabled")
+    assert not disabling, disabling
 
 
 def test_local_ray_starts_without_a_dashboard():

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -34,17 +36,40 @@ def mlflow_server(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "env": env}
-    proc.terminate()
+    proc = subprocess.Popen([sys.executable, "-m", *readme_mlflow_command(port)], cwd=tmp, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "env": env, "pid": proc.pid}
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def readme_mlflow_command(port: int) -> list[str]:
+    """The README's `mlflow ui ...` line as argv, on another port (its store, sqlite:///mlflow.db, is relative)."""
+    line = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.strip().startswith(("mlflow ui ", "mlflow server ")))
+    argv = shlex.split(line)
+    argv[argv.index("--port") + 1] = str(port)
+    return argv
+
+
+def listening_addresses(root_pid: int) -> set[str]:
+    """IP addresses of the TCP sockets in LISTEN state held by root_pid's process group (a server and its workers)."""
+    import psutil
+
+    pgid = os.getpgid(root_pid)
+    pids = {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid}
+    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +169,8 @@ def test_prepare_against_real_mlflow_server(tmp_path, mlflow_server):
             time.sleep(0.5)
     else:
         pytest.fail("mlflow server did not become healthy in 120 s")
+    # the README's own command, running: it listens on the loopback address only
+    assert listening_addresses(mlflow_server["pid"]) == {"127.0.0.1"}
     work = tmp_path / "work"
     work.mkdir()
     env_stage = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": base}

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -353,7 +355,10 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     port, dash = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
+    # as the README: Ray's token authentication on (the README generates ~/.ray/auth_token; here the token comes
+    # from the environment, which Ray reads first, so the test leaves the home folder alone)
+    token = secrets.token_hex(16)
+    env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
@@ -362,7 +367,9 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         deadline = time.time() + 180
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                req = urllib.request.Request(f"http://127.0.0.1:{dash}/api/version",
+                                             headers={"Authorization": f"Bearer {token}"})
+                urllib.request.urlopen(req, timeout=2)
                 break
             except OSError:
                 assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
@@ -377,6 +384,12 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
         assert "succeeded" in res.stdout and "train_diffusion: wrote models/diffusion/" in res.stdout
         assert '"steps": 30' in res.stdout
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # without the token the dashboard refuses
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=5)
+        # started as the README starts it, the dashboard (which accepts jobs) listens on the loopback address only.
+        # Ray 2.60's GCS, raylet and agents listen on every interface whatever --node-ip-address says: that is
+        # why the README keeps token authentication on
+        assert _listening_addresses(head.pid, temp_dir, port=dash) == {"127.0.0.1"}
     finally:
         # stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes
         # `ray start` stop its processes on SIGTERM; whatever is left in our session folder is killed by pid
@@ -388,6 +401,22 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
             head.wait()
         _kill_session_leftovers(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _listening_addresses(head_pid: int, temp_dir: str, port: int) -> set[str]:
+    """IPs that `port` is listening on, among the sockets of `ray start`'s process group and of every process naming
+    its temp dir."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(p.pid) == head_pid or any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                pids.add(p.pid)
+        except (OSError, psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr.port == port}
 
 
 def _kill_session_leftovers(temp_dir: str) -> None:
