@@ -94,3 +94,28 @@ def test_bf16_sampling_close_to_fp32():
                       device="cpu")
         assert ref.dtype == fast.dtype == torch.float32
         assert (fast - ref).abs().mean() < 0.05, sampler
+
+
+def test_group_norm_on_a_channels_last_input_equals_nn_group_norm_and_keeps_the_layout():
+    """The library's GroupNorm detours a channels_last CPU input through the contiguous kernel (faster there): same
+    values as nn.GroupNorm (forward and gradients), output still channels_last."""
+    from diffusion_core.models.layers import group_norm
+
+    torch.manual_seed(0)
+    ours = group_norm(32, 8)
+    ref = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        for p in (ours.weight, ours.bias):
+            p.normal_()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 32, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    assert set(ours.state_dict()) == {"weight", "bias"}

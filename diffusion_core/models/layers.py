@@ -22,9 +22,26 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that takes the contiguous-layout kernel for a channels_last input on CPU.
+
+    PyTorch's CPU kernel for channels_last GroupNorm is far slower than its contiguous one (measured at [256, 32, 28,
+    28] in bf16: 37 ms against 2.4 ms); copying the input to contiguous and the output back costs less, and made
+    the default latent U-Net's channels_last bf16 forward 1.6x faster here (bench/README.md). Same parameters and
+    state_dict as nn.GroupNorm; other devices and layouts run the plain kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return y.contiguous(memory_format=torch.channels_last)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def group_norm(channels: int, num_groups: int) -> GroupNorm:
     """GroupNorm with the largest group count <= num_groups that divides `channels`."""
-    return nn.GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-6)
+    return GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-6)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
