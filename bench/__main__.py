@@ -131,15 +131,18 @@ def main(argv=None) -> int:
     for name in args.only or GROUPS:
         print(f"[bench] {name} ... (load {load()})", file=sys.stderr, flush=True)
         groups[name] = run_group(name, args.quick, args.compile, previous)
-    # keep the table in a fixed order
-    groups = {k: groups[k] for k in GROUPS if k in groups}
-    r, why = ratios(groups)
-    res = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-           "load_average": load(), "quick": args.quick, "argv": sys.argv[1:], **r, "null_reasons": why,
-           "targets": TARGETS, "groups": groups}
-    atomic_write_json(args.out, res)
+        res = _results(groups, args)
+        atomic_write_json(args.out, res)  # after every group: a crash or ^C later keeps what was measured
     print(table(res))
     return 0
+
+
+def _results(groups: dict, args) -> dict:
+    groups = {k: groups[k] for k in GROUPS if k in groups}  # the table in a fixed order
+    r, why = ratios(groups)
+    return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
+            "load_average": load(), "quick": args.quick, "argv": sys.argv[1:], **r, "null_reasons": why,
+            "targets": TARGETS, "groups": groups}
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def run(quick: bool = True, directory: Path | None = None) -> dict:
     cwd = directory or ROOT
     if not (cwd / "dvc.lock").exists() or not (cwd / ".venv/bin/dvc").exists():
         return {"noop_repro_s": None, "reason": f"no finished `dvc repro` in {cwd}: run python -m bench.e2e"}
+    status = subprocess.run([str(cwd / ".venv/bin/dvc"), "status", "--json"], cwd=cwd, capture_output=True, text=True,
+                            env={"PATH": f"{cwd / '.venv/bin'}:/usr/bin:/bin", "HOME": str(Path.home())})
+    if status.returncode != 0 or status.stdout.strip() not in ("{}", ""):
+        # a changed stage would make the "no-op" rerun a full one (half an hour): time nothing instead
+        return {"noop_repro_s": None, "reason": f"the pipeline in {cwd} is not up to date (`dvc status`): its rerun "
+                                                f"would not be a no-op; run python -m bench.e2e"}
     return {"noop_repro_s": noop_seconds(cwd)}
 
 
