@@ -159,13 +159,19 @@ class FastDenoiser(torch.nn.Module):
     Measured here (bench/README.md, "Fastest settings"): the default latent U-Net's forward at batch 500 on one
     thread ran 429 samples/s in fp32 and 1,198 under bf16 + channels_last. Samples are then not bitwise those of
     fp32 (the network's activations round to bf16); they stay the same whatever the batch size (tested).
-    `channels_last` converts the wrapped model's 4-D weights in place; `restore()` converts them back.
+    `channels_last` converts the wrapped model's 4-D weights in place; `restore()` converts them back (unless they
+    were channels_last already, e.g. a model being trained that way).
     """
 
     def __init__(self, model: torch.nn.Module, bf16: bool = False, channels_last: bool = False):
         super().__init__()
-        self.model, self.bf16, self.channels_last = model, bool(bf16), bool(channels_last)
-        if self.channels_last:
+        self.model, self.bf16 = model, bool(bf16)
+        # a weight whose two layouts differ tells which one the model is in (a 1-channel input conv's do not)
+        telling = [p for p in model.parameters()
+                   if p.ndim == 4 and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)]
+        was_channels_last = bool(telling) and telling[0].is_contiguous(memory_format=torch.channels_last)
+        self.channels_last, self._convert = bool(channels_last), bool(channels_last) and not was_channels_last
+        if self._convert:
             model.to(memory_format=torch.channels_last)
 
     def forward(self, x_t, t, y=None):
@@ -176,7 +182,7 @@ class FastDenoiser(torch.nn.Module):
         return out.float().contiguous()
 
     def restore(self) -> None:
-        if self.channels_last:
+        if self._convert:
             self.model.to(memory_format=torch.contiguous_format)
 
 

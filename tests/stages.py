@@ -16,3 +16,25 @@ def stage_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     env.update(PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
     return env
+
+
+def listening_ips(pids: set[int], port: int | None = None) -> set[str]:
+    """IP addresses of the TCP sockets in LISTEN state held by the processes `pids` (on `port` only, if given)."""
+    import psutil
+
+    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids and (port is None or c.laddr.port == port)}
+
+
+def group_pids(pgid: int) -> set[int]:
+    """The processes of process group `pgid`."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                pids.add(p.pid)
+        except OSError:
+            pass
+    return pids

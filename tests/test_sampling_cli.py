@@ -117,7 +117,7 @@ def test_bf16_channels_last_sampling_is_close_batch_invariant_and_restores_the_m
     diff = np.abs(a - exact)
     assert diff.max() > 0  # the network really ran in bf16
     assert diff.mean() < 2.0, diff.mean()  # bf16 keeps 8 mantissa bits: ~0.4% per op, far below 2 of 255 levels
-    first = next(p for p in bundle.model.parameters() if p.ndim == 4)
+    first = next(p for p in bundle.model.parameters() if p.ndim == 4 and p.shape[1] > 1)
     assert first.is_contiguous()  # channels_last was undone after sampling
 
 
@@ -135,6 +135,11 @@ def test_fast_denoiser_returns_float32_and_autocasts(folders):
     assert not torch.equal(out, ref)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 0.05, rel  # bf16 rounding (2^-8 relative per op) over a few layers, not a wrong computation
+    conv = next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1)  # layouts differ
+    assert conv.is_contiguous()  # restored
+    model.to(memory_format=torch.channels_last)  # a model already in channels_last (trained so) stays so
+    FastDenoiser(model, channels_last=True).restore()
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
 def test_classifier_guidance_and_latent_decoding(folders, tmp_path):

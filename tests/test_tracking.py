@@ -17,6 +17,8 @@ import pytest
 from diffusion_core.config import TrackingConfig
 from diffusion_core.tracking import NullRun, TrackingError, flatten_params, start_run
 
+from .stages import group_pids, listening_ips
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"project": {"name": "t", "experiment": "exp-test", "seed": 0}, "prepare": {"dataset": "digits", "test_fraction": 0.2}}
 
@@ -53,23 +55,6 @@ def readme_mlflow_command(port: int) -> list[str]:
     argv = shlex.split(line)
     argv[argv.index("--port") + 1] = str(port)
     return argv
-
-
-def listening_addresses(root_pid: int) -> set[str]:
-    """IP addresses of the TCP sockets in LISTEN state held by root_pid's process group (a server and its workers)."""
-    import psutil
-
-    pgid = os.getpgid(root_pid)
-    pids = {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid}
-    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids}
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +155,7 @@ def test_prepare_against_real_mlflow_server(tmp_path, mlflow_server):
     else:
         pytest.fail("mlflow server did not become healthy in 120 s")
     # the README's own command, running: it listens on the loopback address only
-    assert listening_addresses(mlflow_server["pid"]) == {"127.0.0.1"}
+    assert listening_ips(group_pids(mlflow_server["pid"])) == {"127.0.0.1"}
     work = tmp_path / "work"
     work.mkdir()
     env_stage = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": base}

@@ -31,7 +31,7 @@ from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.samplers import sample
 from pipeline import train_diffusion
 
-from .stages import stage_env
+from .stages import group_pids, listening_ips, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -389,7 +389,7 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         # started as the README starts it, the dashboard (which accepts jobs) listens on the loopback address only.
         # Ray 2.60's GCS, raylet and agents listen on every interface whatever --node-ip-address says: that is
         # why the README keeps token authentication on
-        assert _listening_addresses(head.pid, temp_dir, port=dash) == {"127.0.0.1"}
+        assert listening_ips(_session_pids(head.pid, temp_dir), port=dash) == {"127.0.0.1"}
     finally:
         # stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes
         # `ray start` stop its processes on SIGTERM; whatever is left in our session folder is killed by pid
@@ -403,20 +403,18 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _listening_addresses(head_pid: int, temp_dir: str, port: int) -> set[str]:
-    """IPs that `port` is listening on, among the sockets of `ray start`'s process group and of every process naming
-    its temp dir."""
+def _session_pids(head_pid: int, temp_dir: str) -> set[int]:
+    """`ray start`'s process group and every process naming its temp dir (Ray's daemons start their own)."""
     import psutil
 
-    pids = set()
+    pids = group_pids(head_pid)
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if os.getpgid(p.pid) == head_pid or any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
                 pids.add(p.pid)
-        except (OSError, psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr.port == port}
+    return pids
 
 
 def _kill_session_leftovers(temp_dir: str) -> None:
