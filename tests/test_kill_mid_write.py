@@ -1,15 +1,15 @@
 """`kill -9` in the middle of a stage's writes, through its real command line on configs/tiny.yaml: prepare,
-encode_latents, reference_stats, evaluate, sweep (Ray Tune, three sampling trials), and the training stages that write a model folder without
-checkpoints (train_feature_net, train_autoencoder, and train_classifier in-process; train_diffusion's kills are in
-test_train_diffusion.py).
+encode_latents, reference_stats, evaluate, sweep (Ray Tune, three sampling trials), and the training stages that
+write a model folder without checkpoints (train_feature_net, train_autoencoder, and train_classifier in-process;
+train_diffusion's kills are in test_train_diffusion.py).
 
 The harness is a `sitecustomize.py` put first on PYTHONPATH. It wraps `os.replace` and `os.rename`, through which
 every output file reaches its name (`diffusion_core.io.atomic_path`, files moved out of a stage's temp folder), and
 counts the calls whose destination lies in the stage's working folder (outside Ray Tune's scratch `ray_results`).
 With `KILL_AT_RENAME=N` the stage SIGKILLs its process group (itself and any local Ray it started) just before the
-N-th such rename; with `RENAME_LOG=FILE` it appends each one to FILE. (A whole output folder
-is swapped in by one renameat2(RENAME_EXCHANGE) call, which the harness does not see: there is no point between
-two renames to kill at. Where the file system cannot exchange, the fallback's renames are seen and killed at.)
+N-th such rename; with `RENAME_LOG=FILE` it appends each one to FILE. (A whole output folder is swapped in by one
+renameat2(RENAME_EXCHANGE) call, which the harness does not see: there is no point between two renames to kill
+at. Where the file system cannot exchange, the fallback's renames are seen and killed at.)
 
 For each stage: a run with params A (its outputs recorded; the models it reads are tiny random ones), a full run
 with params B that change its outputs (its outputs and renames recorded), then B runs killed at the first rename,
