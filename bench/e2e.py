@@ -27,6 +27,11 @@ RESULTS = Path(__file__).with_name("results.json")
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 
+def dvc_env(cwd: Path) -> dict:
+    """A clean environment for the clone's own dvc: its venv first on PATH, nothing else from ours."""
+    return {"PATH": f"{cwd / '.venv/bin'}:/usr/bin:/bin", "HOME": str(Path.home())}
+
+
 def timed_repro(cwd: Path, log: Path) -> tuple[float, dict[str, float]]:
     """Run `dvc repro` in cwd, streaming its output to log; (total seconds, seconds per stage in run order)."""
     t0 = time.perf_counter()
@@ -34,8 +39,7 @@ def timed_repro(cwd: Path, log: Path) -> tuple[float, dict[str, float]]:
     with log.open("w") as f:
         proc = subprocess.Popen([str(cwd / ".venv/bin/dvc"), "repro"], cwd=cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True,
-                                env={"PATH": f"{cwd / '.venv/bin'}:/usr/bin:/bin", "HOME": str(Path.home()),
-                                     "RAY_USAGE_STATS_ENABLED": "0"})
+                                env={**dvc_env(cwd), "RAY_USAGE_STATS_ENABLED": "0"})
         for line in proc.stdout:
             f.write(line)
             f.flush()
@@ -53,7 +57,7 @@ def timed_repro(cwd: Path, log: Path) -> tuple[float, dict[str, float]]:
 def noop_seconds(cwd: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run([str(cwd / ".venv/bin/dvc"), "repro"], cwd=cwd, check=True, capture_output=True,
-                   env={"PATH": f"{cwd / '.venv/bin'}:/usr/bin:/bin", "HOME": str(Path.home())})
+                   env=dvc_env(cwd))
     return round(time.perf_counter() - t0, 2)
 
 
@@ -66,7 +70,7 @@ def run(quick: bool = True, directory: Path | None = None) -> dict:
     if not (cwd / "dvc.lock").exists() or not (cwd / ".venv/bin/dvc").exists():
         return {"noop_repro_s": None, "reason": f"no finished `dvc repro` in {cwd}: run python -m bench.e2e"}
     status = subprocess.run([str(cwd / ".venv/bin/dvc"), "status", "--json"], cwd=cwd, capture_output=True, text=True,
-                            env={"PATH": f"{cwd / '.venv/bin'}:/usr/bin:/bin", "HOME": str(Path.home())})
+                            env=dvc_env(cwd))
     if status.returncode != 0 or status.stdout.strip() not in ("{}", ""):
         # a changed stage would make the "no-op" rerun a full one (half an hour): time nothing instead
         return {"noop_repro_s": None, "reason": f"the pipeline in {cwd} is not up to date (`dvc status`): its rerun "

@@ -389,7 +389,7 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         # started as the README starts it, the dashboard (which accepts jobs) listens on the loopback address only.
         # Ray 2.60's GCS, raylet and agents listen on every interface whatever --node-ip-address says: that is
         # why the README keeps token authentication on
-        assert listening_ips(_session_pids(head.pid, temp_dir), port=dash) == {"127.0.0.1"}
+        assert listening_ips(group_pids(head.pid) | _pids_naming(temp_dir), port=dash) == {"127.0.0.1"}
     finally:
         # stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes
         # `ray start` stop its processes on SIGTERM; whatever is left in our session folder is killed by pid
@@ -403,11 +403,11 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _session_pids(head_pid: int, temp_dir: str) -> set[int]:
-    """`ray start`'s process group and every process naming its temp dir (Ray's daemons start their own)."""
+def _pids_naming(temp_dir: str) -> set[int]:
+    """Processes whose command line names the session's temp dir (Ray's daemons and workers)."""
     import psutil
 
-    pids = group_pids(head_pid)
+    pids = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             if any(temp_dir in part for part in (p.info["cmdline"] or [])):
@@ -418,11 +418,8 @@ def _session_pids(head_pid: int, temp_dir: str) -> set[int]:
 
 
 def _kill_session_leftovers(temp_dir: str) -> None:
-    import psutil
-
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for pid in _pids_naming(temp_dir):
         try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
             pass
