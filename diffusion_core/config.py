@@ -113,18 +113,23 @@ class ScheduleConfig(Section):
 
 @register_section("diffusion")
 class DiffusionConfig(Section):
-    parameterization: Literal["eps", "x0", "v", "mu"] = "eps"
+    parameterization: Literal["eps", "x0", "v", "mu", "edm"] = "eps"
     variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
     loss: Literal["simple", "hybrid", "vlb", "weighted"] = "simple"
     min_snr_gamma: PosFloat | None = None
     timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
+    sigma_data: PosFloat | None = None  # edm only: the data's std; null: measured on the training data
+    edm_p_mean: float = -1.2  # edm only: training noise levels ln(sigma/alpha) ~ N(p_mean, p_std^2) (Karras et al.)
+    edm_p_std: PosFloat = 1.2
 
     @model_validator(mode="after")
-    def _learned_variance_needs_vlb(self) -> "DiffusionConfig":
-        if self.variance == "learned_range" and self.loss not in ("hybrid", "vlb"):
-            raise ValueError(
-                f"variance 'learned_range' needs loss 'hybrid' or 'vlb' (the simple loss does not train the variance), got loss {self.loss!r}"
-            )
+    def _combination_works(self) -> "DiffusionConfig":
+        from .diffusion import check_combination
+
+        check_combination(self.parameterization, self.variance, self.loss, self.min_snr_gamma)
+        if self.parameterization == "edm" and self.timestep_sampler != "uniform":
+            raise ValueError("parameterization 'edm' brings its own noise-level distribution: set "
+                             "diffusion.timestep_sampler to uniform")
         return self
 
 

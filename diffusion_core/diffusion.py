@@ -7,19 +7,20 @@ A thin frozen bundle of schedule + parameterization + variance + loss. The model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 
+from .formulations import FORMULATIONS, Formulation, make_formulation
 from .losses import NATS_PER_BIT, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import NoiseSchedule
 
-PARAMETERIZATIONS = ("eps", "x0", "v", "mu")
+PARAMETERIZATIONS = tuple(FORMULATIONS)
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 LOSSES = ("simple", "hybrid", "vlb", "weighted")
 
-Parameterization = Literal["eps", "x0", "v", "mu"]
+Parameterization = Literal["eps", "x0", "v", "mu", "edm"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "hybrid", "vlb", "weighted"]
 Denoiser = Callable[..., torch.Tensor]
@@ -60,16 +61,19 @@ def check_combination(parameterization: str, variance: str, loss: str, min_snr_g
                          "the simple loss never trains the variance channels")
     if loss == "weighted" and variance == "learned_range":
         raise ValueError("loss 'weighted' uses the fixed variance sigma_t^2 as weight; use fixed_small or fixed_large")
-    if min_snr_gamma is not None:
-        if min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
-        if parameterization == "mu":
-            raise ValueError("min_snr_gamma is defined for eps, x0 and v parameterizations, not 'mu'")
+    if min_snr_gamma is not None and min_snr_gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
+    if parameterization == "edm" and (variance == "learned_range" or loss in ("weighted", "vlb")):
+        raise ValueError(f"parameterization 'edm' trains its preconditioned output with the simple loss and a fixed "
+                         f"variance; got variance {variance!r}, loss {loss!r}")
 
 
 @dataclass(frozen=True, eq=False)
 class GaussianDiffusion:
-    """Schedule + parameterization (`eps`, `x0`, `v`, `mu`) + variance + training loss."""
+    """Schedule + parameterization (a `Formulation`: eps, x0, v, mu, edm) + variance + training loss.
+
+    `formulation_options` go to the formulation's constructor (edm: sigma_data, p_mean, p_std).
+    """
 
     schedule: NoiseSchedule
     parameterization: Parameterization = "eps"
@@ -77,10 +81,13 @@ class GaussianDiffusion:
     loss: LossType = "simple"
     min_snr_gamma: float | None = None
     train_schedule: NoiseSchedule | None = None  # set on respaced copies: the schedule the model was trained on
+    formulation_options: dict = field(default_factory=dict)
+    formulation: Formulation = field(init=False, repr=False)  # built from parameterization + formulation_options
 
     def __post_init__(self):
         check_combination(self.parameterization, self.variance, self.loss, self.min_snr_gamma)
         object.__setattr__(self, "_tables", {})
+        object.__setattr__(self, "formulation", make_formulation(self.parameterization, **self.formulation_options))
 
     def coef(self, name: str, t: torch.Tensor, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """extract(COEFFICIENTS[name](schedule), t, x) from a table cast once per device/dtype (same values).
@@ -106,11 +113,15 @@ class GaussianDiffusion:
     def respaced(self, schedule: NoiseSchedule) -> "GaussianDiffusion":
         """The same diffusion on another (respaced) schedule."""
         return GaussianDiffusion(schedule, self.parameterization, self.variance, self.loss, self.min_snr_gamma,
-                                 self.train_schedule or self.schedule)
+                                 self.train_schedule or self.schedule, dict(self.formulation_options))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original timestep indices to feed the model for schedule indices t."""
         return self.schedule.timesteps.to(t.device)[t]
+
+    def call_model(self, model: Denoiser, x_t, t, y=None) -> torch.Tensor:
+        """The network's output at schedule indices t: the formulation's input, the original timestep index."""
+        return model(self.formulation.model_input(self, x_t, t), self.model_timesteps(t), y)
 
     # ----- forward process -------------------------------------------------------------------------
     def q_mean_variance(self, x0, t):
@@ -161,22 +172,11 @@ class GaussianDiffusion:
 
     def x0_from_output(self, x_t, t, out):
         """The model's x0 estimate from its (mean-channel) output under this parameterization."""
-        p = self.parameterization
-        if p == "eps":
-            return self.x0_from_eps(x_t, t, out)
-        if p == "x0":
-            return out
-        if p == "v":
-            return self.x0_from_v(x_t, t, out)
-        return self.x0_from_mean(x_t, t, out)
+        return self.formulation.x0(self, x_t, t, out)
 
     def eps_from_output(self, x_t, t, out):
         """The model's eps estimate from its (mean-channel) output under this parameterization."""
-        if self.parameterization == "eps":
-            return out
-        if self.parameterization == "v":
-            return self.coef("sqrt_one_minus_ab", t, x_t) * x_t + self.coef("sqrt_ab", t, x_t) * out
-        return self.eps_from_x0(x_t, t, self.x0_from_output(x_t, t, out))
+        return self.formulation.eps(self, x_t, t, out)
 
     def split_output(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean channels, variance channels or None); learned_range doubles the channel dim (dim 1)."""
@@ -215,7 +215,7 @@ class GaussianDiffusion:
 
     def p_mean_variance(self, model: Denoiser, x_t, t, y=None, clip_denoised: bool = False):
         """Call the model at schedule indices t and return p(x_{t-1}|x_t)'s terms (see p_mean_variance_from_output)."""
-        out = model(x_t, self.model_timesteps(t), y)
+        out = self.call_model(model, x_t, t, y)
         return self.p_mean_variance_from_output(out, x_t, t, clip_denoised)
 
     # ----- losses -----------------------------------------------------------------------------------
@@ -241,14 +241,13 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / NATS_PER_BIT
 
     def min_snr_weight(self, t):
-        """min(SNR, gamma) weighting expressed for the parameterization's own target (Hang et al. 2023)."""
+        """min(SNR, gamma) on the x0 error, as a weight on the formulation's own loss (Hang et al. 2023).
+
+        ||F - target||^2 = lambda_t ||x0_hat - x0||^2, so min(SNR, gamma) ||x0_hat - x0||^2 is min(SNR, gamma) / lambda_t
+        times the formulation's MSE: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v (the paper's forms), and so on.
+        """
         snr = self.schedule.snr.to(t.device)[t]
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        if self.parameterization == "eps":
-            return clipped / snr
-        if self.parameterization == "v":
-            return clipped / (snr + 1)
-        return clipped
+        return snr.clamp(max=self.min_snr_gamma) / self.formulation.x0_weight(self, t)
 
     def seeds_weight(self, t, x):
         """omega_t = 1 / sigma_t^2 of the seeds' risk omega_t ||mu_w(x_t,t) - eta_t||^2 (fixed variance)."""
@@ -259,7 +258,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, self.model_timesteps(t), y)
+        out = self.call_model(model, x_t, t, y)
         return self.losses_from_output(out, x0, x_t, t, noise)
 
     def losses_from_output(self, out, x0, x_t, t, noise):
@@ -273,11 +272,7 @@ class GaussianDiffusion:
             terms["mse"] = mean_flat((pred_mean - true_mean) ** 2)
             terms["loss"] = self.seeds_weight(t, x0) * terms["mse"]
             return terms
-        target = {"eps": noise, "x0": x0, "v": lambda: self.v_from_x0_eps(x0, noise, t)}.get(self.parameterization)
-        if self.parameterization == "mu":
-            target = self.q_posterior(x0, x_t, t)[0]
-        elif callable(target):
-            target = target()
+        target = self.formulation.target(self, x0, noise, x_t, t)
         terms["mse"] = mean_flat((mean_out - target) ** 2)
         mse = terms["mse"] * self.min_snr_weight(t) if self.min_snr_gamma is not None else terms["mse"]
         if self.loss == "simple":
@@ -306,7 +301,7 @@ class GaussianDiffusion:
             t = torch.full((b,), i, dtype=torch.long, device=x0.device)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = self.q_sample(x0, t, noise)
-            out = model(x_t, self.model_timesteps(t), y).to(x0.dtype)
+            out = self.call_model(model, x_t, t, y).to(x0.dtype)
             vb[:, i] = self.vb_terms_bpd(out, x0, x_t, t).double()
             pred_x0 = self.p_mean_variance_from_output(out, x_t, t)["pred_x0"]
             mse[:, i] = mean_flat((pred_x0 - x0) ** 2).double()

@@ -28,11 +28,15 @@ from .diffusion import GaussianDiffusion
 from .schedules import NoiseSchedule
 
 
-def diffusion_spec(schedule: Any, diffusion: Any) -> dict:
-    """The `diffusion` block of config.json from the params' `schedule` and `diffusion` sections."""
+def diffusion_spec(schedule: Any, diffusion: Any, formulation_options: dict | None = None) -> dict:
+    """The `diffusion` block of config.json from the params' `schedule` and `diffusion` sections.
+
+    `formulation_options`: the resolved options of the parameterization (edm: sigma_data measured on the data).
+    """
     return {"schedule": schedule.name, "num_timesteps": int(schedule.num_timesteps),
             "parameterization": diffusion.parameterization, "variance": diffusion.variance,
-            "loss": diffusion.loss, "min_snr_gamma": diffusion.min_snr_gamma}
+            "loss": diffusion.loss, "min_snr_gamma": diffusion.min_snr_gamma,
+            "formulation_options": dict(formulation_options or {})}
 
 
 def build_diffusion(spec: dict) -> GaussianDiffusion:
@@ -40,7 +44,7 @@ def build_diffusion(spec: dict) -> GaussianDiffusion:
     try:
         sched = NoiseSchedule.from_name(spec["schedule"], int(spec["num_timesteps"]))
         return GaussianDiffusion(sched, spec["parameterization"], spec["variance"], spec.get("loss", "simple"),
-                                 spec.get("min_snr_gamma"))
+                                 spec.get("min_snr_gamma"), formulation_options=spec.get("formulation_options") or {})
     except KeyError as e:
         raise CheckpointError(f"diffusion config lacks key {e.args[0]!r}; the folder was not written by this "
                               f"version's train_diffusion: retrain or fix config.json") from e

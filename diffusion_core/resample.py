@@ -80,8 +80,28 @@ class LossAwareSampler(UniformSampler):
         self.history_len = self.history.shape[1]
 
 
-def make_timestep_sampler(name: str, num_timesteps: int) -> UniformSampler:
-    """Build `uniform` or `loss_aware`."""
+class ObjectiveSampler(UniformSampler):
+    """t ~ probs with weights 1: a timestep distribution that is part of the objective (EDM's log-normal)."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__(probs.numel())
+        self._probs = (probs / probs.sum()).to(torch.float64)
+
+    def probs(self) -> torch.Tensor:
+        return self._probs
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, device="cpu"):
+        t = torch.multinomial(self._probs, batch_size, replacement=True, generator=generator)
+        return t.to(device), torch.ones(batch_size, device=device)
+
+
+def make_timestep_sampler(name: str, num_timesteps: int, objective_probs: torch.Tensor | None = None) -> UniformSampler:
+    """Build `uniform` or `loss_aware`; `objective_probs` (a formulation's own distribution) replaces uniform."""
+    if objective_probs is not None:
+        if name != "uniform":
+            raise ValueError(f"timestep_sampler {name!r} cannot be combined with a parameterization that brings its "
+                             f"own noise-level distribution (edm): set diffusion.timestep_sampler to uniform")
+        return ObjectiveSampler(objective_probs)
     if name == "uniform":
         return UniformSampler(num_timesteps)
     if name == "loss_aware":

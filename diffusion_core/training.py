@@ -60,8 +60,31 @@ def build_denoiser(unet_cfg: Any, data_shape: tuple[int, ...], num_classes: int 
                 num_heads=unet_cfg.num_heads, dropout=unet_cfg.dropout, num_classes=num_classes, learn_sigma=learn_sigma)
 
 
-def build_diffusion_from_params(schedule_cfg: Any, diffusion_cfg: Any) -> GaussianDiffusion:
-    return build_diffusion(diffusion_spec(schedule_cfg, diffusion_cfg))
+def formulation_options(diffusion_cfg: Any, sigma_data: float | None = None) -> dict:
+    """Constructor options of the params' parameterization; edm's sigma_data from params, else `sigma_data`."""
+    if diffusion_cfg.parameterization != "edm":
+        return {}
+    sd = diffusion_cfg.sigma_data if diffusion_cfg.sigma_data is not None else sigma_data
+    if sd is None:
+        raise ValueError("parameterization 'edm' needs sigma_data: set diffusion.sigma_data or measure it on the "
+                         "training data (data_std)")
+    return {"sigma_data": float(sd), "p_mean": float(diffusion_cfg.edm_p_mean), "p_std": float(diffusion_cfg.edm_p_std)}
+
+
+def data_std(x: torch.Tensor) -> float:
+    """Standard deviation of all values of x over every rank (all-reduced under torch.distributed)."""
+    x = x.double()
+    stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    total, sq, n = stats.tolist()
+    return math.sqrt(max(sq / n - (total / n) ** 2, 0.0))
+
+
+def build_diffusion_from_params(schedule_cfg: Any, diffusion_cfg: Any, sigma_data: float | None = None
+                                ) -> GaussianDiffusion:
+    """GaussianDiffusion from the params' sections (`sigma_data`: the measured data std, for edm)."""
+    return build_diffusion(diffusion_spec(schedule_cfg, diffusion_cfg, formulation_options(diffusion_cfg, sigma_data)))
 
 
 def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -231,7 +254,8 @@ class DiffusionTrainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.opt = adamw(self.model.parameters(), lr_at(0, cfg.lr, cfg.warmup_steps), cfg.weight_decay, self.device)
-        self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
+        self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps,
+                                                             diffusion.formulation.timestep_probs(diffusion))
         self.quartiles = QuartileLoss(diffusion.num_timesteps)
         self.step = 0
         self.samples_seen = 0
@@ -255,11 +279,12 @@ class DiffusionTrainer:
         else:
             y = None
         x_t = d.q_sample(x0, t, noise)
+        net_in = d.formulation.model_input(d, x_t, t)
         if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+            net_in = net_in.contiguous(memory_format=torch.channels_last)
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16)):
-            out = self.ddp(x_t, d.model_timesteps(t), y)
+            out = self.ddp(net_in, d.model_timesteps(t), y)
         losses = d.losses_from_output(out.float(), x0, x_t, t, noise)["loss"]  # float32 losses
         weighted = losses * weights
         loss = weighted.mean()
@@ -417,6 +442,7 @@ def sample_preview(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple[
 
 
 __all__ = ["DiffusionTrainer", "LoopHooks", "NumericalError", "QuartileLoss", "RankData", "StepStats",
-           "batch_indices", "build_denoiser", "build_diffusion_from_params", "capture_rng_state", "load_rank_data",
+           "batch_indices", "build_denoiser", "build_diffusion_from_params", "capture_rng_state", "data_std",
+           "formulation_options", "load_rank_data",
            "lr_at", "prune_checkpoints", "restore_rng_state", "sample_preview", "step_generator", "train_loop",
            "weights_sha256"]

@@ -22,8 +22,8 @@ from diffusion_core.io import OutputError, atomic_write_json
 from diffusion_core.pretrained import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
 from diffusion_core.tracking import TrackingError, start_run
 from diffusion_core.training import (DiffusionTrainer, LoopHooks, NumericalError, build_denoiser,
-                                     build_diffusion_from_params, load_rank_data, prune_checkpoints, sample_preview,
-                                     train_loop, weights_sha256)
+                                     build_diffusion_from_params, data_std, load_rank_data, prune_checkpoints,
+                                     sample_preview, train_loop, weights_sha256)
 
 from ._ray import latest_ray_checkpoint, report, run_torch_trainer, worker_context
 from ._stage import run_stage
@@ -63,13 +63,14 @@ def train_loop_per_worker(config: dict) -> None:
     shard_dir, meta, latent = _source(cfg)
     data = load_rank_data(shard_dir, params.data, rank, world, scale=latent["scale_factor"] if latent else 1.0)
     num_classes = int(meta["num_classes"]) if cfg.conditional else None
-    diffusion = build_diffusion_from_params(params.schedule, params.diffusion)
+    sigma_data = data_std(data.x) if params.diffusion.parameterization == "edm" else None
+    diffusion = build_diffusion_from_params(params.schedule, params.diffusion, sigma_data)
     shape = tuple(meta["sample_shape"])
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_denoiser(cfg.unet, shape, num_classes, diffusion.learn_sigma)
     device = f"cuda:{torch.cuda.current_device()}" if cfg.scaling.use_gpu else "cpu"
     trainer = DiffusionTrainer(cfg, diffusion, model, params.diffusion.timestep_sampler, num_classes, device)
-    spec = diffusion_spec(params.schedule, params.diffusion)
+    spec = diffusion_spec(params.schedule, params.diffusion, diffusion.formulation_options)
     data_block = {"space": cfg.space, "shape": list(shape), "num_classes": num_classes, "dataset": meta["dataset"],
                   "class_names": meta.get("class_names"), "kind": "points" if meta["kind"] == "points" else "image"}
     extra = {"diffusion": spec, "data": data_block, "latent": latent, "run_key": config["run_key"]}

@@ -14,7 +14,8 @@ class GaussianDenoiser(torch.nn.Module):
     (ab s^2 + 1 - ab) (x_t - sqrt(ab) m); the output is that posterior mean expressed as eps, x0, v or mu.
     """
 
-    def __init__(self, schedule: NoiseSchedule, mean, std, parameterization: str = "eps", extra_var_channels=False):
+    def __init__(self, schedule: NoiseSchedule, mean, std, parameterization: str = "eps", extra_var_channels=False,
+                 sigma_data: float = 1.0):
         super().__init__()
         self.ab = schedule.alphas_cumprod
         self.ab_prev = schedule.alphas_cumprod_prev
@@ -22,6 +23,7 @@ class GaussianDenoiser(torch.nn.Module):
         self.m = torch.as_tensor(mean, dtype=torch.float64)
         self.s = torch.as_tensor(std, dtype=torch.float64)
         self.parameterization = parameterization
+        self.sigma_data = sigma_data
         self.extra = extra_var_channels
         self.calls = 0
 
@@ -33,11 +35,17 @@ class GaussianDenoiser(torch.nn.Module):
 
     def forward(self, x_t, t, y=None):
         self.calls += 1
+        p = self.parameterization
+        if p == "edm":  # the network sees c_in x_t / alpha = x_t / sqrt(1 - ab + ab sd^2) (Karras et al. table 1)
+            ab = self.ab[t.long()].view(-1, *([1] * (x_t.dim() - 1)))
+            x_t = x_t * (1 - ab + ab * self.sigma_data ** 2).sqrt().to(x_t.dtype)
         x0, ab = self.posterior_x0(x_t, t)
         x = x_t.double()
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-        p = self.parameterization
-        if p == "eps":
+        if p == "edm":
+            s2, sd2 = (1 - ab) / ab, self.sigma_data ** 2
+            out = (x0 - sd2 / (s2 + sd2) * x / ab.sqrt()) / (s2.sqrt() * self.sigma_data / (s2 + sd2).sqrt())
+        elif p == "eps":
             out = eps
         elif p == "x0":
             out = x0
