@@ -110,8 +110,10 @@ def test_ddim_trajectory_matches_diffusers(spacing, name, dname):
 def test_per_sample_seeds_do_not_depend_on_batch_size():
     diff, model = _setup("cosine")
     seeds = list(range(100, 110))
-    for sampler in ("ddpm", "ddim"):
-        kw = dict(sampler=sampler, steps=25, eta=0.5, clip_denoised=False)
+    stochastic = {"ddpm": {}, "ddim": {"eta": 0.5}, "dpmpp2m_sde": {}, "heun": {"s_churn": 10.0},
+                  "euler": {"s_churn": 10.0}}
+    for sampler, options in stochastic.items():
+        kw = dict(sampler=sampler, steps=25, options=options, clip_denoised=False)
         whole = sample(diff, model, (10, 4), seeds=seeds, **kw)
         parts = torch.cat([sample(diff, model, (3, 4), seeds=seeds[:3], **kw),
                            sample(diff, model, (7, 4), seeds=seeds[3:], **kw)])
@@ -222,12 +224,18 @@ def test_cfg_only_touches_mean_channels_of_learned_variance():
 
 def test_bad_sampler_arguments():
     diff, model = _setup("cosine")
-    with pytest.raises(ValueError, match="accepted: ddpm, ddim, dpmpp2m"):
-        sample(diff, model, (2, 4), sampler="euler")
+    with pytest.raises(ValueError, match="unknown sampler 'lms'; accepted: ddim, ddpm, dpmpp2m, dpmpp2m_sde, dpmpp3m, euler, heun"):
+        sample(diff, model, (2, 4), sampler="lms")
     with pytest.raises(ValueError, match="steps must be in 1..1000"):
         sample(diff, model, (2, 4), steps=1001)
-    with pytest.raises(ValueError, match="eta must be in"):
+    with pytest.raises(ValueError, match=r"option eta must be in \[0.0, 1.0\]"):
         sample(diff, model, (2, 4), eta=-0.1)
+    with pytest.raises(ValueError, match="'dpmpp2m' has no eta option"):
+        sample(diff, model, (2, 4), sampler="dpmpp2m", eta=0.5)
+    with pytest.raises(ValueError, match="'heun' has no option 'churn'; its options: s_churn, s_tmin"):
+        sample(diff, model, (2, 4), sampler="heun", options={"churn": 1})
+    with pytest.raises(ValueError, match="unknown spacing 'cosine'; accepted: leading, trailing, linspace, logsnr"):
+        sample(diff, model, (2, 4), spacing="cosine")
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         ClassifierFreeGuidance(-1.0, 2)
 

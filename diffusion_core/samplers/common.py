@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion import GaussianDiffusion
-from ..schedules import spaced_timesteps
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
+from .grids import grid_timesteps
 
 
 class NoiseSource:
@@ -38,24 +38,11 @@ class NoiseSource:
 
 def sampling_diffusion(diffusion: GaussianDiffusion, steps: int | None, spacing: str,
                        lambda_min: float | None = None) -> GaussianDiffusion:
-    """The diffusion respaced to `steps` steps (the full schedule when steps is None or T).
-
-    With `lambda_min`, steps whose log-SNR 2*lambda lies below 2*lambda_min are moved down to the last step
-    above it. At the end of the cosine schedule (beta capped at 0.999, alpha_bar_999 ~ 2e-9) an eps-model's
-    x0 = (x - sqrt(1-ab) eps)/sqrt(ab) multiplies its error by 1/sqrt(ab) ~ 2e4, which deterministic samplers
-    carry into the sample; starting from SNR ~ e^-10.2 instead changes x_T's distribution by < 1%.
-    """
-    sched = diffusion.schedule
-    T = diffusion.num_timesteps
-    keep = torch.arange(T) if steps is None else spaced_timesteps(T, steps, spacing)
-    if lambda_min is not None:
-        lam = 0.5 * torch.log(sched.snr)
-        ok = torch.nonzero(lam >= lambda_min).flatten()
-        if len(ok):
-            keep = torch.unique(keep.clamp(max=int(ok.max())))
-    if len(keep) == T:
+    """The diffusion respaced to the `steps`-point grid `spacing` (see `grids.grid_timesteps`)."""
+    keep = grid_timesteps(diffusion.schedule, steps, spacing, lambda_min)
+    if len(keep) == diffusion.num_timesteps:
         return diffusion
-    return diffusion.respaced(sched.respace(keep))
+    return diffusion.respaced(diffusion.schedule.respace(keep))
 
 
 class Predictor:
@@ -66,8 +53,10 @@ class Predictor:
     """
 
     def __init__(self, diffusion: GaussianDiffusion, model: Callable, y, guidance, clip_denoised: bool,
-                 eps_guidance: bool):
+                 eps_guidance: bool, lambda_min: float | None = None, base: GaussianDiffusion | None = None):
         self.diffusion, self.y, self.clip = diffusion, y, clip_denoised
+        self.lambda_min = -float("inf") if lambda_min is None else lambda_min  # multistep solvers' guard
+        self.base = base if base is not None else diffusion  # the model's full schedule (off-grid calls)
         self.cond_fn = None
         if isinstance(guidance, ClassifierFreeGuidance):
             model = guidance.wrap(model)
@@ -80,7 +69,14 @@ class Predictor:
         self.nfe = 0
 
     def __call__(self, x: torch.Tensor, i: int) -> dict:
-        d = self.diffusion
+        """Predictions at step i of the sampling schedule."""
+        return self._predict(self.diffusion, x, i)
+
+    def at_timestep(self, x: torch.Tensor, t_model: int) -> dict:
+        """Predictions at one of the model's own timesteps, on or off the grid (EDM's churn)."""
+        return self._predict(self.base, x, t_model)
+
+    def _predict(self, d: GaussianDiffusion, x: torch.Tensor, i: int) -> dict:
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = d.p_mean_variance(self.model, x, t, self.y, clip_denoised=self.clip)
         self.nfe += 1

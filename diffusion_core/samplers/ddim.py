@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from .common import NoiseSource, Predictor
+from .registry import Option, SamplerSpec, register
 
 
-def ddim_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, eta: float = 0.0,
-              callback=None) -> torch.Tensor:
+def ddim_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, options: dict, callback=None) -> torch.Tensor:
     """x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z; the last step lands on ab = 1."""
+    eta = options["eta"]
     sched = predict.diffusion.schedule
     ab, ab_prev_all = sched.alphas_cumprod, sched.alphas_cumprod_prev
     for i in reversed(range(sched.num_timesteps)):
@@ -22,3 +23,9 @@ def ddim_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, eta: floa
         if callback is not None:
             callback(i, x, out["pred_x0"])
     return x
+
+
+register(SamplerSpec("ddim", ddim_loop, "DDIM; eta 0 deterministic, eta 1 = DDPM's posterior variance",
+                     "Song et al. 2021, eq. 12",
+                     options=(Option("eta", 0.0, 0.0, 1.0, "noise scale: 0 deterministic, 1 DDPM"),),
+                     stochastic=lambda o: o["eta"] > 0))

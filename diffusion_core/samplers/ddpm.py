@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from .common import NoiseSource, Predictor
+from .registry import SamplerSpec, register
 
 
-def ddpm_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, callback=None) -> torch.Tensor:
+def ddpm_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, options: dict, callback=None) -> torch.Tensor:
     """x_{t-1} = mu(x_t, t) + sigma_t z, z ~ N(0, I), no noise at the last step."""
     for i in reversed(range(predict.diffusion.num_timesteps)):
         out = predict(x, i)
@@ -16,3 +17,7 @@ def ddpm_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, callback=
         if callback is not None:
             callback(i, x, out["pred_x0"])
     return x
+
+
+register(SamplerSpec("ddpm", ddpm_loop, "ancestral sampling with the model's variance", "Ho et al. 2020, alg. 2",
+                     guidance="mean", stochastic=lambda o: True))
