@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Mapping, Un
 
 import annotated_types
 import yaml
+
+from .samplers import SAMPLERS, SPACINGS
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
@@ -280,9 +282,20 @@ class TrainFeatureNetConfig(Section):
     log_every: PosInt = 100
     seed: NonNegInt = 0
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp2m"]
+SamplerName = Literal[tuple(SAMPLERS)]  # the registry's names (diffusion_core/samplers/registry.py)
 GuidanceKind = Literal["none", "classifier", "cfg"]
-Spacing = Literal["leading", "trailing", "linspace"]
+Spacing = Literal[SPACINGS]
+SamplerOptions = dict[str, float]  # a sampler's own options (e.g. heun's s_churn), checked against the registry
+
+
+def _check_sampler_options(samplers: Iterable[str], options: Mapping[str, float], where: str) -> None:
+    from .samplers import resolve_options
+
+    for name in samplers:
+        try:
+            resolve_options(name, dict(options))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 Eta = Annotated[float, Field(ge=0, le=1)]
 Scale = Annotated[float, Field(ge=0)]
 
@@ -324,6 +337,13 @@ class SweepGridConfig(Section):
     guidance: Annotated[tuple[GuidanceKind, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)] = ("cfg",)
     scales: Annotated[tuple[Scale, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)] = (1.0,)
     num_samples: PosInt | None = None  # null: sweep.num_samples (FD is biased by N: compare kd_domain across N)
+    spacings: Annotated[tuple[Spacing, ...], BeforeValidator(_list_to_tuple)] | None = None  # null: sweep.spacing
+    options: SamplerOptions = {}  # applied to every sampler of the block (each must have them)
+
+    @model_validator(mode="after")
+    def _options_exist(self):
+        _check_sampler_options(self.samplers, self.options, "sweep.sampling options")
+        return self
 
 
 @register_section("sweep")
@@ -352,6 +372,7 @@ class EvaluateConfig(Section):
     steps: PosInt | None = 50  # null: the full schedule
     eta: Eta = 0.0
     spacing: Spacing = "trailing"
+    options: SamplerOptions = {}  # the sampler's own options, e.g. {s_churn: 10} for heun
     guidance: GuidanceKind = "cfg"
     scale: Scale = 2.0
     num_samples: Annotated[int, Field(ge=2)] = 1000
@@ -363,6 +384,13 @@ class EvaluateConfig(Section):
     grid_samples: PosInt = 100
     bf16: bool = False  # denoiser under bf16 autocast while sampling (FastDenoiser; not for nll_bpd)
     channels_last: bool = False  # denoiser in channels_last memory format while sampling
+
+    @model_validator(mode="after")
+    def _options_exist(self):
+        _check_sampler_options([self.sampler], self.options, "evaluate.options")
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(f"evaluate.eta applies to ddim only; sampler {self.sampler!r} got eta {self.eta}")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- loading

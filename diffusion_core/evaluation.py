@@ -7,6 +7,7 @@ Engine-free (no ray, no mlflow): the stages wire these into Ray Tune / Ray tasks
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -45,8 +46,10 @@ def load_reference(ref_dir: str | Path, name: str, required: bool = True):
 # ----------------------------------------------------------------------------------------------- sampling grid
 
 
-def sampling_trials(grid_blocks: Iterable[Any], default_num_samples: int, num_timesteps: int) -> list[dict]:
-    """Expand `sweep.sampling` blocks into distinct trial configs (sampler, steps, eta, guidance, scale, num_samples).
+def sampling_trials(grid_blocks: Iterable[Any], default_num_samples: int, num_timesteps: int,
+                    default_spacing: str = "trailing") -> list[dict]:
+    """Expand `sweep.sampling` blocks into distinct trial configs (sampler, steps, eta, guidance, scale, num_samples,
+    spacing, options).
 
     eta only matters to DDIM (set to 0 elsewhere); scale is None without guidance. Duplicates across blocks are
     dropped, keeping the first. Steps beyond the model's T raise ValueError naming the block.
@@ -57,11 +60,14 @@ def sampling_trials(grid_blocks: Iterable[Any], default_num_samples: int, num_ti
         if bad:
             raise ValueError(f"sweep.sampling[{i}].steps has {bad[0]} > schedule.num_timesteps {num_timesteps}")
         n = block.num_samples or default_num_samples
-        for sampler, steps, eta, guidance, scale in itertools.product(block.samplers, block.steps, block.etas,
-                                                                      block.guidance, block.scales):
+        spacings = getattr(block, "spacings", None) or (default_spacing,)
+        options = dict(getattr(block, "options", None) or {})
+        for sampler, steps, eta, guidance, scale, spacing in itertools.product(
+                block.samplers, block.steps, block.etas, block.guidance, block.scales, spacings):
             trial = {"sampler": sampler, "steps": int(steps), "eta": float(eta) if sampler == "ddim" else 0.0,
-                     "guidance": guidance, "scale": None if guidance == "none" else float(scale), "num_samples": n}
-            key = tuple(trial.values())
+                     "guidance": guidance, "scale": None if guidance == "none" else float(scale), "num_samples": n,
+                     "spacing": spacing, "options": options}
+            key = json.dumps(trial, sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 out.append(trial)
@@ -74,7 +80,9 @@ def trial_name(trial: dict) -> str:
         return f"train-{trial['schedule']}-{trial['parameterization']}"
     g = trial["guidance"] if trial["scale"] is None else f"{trial['guidance']}{trial['scale']:g}"
     eta = f"-eta{trial['eta']:g}" if trial["sampler"] == "ddim" else ""
-    return f"{trial['sampler']}-{trial['steps']}{eta}-{g}-n{trial['num_samples']}"
+    grid = f"-{trial['spacing']}" if trial.get("spacing", "trailing") != "trailing" else ""
+    opts = "".join(f"-{k}{v:g}" for k, v in sorted((trial.get("options") or {}).items()))
+    return f"{trial['sampler']}-{trial['steps']}{eta}{grid}{opts}-{g}-n{trial['num_samples']}"
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -21,11 +21,10 @@ import torch
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .io import atomic_path
 from .pretrained import DiffusionBundle
-from .samplers import SAMPLERS, sample
-from .schedules import spaced_timesteps
+from .samplers import SAMPLERS, SPACINGS, sample, sampler_options  # noqa: F401 (re-exported)
+from .samplers.grids import grid_timesteps
 
 GUIDANCE_KINDS = ("none", "classifier", "cfg")
-SPACINGS = ("leading", "trailing", "linspace")
 SEED_FILE = "seed-{:06d}.png"
 _SEED_FILE_RE = re.compile(r"^seed-\d{6,}\.png$")
 
@@ -80,11 +79,13 @@ def check_device(device: str | torch.device | None) -> torch.device:
 
 def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int | None, eta: float,
                    guidance_kind: str, scale: float, classifier_bundle: ClassifierBundle | None,
-                   classes: Sequence[int] | None, batch_size: int, spacing: str) -> None:
-    """SamplingError (one line) for every option or combination that cannot work."""
+                   classes: Sequence[int] | None, batch_size: int, spacing: str, options: dict | None = None) -> dict:
+    """SamplingError (one line) for every option or combination that cannot work; returns the sampler's options."""
     T = bundle.diffusion.num_timesteps
-    if sampler not in SAMPLERS:
-        raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    try:
+        resolved = sampler_options(sampler, eta, options)
+    except ValueError as e:
+        raise SamplingError(str(e)) from None
     if guidance_kind not in GUIDANCE_KINDS:
         raise SamplingError(f"unknown guidance {guidance_kind!r}; choose one of {', '.join(GUIDANCE_KINDS)}")
     if spacing not in SPACINGS:
@@ -95,8 +96,6 @@ def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int |
         raise SamplingError(f"batch size must be >= 1, got {batch_size}")
     if steps is not None and not 1 <= steps <= T:
         raise SamplingError(f"steps must be in 1..{T} (the model's T), got {steps}")
-    if not 0.0 <= eta <= 1.0:
-        raise SamplingError(f"eta must be in [0, 1], got {eta}")
     if scale < 0:
         raise SamplingError(f"guidance scale must be >= 0, got {scale}")
     if classes is not None and len(classes) == 0:
@@ -119,6 +118,7 @@ def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int |
         bad = [c for c in classes if not 0 <= int(c) < known]
         if bad:
             raise SamplingError(f"class {bad[0]} is not known to the model (classes are 0..{known - 1})")
+    return resolved
 
 
 def _check_classifier(bundle: DiffusionBundle, clf: ClassifierBundle) -> None:
@@ -203,7 +203,7 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
              guidance_kind: str = "none", scale: float = 1.0, classifier_bundle: ClassifierBundle | None = None,
              classes: Sequence[int] | None = None, seed: int = 0, batch_size: int = 64, spacing: str = "trailing",
              progress: bool = False, device: str | torch.device | None = None, start: int = 0,
-             bf16: bool = False, channels_last: bool = False) -> dict:
+             bf16: bool = False, channels_last: bool = False, options: dict | None = None) -> dict:
     """Draw samples i = start..start+num-1 of a set; sample i uses seed `seed + i` and label `classes[i % len]`.
 
     `start` lets workers split one set: generate(num=k, start=j) on each gives exactly that slice of the set.
@@ -214,8 +214,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     `bf16` / `channels_last` run the denoiser under bf16 autocast / in channels_last memory format (FastDenoiser:
     2.8x faster for the default latent model on this CPU; off by default, which keeps samples bitwise fp32).
     """
-    _check_options(bundle, num, sampler, steps, eta, guidance_kind, scale, classifier_bundle, classes, batch_size,
-                   spacing)
+    options = _check_options(bundle, num, sampler, steps, eta, guidance_kind, scale, classifier_bundle, classes,
+                             batch_size, spacing, options)
     if classes is None and guidance_kind != "none":
         k = classifier_bundle.num_classes if guidance_kind == "classifier" else bundle.num_classes
         classes = list(range(k))
@@ -242,8 +242,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
         for lo in range(0, num, batch_size):
             hi = min(lo + batch_size, num)
             y = None if classes is None else torch.as_tensor(labels[lo:hi], device=device)
-            x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=sampler, steps=steps, eta=eta,
-                        spacing=spacing, seeds=seeds[lo:hi].tolist(), y=y, clip_denoised=pixel, guidance=guidance,
+            x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=sampler, steps=steps,
+                        options=options, spacing=spacing, seeds=seeds[lo:hi].tolist(), y=y, clip_denoised=pixel, guidance=guidance,
                         device=device)
             chunks.append(bundle.to_images(x0).float().cpu())
             if bar is not None:
@@ -253,7 +253,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
         if bar is not None:
             bar.close()
     x = torch.cat(chunks)
-    result = {"labels": labels, "seeds": seeds, "nfe": model.evals / num, "seconds": time.perf_counter() - start}
+    result = {"labels": labels, "seeds": seeds, "nfe": model.evals / num, "seconds": time.perf_counter() - start,
+              "options": options}
     if x.ndim == 4:
         result["images"] = to_uint8(x)
     else:
@@ -262,9 +263,9 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
 
 
 def sampling_steps(bundle: DiffusionBundle, steps: int | None, spacing: str = "trailing") -> int:
-    """Number of respaced steps before any log-SNR clamping (for labels and reports)."""
+    """Number of grid points before any log-SNR clamping (for labels and reports)."""
     T = bundle.diffusion.num_timesteps
-    return T if steps is None else len(spaced_timesteps(T, steps, spacing))
+    return T if steps is None else len(grid_timesteps(bundle.diffusion.schedule, steps, spacing))
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
@@ -277,6 +278,11 @@ def _write_png(path: Path, img: np.ndarray) -> None:
 def _write_npz(path: Path, **arrays) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
         np.savez(f, **arrays)
+
+
+def _nfe(result: dict) -> dict:
+    """samples.npz's `nfe` key: network evaluations per sample (CFG counts two per step)."""
+    return {"nfe": np.float64(result["nfe"])} if "nfe" in result else {}
 
 
 def save_samples(out: str | os.PathLike, result: dict, nrow: int | None = None) -> list[Path]:
@@ -298,7 +304,7 @@ def save_samples(out: str | os.PathLike, result: dict, nrow: int | None = None) 
         if out.suffix.lower() == ".png":
             save_scatter(result["points"], scatter_labels, out, title="samples")
             return [out]
-        _write_npz(out / "samples.npz", points=result["points"], labels=labels, seeds=seeds)
+        _write_npz(out / "samples.npz", points=result["points"], labels=labels, seeds=seeds, **_nfe(result))
         save_scatter(result["points"], scatter_labels, out / "grid.png", title="samples")
         return [out / "samples.npz", out / "grid.png"]
     images = np.asarray(result["images"])
@@ -319,6 +325,6 @@ def save_samples(out: str | os.PathLike, result: dict, nrow: int | None = None) 
     for p in out.iterdir():
         if _SEED_FILE_RE.match(p.name) and p.name not in keep:
             p.unlink()
-    _write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds)
+    _write_npz(out / "samples.npz", images=images, labels=labels, seeds=seeds, **_nfe(result))
     save_image_grid(images, out / "grid.png", nrow=nrow, scale=scale)
     return written + [out / "samples.npz", out / "grid.png"]

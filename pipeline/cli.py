@@ -20,8 +20,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows `(default: X)` for options that have a value to show (not for flags or required options)."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows `(default: X)` for options that have a value to show (not for flags or required options); keeps the
+    description and epilog as written (the sampler list is one line per sampler)."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or action.required:
@@ -39,22 +40,34 @@ def _class_list(text: str) -> list[int]:
     return classes
 
 
+def _option(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER like s_churn=10, got {text!r}") from None
+
+
 def _add_sample(sub) -> None:
-    from diffusion_core.sampling import GUIDANCE_KINDS, SPACINGS
-    from diffusion_core.samplers import SAMPLERS
+    from diffusion_core.sampling import GUIDANCE_KINDS
+    from diffusion_core.samplers import SAMPLERS, SPACINGS, describe
 
     p = sub.add_parser(
         "sample", help="draw samples from a trained model folder",
         description="Draw samples from a model folder written by train_diffusion. Sample i uses seed SEED+i only, so "
                     "a set is the same whatever --batch-size. Latent models are decoded through their autoencoder.",
-        epilog="--out X.png writes one grid; --out DIR writes DIR/seed-%06d.png per sample, DIR/samples.npz "
-               "(images uint8 N x H x W x C, labels, seeds) and DIR/grid.png.",
+        epilog="samplers:\n" + describe().replace("%", "%%") + "\n\n--out X.png writes one grid; --out DIR writes "
+               "DIR/seed-%06d.png per sample, DIR/samples.npz (images uint8 N x H x W x C, labels, seeds, nfe) and "
+               "DIR/grid.png.",
         formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="diffusion model folder (e.g. models/diffusion)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
-    p.add_argument("--steps", type=int, default=50, metavar="N", help="sampling steps (1..T of the model)")
-    p.add_argument("--eta", type=float, default=0.0, metavar="E",
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (see the list below)")
+    p.add_argument("--steps", type=int, default=50, metavar="N",
+                   help="grid points (1..T of the model); NFE per sample is printed (heun: 2N-1, cfg doubles)")
+    p.add_argument("--eta", type=float, default=None, metavar="E",
                    help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like (ddim only)")
+    p.add_argument("--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="a sampler option, repeatable (e.g. --option s_churn=10 for heun/euler; list below)")
     p.add_argument("--guidance", choices=GUIDANCE_KINDS, default="none",
                    help="guidance: none, classifier (needs --classifier) or cfg (class-conditional models)")
     p.add_argument("--scale", type=float, default=1.0, metavar="S",
@@ -70,7 +83,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--num", type=int, default=16, metavar="N", help="number of samples")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of sample 0 (sample i uses S+i)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="samples per batch (no effect on results)")
-    p.add_argument("--spacing", choices=SPACINGS, default="trailing", help="timestep spacing (diffusers' names)")
+    p.add_argument("--spacing", choices=SPACINGS, default="trailing",
+                   help="grid: leading/trailing/linspace timesteps (diffusers' names), logsnr (uniform in log-SNR), "
+                        "karras (rho=7 sigmas); snapped to the model's timesteps")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--bf16", action="store_true",
                    help="run the network under bf16 autocast (sampler math stays float32; ~2x faster on CPUs with "
@@ -95,6 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     clf = load_classifier_dir(args.classifier, map_location=args.device) if args.classifier else None
     classes = [args.class_] if args.class_ is not None else args.classes
     result = generate(bundle, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                      options=dict(args.options),
                       guidance_kind=args.guidance, scale=args.scale, classifier_bundle=clf, classes=classes,
                       seed=args.seed, batch_size=args.batch_size, spacing=args.spacing,
                       progress=not args.no_progress, device=args.device, bf16=args.bf16,

@@ -40,7 +40,8 @@ def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
 
 
 def _sample(cfg, workers: int) -> dict:
-    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "guidance_kind": cfg.guidance,
+    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "options": dict(cfg.options),
+              "guidance_kind": cfg.guidance,
               "scale": cfg.scale, "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": cfg.spacing,
               "bf16": cfg.bf16, "channels_last": cfg.channels_last}
     root = str(Path.cwd().resolve())

@@ -69,9 +69,10 @@ def sampling_trial(config: dict) -> None:
     bundle = load_diffusion_dir(MODEL)
     clf = load_classifier_dir(CLASSIFIER) if t["guidance"] == "classifier" else None
     out = generate(bundle, t["num_samples"], sampler=t["sampler"], steps=t["steps"], eta=t["eta"],
-                   guidance_kind=t["guidance"], scale=1.0 if t["scale"] is None else t["scale"],
-                   classifier_bundle=clf, seed=config["seed"], batch_size=config["batch_size"],
-                   spacing=config["spacing"], bf16=config["bf16"], channels_last=config["channels_last"])
+                   options=t.get("options"), guidance_kind=t["guidance"],
+                   scale=1.0 if t["scale"] is None else t["scale"], classifier_bundle=clf, seed=config["seed"],
+                   batch_size=config["batch_size"], spacing=t.get("spacing", config["spacing"]), bf16=config["bf16"],
+                   channels_last=config["channels_last"])
     metrics = sample_metrics(out["images"], out["labels"], ref, ext)
     k = config["grid_samples"]
     np.savez(Path(config["staging"]) / f"{trial_name(t)}.npz", images=out["images"][:k], labels=out["labels"][:k])
@@ -191,7 +192,7 @@ def _run(args) -> None:
     params = load_params(args.params, sections=SECTIONS)
     sw, tc = params.sweep, params.sweep.training
     T = json.loads((Path(MODEL) / "config.json").read_text())["diffusion"]["num_timesteps"]
-    trials = sampling_trials(sw.sampling, sw.num_samples, T)
+    trials = sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing)
     train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
     if not reference_path(REFERENCE, DOMAIN).is_file():
         load_reference(REFERENCE, DOMAIN)  # raises the one-line "run reference_stats" error

@@ -30,7 +30,7 @@ def _err(raw) -> str:
 
 def _flat(d, prefix=""):
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             yield from _flat(v, f"{prefix}{k}.")
         else:
             yield prefix + k

@@ -56,12 +56,18 @@ def test_help_lists_every_option():
     text = " ".join(out.stdout.split())
     for opt in ("--model", "--sampler", "--steps", "--eta", "--guidance", "--scale", "--classifier", "--class ",
                 "--classes", "--num", "--seed", "--batch-size", "--spacing", "--device", "--out", "--debug",
-                "--autoencoder", "--no-ema", "--no-progress", "--bf16", "--channels-last"):
+                "--autoencoder", "--no-ema", "--no-progress", "--bf16", "--channels-last", "--option"):
         assert opt in text, opt
-    for default in ("(default: ddim)", "(default: 50)", "(default: 0.0)", "(default: none)", "(default: 1.0)",
+    for default in ("(default: ddim)", "(default: 50)", "(default: none)", "(default: 1.0)",
                     "(default: 16)", "(default: 0)", "(default: 64)", "(default: trailing)", "(default: cpu)"):
         assert default in text, default
-    assert "ddpm" in text and "dpmpp2m" in text and "cfg" in text
+    from diffusion_core.samplers import SAMPLERS, SPACINGS
+
+    lines = out.stdout.splitlines()
+    for name, spec in SAMPLERS.items():  # the help's sampler list is the registry
+        line = next(ln for ln in lines if ln.startswith(f"{name}: "))
+        assert all(f"{o.name}=" in line for o in spec.options), line
+    assert all(sp in text for sp in SPACINGS) and "cfg" in text
 
 
 def test_sample_folder_outputs_classes_and_batch_size_invariance(folders, tmp_path):
@@ -175,14 +181,14 @@ def bad_cases(f):
         "unknown class in list": (["--model", m, "--guidance", "cfg", "--classes", "0,7"], "class 7"),
         "cfg on unconditional": (["--model", u, "--guidance", "cfg"], "unconditional"),
         "classes on unconditional without classifier": (["--model", u, "--class", "1"], "classifier"),
-        "eta > 1": (["--model", m, "--eta", "1.5"], "eta must be in [0, 1]"),
+        "eta > 1": (["--model", m, "--eta", "1.5"], "option eta must be in [0.0, 1.0]"),
         "negative scale": (["--model", m, "--guidance", "cfg", "--scale", "-1"], "scale must be >= 0"),
         "classifier for another schedule": (["--model", u, "--guidance", "classifier", "--classifier",
                                              str(f["classifier_linear"])], "schedule"),
         "missing model folder": (["--model", str(Path(m).parent / "nope")], "does not exist"),
         "class and classes": (["--model", m, "--class", "1", "--classes", "0,1"], "not allowed with"),
         "bad class list": (["--model", m, "--classes", "a,b"], "comma-separated"),
-        "bad sampler": (["--model", m, "--sampler", "euler"], "invalid choice"),
+        "bad sampler": (["--model", m, "--sampler", "lms"], "invalid choice"),
     }
 
 
@@ -216,7 +222,7 @@ def test_debug_adds_the_traceback(folders, tmp_path, capsys):
 
 def test_generate_validates_directly(folders):
     bundle = load_diffusion_dir(folders["cond"])
-    for kw in (dict(num=0), dict(batch_size=0), dict(sampler="euler"), dict(spacing="odd"), dict(guidance_kind="x"),
+    for kw in (dict(num=0), dict(batch_size=0), dict(sampler="lms"), dict(spacing="odd"), dict(guidance_kind="x"),
                dict(classes=[])):
         with pytest.raises(SamplingError):
             generate(bundle, **{"num": 1, "steps": 1, **kw})

@@ -1,6 +1,7 @@
 """sweep/evaluate helpers: the sampling grid, trial names, metrics of a sample set, CSV and plots."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def test_sampling_trials_cross_dedupe_and_normalise():
                 "scales": [1.0, 2.0]},
                {"samplers": ["ddim"], "steps": [10], "num_samples": 50})
     trials = sampling_trials(sw.sampling, sw.num_samples, 100)
-    keys = [tuple(t.values()) for t in trials]
+    keys = [json.dumps(t, sort_keys=True) for t in trials]
     assert len(keys) == len(set(keys))
     # ddpm ignores eta, guidance none ignores scale: ddim 2*2*(2+1) + ddpm 2*(2+1) + the n=50 block's one trial
     assert len(trials) == 12 + 6 + 1

@@ -1,0 +1,91 @@
+"""Samplers x grids x NFE on trained model folders, 1,000 samples per point, several disjoint seed sets.
+
+    python -m bench.sampler_study --run RUN_DIR --models diffusion [diffusion_v ...] [--sets 3] [--num 1000]
+
+RUN_DIR is a repo checkout after `dvc repro` (models/<name>/, models/feature_net/, data/reference/). Every point is
+CFG at evaluate's scale, bf16 + channels_last (as evaluate), seed set k = seeds base + k * num .. (disjoint from the
+sweep's and evaluate's). Writes RUN_DIR/reports/sampler_study.json after every point (a crash keeps what was
+measured) and prints a table: fd_domain mean +- std over the sets, class_accuracy, NFE per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+POINTS = [  # (sampler, steps, spacing, options)
+    ("ddpm", 20, "trailing", {}), ("ddpm", 50, "trailing", {}),
+    ("ddim", 20, "trailing", {}), ("ddim", 50, "trailing", {}), ("ddim", 50, "leading", {}),
+    ("dpmpp2m", 20, "trailing", {}), ("dpmpp2m", 20, "logsnr", {}), ("dpmpp3m", 20, "logsnr", {}),
+    ("heun", 10, "karras", {}), ("dpmpp2m_sde", 20, "logsnr", {}),
+]
+
+
+def _key(p) -> str:
+    opts = ",".join(f"{k}={v:g}" for k, v in sorted(p[3].items()))
+    return f"{p[0]}-{p[1]}-{p[2]}" + (f"-{opts}" if opts else "")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, type=Path, help="repo checkout with models/ and data/reference/")
+    ap.add_argument("--models", nargs="+", default=["diffusion"], help="folders under RUN/models/")
+    ap.add_argument("--sets", type=int, default=3, help="disjoint seed sets per point")
+    ap.add_argument("--num", type=int, default=1000, help="samples per set")
+    ap.add_argument("--scale", type=float, default=1.5, help="CFG scale (evaluate's)")
+    ap.add_argument("--seed", type=int, default=2_000_000, help="first seed of set 0")
+    ap.add_argument("--points", nargs="*", default=None, help="sampler-steps-spacing keys to run (default: all)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/reports/sampler_study.json)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from diffusion_core.evaluation import DOMAIN, load_reference, sample_metrics
+    from diffusion_core.io import atomic_write_json
+    from diffusion_core.metrics.fidelity import domain_extractor
+    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.sampling import generate
+
+    torch.set_num_threads(1)
+    out_path = args.out or args.run / "reports" / "sampler_study.json"
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    ref = load_reference(args.run / "data" / "reference", DOMAIN)
+    extractor = domain_extractor(str(args.run / "models" / "feature_net"))
+    points = [p for p in POINTS if args.points is None or _key(p) in args.points]
+    for name in args.models:
+        bundle = load_diffusion_dir(args.run / "models" / name)
+        for p in points:
+            rows = results.setdefault(name, {}).setdefault(_key(p), [])
+            for k in range(len(rows), args.sets):
+                t0 = time.perf_counter()
+                o = generate(bundle, args.num, sampler=p[0], steps=p[1], spacing=p[2], options=p[3],
+                             guidance_kind="cfg", scale=args.scale, seed=args.seed + k * args.num, batch_size=250,
+                             bf16=True, channels_last=True)
+                m = sample_metrics(o["images"], o["labels"], ref, extractor)
+                rows.append({"set": k, "fd_domain": m["fd_domain"], "kd_domain": m["kd_domain"],
+                             "class_accuracy": m["class_accuracy"], "nfe": o["nfe"],
+                             "seconds": round(time.perf_counter() - t0, 1)})
+                atomic_write_json(out_path, results)
+                print(f"{name} {_key(p)} set {k}: fd_domain {m['fd_domain']:.3f} acc {m['class_accuracy']:.3f} "
+                      f"nfe {o['nfe']:g} ({rows[-1]['seconds']} s)", flush=True)
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = ["| model | point | NFE | fd_domain (mean ± std, sets) | class_accuracy |", "|---|---|---|---|---|"]
+    for name, pts in results.items():
+        for key, rows in pts.items():
+            fds = [r["fd_domain"] for r in rows]
+            sd = statistics.stdev(fds) if len(fds) > 1 else float("nan")
+            acc = statistics.mean(r["class_accuracy"] for r in rows)
+            lines.append(f"| {name} | {key} | {rows[0]['nfe']:g} | {statistics.mean(fds):.3f} ± {sd:.3f} ({len(fds)}) "
+                         f"| {acc:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
