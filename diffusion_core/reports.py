@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 from .io import atomic_path, atomic_write_text
 
 SWEEP_COLUMNS = ("trial", "axis", "status", "schedule", "parameterization", "train_steps", "sampler", "steps", "eta",
-                 "guidance", "scale", "num_samples", "nfe", "fd_domain", "kd_domain", "kd_domain_std",
+                 "spacing", "options", "guidance", "scale", "num_samples", "nfe", "fd_domain", "kd_domain", "kd_domain_std",
                  "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_se", "loss",
                  "wall_seconds")
 
@@ -30,9 +30,14 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[s
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        w.writerow(["" if not _ok(r.get(c)) else f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]
-                    for c in columns])
+        w.writerow([_cell(r.get(c)) for c in columns])
     atomic_write_text(path, buf.getvalue())
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):  # sampler options
+        return ";".join(f"{k}={x:g}" for k, x in sorted(v.items()))
+    return "" if not _ok(v) else f"{v:.6g}" if isinstance(v, float) else v
 
 
 def _figure():
@@ -71,8 +76,12 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
     rows = [r for r in rows if _ok(r.get("fd_domain")) and _ok(r.get("nfe"))]
     ref = reference_setting(rows)
     common_n = max((r["num_samples"] for r in rows), key=[r["num_samples"] for r in rows].count, default=None)
-    for sampler in sorted({r["sampler"] for r in rows}):
-        line = sorted((r for r in rows if r["sampler"] == sampler and (r["guidance"], r["scale"], r["eta"]) == ref),
+    def line_of(r):  # one line per sampler and grid (a grid other than trailing is named)
+        sp = r.get("spacing") or "trailing"
+        return r["sampler"] if sp == "trailing" else f"{r['sampler']} ({sp})"
+
+    for sampler in sorted({line_of(r) for r in rows}):
+        line = sorted((r for r in rows if line_of(r) == sampler and (r["guidance"], r["scale"], r["eta"]) == ref),
                       key=lambda r: r["nfe"])
         if line:
             ax.plot([r["nfe"] for r in line], [r["fd_domain"] for r in line], "o-", label=sampler)
