@@ -120,23 +120,6 @@ def test_euler_is_deterministic_ddim():
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def _run_diffusers(ref, model, x_T, n, noises=None, **step_kw):
-    """Drive a diffusers scheduler with our exact denoiser (the model's input is x_t = alpha x~)."""
-    ref.set_timesteps(n)
-    x = x_T * ref.init_noise_sigma if hasattr(ref, "sigmas") and ref.init_noise_sigma != 1.0 else x_T.clone()
-    for k, t in enumerate(ref.timesteps):
-        eps = model(ref.scale_model_input(x, t), torch.full((x.shape[0],), int(t)))
-        kw = dict(step_kw)
-        if noises is not None:
-            kw["variance_noise"] = noises[k] if k < len(noises) else torch.zeros_like(x)
-        x = ref.step(eps, t, x, **kw).prev_sample
-    return x
-
-
-def _sigma_scaled_start(x_T, sched, t):
-    return x_T / sched.alphas_cumprod[t].sqrt().float()
-
-
 @pytest.mark.parametrize("name", ["euler", "heun"])
 def test_euler_and_heun_match_diffusers(name):
     diff, model = _setup("linear")

@@ -9,6 +9,8 @@ log-sigma (distinct, keeping N points). Every grid starts no lower than log-SNR 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..schedules import NoiseSchedule, spaced_timesteps
@@ -55,11 +57,8 @@ def grid_timesteps(schedule: NoiseSchedule, steps: int | None, spacing: str = "t
     lo, hi = float(log_sigma[0]), float(log_sigma[top])
     if spacing == "logsnr":
         targets = torch.linspace(hi, lo, steps, dtype=torch.float64)
-    else:
+    else:  # Karras et al. eq. 5 on sigma = exp(log_sigma), from sigma_max down to sigma_min
         i = torch.linspace(0, 1, steps, dtype=torch.float64)
-        s_max, s_min = hi, lo
-        rho = KARRAS_RHO
-        sig = (torch.exp(torch.tensor(s_max)) ** (1 / rho)
-               + i * (torch.exp(torch.tensor(s_min)) ** (1 / rho) - torch.exp(torch.tensor(s_max)) ** (1 / rho))) ** rho
-        targets = torch.log(sig)
+        a, b = math.exp(hi / KARRAS_RHO), math.exp(lo / KARRAS_RHO)  # sigma_max^(1/rho), sigma_min^(1/rho)
+        targets = KARRAS_RHO * torch.log(a + i * (b - a))
     return _snap(targets, log_sigma[: top + 1])
