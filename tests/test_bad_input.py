@@ -277,7 +277,7 @@ CASES: dict[str, Case] = {
                                                  "scaling.use_ray: false", "needs scaling.num_workers: 1"),
     "learned_range with the simple loss": params_case("train_classifier", {"diffusion": {"variance": "learned_range"}},
                                                       "variance 'learned_range' needs loss 'hybrid' or 'vlb'",
-                                                      "got loss 'simple'"),
+                                                      "(got 'simple')"),
     "downsample vs channel_mult": params_case("train_autoencoder",
                                               {"train_autoencoder": {"autoencoder": {"downsample": 8}}},
                                               "downsample 8 needs 4 channel_mult entries"),
@@ -343,7 +343,7 @@ CASES: dict[str, Case] = {
                                                  setup=with_model("latent", _drop_autoencoder)),
     # ---- sampling options (diffusion sample)
     "negative eta (cli)": Case("cli", [*SAMPLE, "--model", "{A}/cond", "--eta", "-0.5", "--out", "o.png"],
-                               ("eta must be in [0, 1], got -0.5",)),
+                               ("eta must be in [0.0, 1.0], got -0.5",)),
     "steps > T (cli)": Case("cli", [*SAMPLE[:-3], "--no-progress", "--steps", "51", "--model", "{A}/cond", "--out",
                                     "o.png"], ("steps must be in 1..50", "got 51")),
     "guidance scale < 0 (cli)": Case("cli", [*SAMPLE, "--model", "{A}/cond", "--guidance", "cfg", "--scale", "-1",
