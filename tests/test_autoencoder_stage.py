@@ -148,3 +148,62 @@ def test_config_downsample_must_match_channel_mult():
         validate_params({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2]}}})
     p = validate_params({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2, 2, 4], "downsample": 8}}})
     assert p.train_autoencoder.autoencoder.downsample == 8
+
+
+# ------------------------------------------------------------------------------------------------ latent diffusion
+
+
+@pytest.fixture(scope="module")
+def latent_model(tiny_run) -> Path:
+    """train_diffusion in latent space on the tiny latents (in-process, 1 worker): the default run's path."""
+    import yaml
+
+    params = yaml.safe_load(TINY.read_text())
+    for stage in ("train_diffusion", "train_classifier"):
+        params[stage]["space"] = "latent"
+    params["train_diffusion"]["scaling"].update(num_workers=1, use_ray=False)
+    (tiny_run / "latent.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "latent.yaml"], cwd=tiny_run,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tiny_run / "models" / "diffusion"
+
+
+@pytest.mark.slow
+def test_latent_diffusion_samples_decode_through_the_autoencoder(tiny_run, latent_model):
+    """The CLI's images = the autoencoder's decoder applied, by hand, to the library's latent samples / (1/std z)."""
+    from diffusion_core.pretrained import build_diffusion
+    from diffusion_core.samplers import sample
+    from diffusion_core.sampling import to_uint8
+
+    cfg = json.loads((latent_model / "config.json").read_text())
+    assert cfg["data"]["space"] == "latent" and cfg["data"]["shape"] == [2, 2, 2]
+    assert not Path(cfg["latent"]["autoencoder"]).is_absolute()  # the folder moves with the workspace
+    z_train, _ = load_split(tiny_run / "data" / "latents", "train")
+    scale = 1.0 / z_train.std().item()  # encode_latents' definition, recomputed from the shards
+    assert cfg["latent"]["scale_factor"] == pytest.approx(scale, rel=1e-4)
+
+    out = tiny_run / "latent_samples"
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", str(latent_model), "--num", "4",
+                          "--sampler", "dpmpp2m", "--steps", "5", "--spacing", "logsnr", "--seed", "7",
+                          "--class", "3", "--guidance", "cfg", "--scale", "1.5", "--no-progress", "--out", str(out)],
+                         cwd=tiny_run, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    npz = np.load(out / "samples.npz")
+    assert npz["images"].shape == (4, 8, 8, 1) and npz["images"].dtype == np.uint8
+    assert float(npz["nfe"]) == 10  # counted: 5 DPM-Solver++(2M) steps x 2 calls (CFG)
+
+    from diffusion_core.guidance import ClassifierFreeGuidance
+
+    net, _ = load_model_dir(latent_model)
+    ae, _ = load_model_dir(tiny_run / "models" / "autoencoder")
+    with torch.no_grad():
+        z = sample(build_diffusion(cfg["diffusion"]), net.eval(), (4, 2, 2, 2), sampler="dpmpp2m", steps=5,
+                   spacing="logsnr", seeds=[7, 8, 9, 10], y=torch.full((4,), 3), clip_denoised=False,
+                   guidance=ClassifierFreeGuidance(1.5, null_class=cfg["data"]["num_classes"]))
+        images = ae.eval().decode(z / scale).clamp(-1, 1)
+    diff = np.abs(to_uint8(images).astype(int) - npz["images"].astype(int))
+    assert diff.max() <= 1, diff.max()  # 1 = rounding of a float32 scale factor recomputed here
