@@ -1,12 +1,13 @@
 # Two entry points for a new user; each installs what it needs into .venv first.
 #   make repro   run the whole DVC pipeline on the embedded default dataset (CPU)
 #   make test    run the test suite
+#   make test-fast   unit and oracle tests only (no pipeline stages as subprocesses, no Ray): the inner loop
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install test test-all repro bench
+.PHONY: install test test-fast test-all repro bench
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

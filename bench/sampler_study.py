@@ -2,7 +2,8 @@
 
     python -m bench.sampler_study --run RUN_DIR --models diffusion [diffusion_v ...] [--sets 3] [--num 1000]
 
-RUN_DIR is a repo checkout after `dvc repro` (models/<name>/, models/feature_net/, data/reference/). Every point is
+Sets already in the JSON are kept (a rerun measures only what is missing); `--only-set K --out F` runs one set
+per process (merge the files' lists by hand). RUN_DIR is a repo checkout after `dvc repro` (models/<name>/, models/feature_net/, data/reference/). Every point is
 CFG at evaluate's scale, bf16 + channels_last (as evaluate), seed set k = seeds base + k * num .. (disjoint from the
 sweep's and evaluate's). Writes RUN_DIR/reports/sampler_study.json after every point (a crash keeps what was
 measured) and prints a table: fd_domain mean +- std over the sets, class_accuracy, NFE per sample.
@@ -21,6 +22,8 @@ POINTS = [  # (sampler, steps, spacing, options)
     ("ddim", 20, "trailing", {}), ("ddim", 50, "trailing", {}), ("ddim", 50, "leading", {}),
     ("dpmpp2m", 20, "trailing", {}), ("dpmpp2m", 20, "logsnr", {}), ("dpmpp3m", 20, "logsnr", {}),
     ("heun", 10, "karras", {}), ("dpmpp2m_sde", 20, "logsnr", {}),
+    ("dpmpp2m", 10, "logsnr", {}), ("dpmpp3m", 10, "logsnr", {}), ("ddim", 50, "logsnr", {}),
+    ("ddpm", 1000, "trailing", {}),  # the converged reference: 2,000 NFE with CFG, ~30 min a set on one core
 ]
 
 
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num", type=int, default=1000, help="samples per set")
     ap.add_argument("--scale", type=float, default=1.5, help="CFG scale (evaluate's)")
     ap.add_argument("--seed", type=int, default=2_000_000, help="first seed of set 0")
+    ap.add_argument("--only-set", type=int, default=None, metavar="K",
+                    help="run seed set K only (several processes, one set each, with their own --out)")
     ap.add_argument("--points", nargs="*", default=None, help="sampler-steps-spacing keys to run (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/reports/sampler_study.json)")
     args = ap.parse_args(argv)
@@ -59,7 +64,10 @@ def main(argv=None) -> int:
         bundle = load_diffusion_dir(args.run / "models" / name)
         for p in points:
             rows = results.setdefault(name, {}).setdefault(_key(p), [])
-            for k in range(len(rows), args.sets):
+            done = {r["set"] for r in rows}
+            for k in [args.only_set] if args.only_set is not None else range(args.sets):
+                if k in done:
+                    continue
                 t0 = time.perf_counter()
                 o = generate(bundle, args.num, sampler=p[0], steps=p[1], spacing=p[2], options=p[3],
                              guidance_kind="cfg", scale=args.scale, seed=args.seed + k * args.num, batch_size=250,

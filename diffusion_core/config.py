@@ -314,7 +314,7 @@ class SweepTrainingConfig(Section):
 
     schedules: Annotated[tuple[Literal["linear", "cosine", "sigmoid"], ...], BeforeValidator(_list_to_tuple)] = (
         "linear", "cosine")  # empty: no training trials
-    parameterizations: Annotated[tuple[Literal["eps", "x0", "v"], ...], BeforeValidator(_list_to_tuple)] = ("eps",)
+    parameterizations: Annotated[tuple[Literal["eps", "x0", "v", "mu", "edm"], ...], BeforeValidator(_list_to_tuple)] = ("eps",)
     steps: PosInt = 150  # optimizer steps per trial (the rest of train_diffusion's section applies)
     batch_size: PosInt = 32
     eval_every: PosInt = 50  # steps between validation reports (ASHA's rungs)
@@ -339,11 +339,21 @@ class SweepGridConfig(Section):
     num_samples: PosInt | None = None  # null: sweep.num_samples (FD is biased by N: compare kd_domain across N)
     spacings: Annotated[tuple[Spacing, ...], BeforeValidator(_list_to_tuple)] | None = None  # null: sweep.spacing
     options: SamplerOptions = {}  # applied to every sampler of the block (each must have them)
+    seed_sets: PosInt | None = None  # disjoint seed sets per point; null: sweep.seed_sets
 
     @model_validator(mode="after")
     def _options_exist(self):
         _check_sampler_options(self.samplers, self.options, "sweep.sampling options")
         return self
+
+
+class SweepSelectConfig(Section):
+    """The rule that picks the sweep's best sampling setting (metrics/sweep.json `selected`, used by evaluate):
+    the lowest mean fd_domain among settings measured on all sweep.seed_sets sets of sweep.num_samples samples
+    with NFE <= max_nfe and mean class_accuracy >= min_class_accuracy."""
+
+    max_nfe: PosInt | None = 50  # null: any NFE
+    min_class_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.97
 
 
 @register_section("sweep")
@@ -353,7 +363,9 @@ class SweepConfig(Section):
     num_samples: Annotated[int, Field(ge=2)] = 250  # samples per sampling trial
     batch_size: PosInt = 250
     spacing: Spacing = "trailing"
-    seed: NonNegInt = 0  # sample i uses seed + i in every trial: trials differ only by their settings
+    seed: NonNegInt = 0  # seed set k of a point with n samples uses seeds seed + k*n + i: trials differ only by setting
+    seed_sets: PosInt = 1  # disjoint seed sets per sampling point (mean and spread over them in the report)
+    select: SweepSelectConfig = SweepSelectConfig()
     max_concurrent: PosInt = 2  # trials at once (cpus_per_trial each)
     cpus_per_trial: PosInt = 1
     grid_nfe: PosInt | None = None  # NFE of the per-sampler sample grids; null: largest NFE every sampler has
@@ -366,8 +378,12 @@ class SweepConfig(Section):
 
 @register_section("evaluate")
 class EvaluateConfig(Section):
-    """The chosen sampling configuration, evaluated on more samples -> reports/metrics.json."""
+    """The chosen sampling configuration, evaluated on more samples -> reports/metrics.json.
 
+    `setting: sweep` takes sampler, steps, eta, spacing, options, guidance and scale from the sweep's selected
+    setting (metrics/sweep.json, under sweep.select's rule) and ignores those fields here; `params` uses them."""
+
+    setting: Literal["params", "sweep"] = "params"
     sampler: SamplerName = "ddim"
     steps: PosInt | None = 50  # null: the full schedule
     eta: Eta = 0.0

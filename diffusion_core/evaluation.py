@@ -47,12 +47,12 @@ def load_reference(ref_dir: str | Path, name: str, required: bool = True):
 
 
 def sampling_trials(grid_blocks: Iterable[Any], default_num_samples: int, num_timesteps: int,
-                    default_spacing: str = "trailing") -> list[dict]:
-    """Expand `sweep.sampling` blocks into distinct trial configs (sampler, steps, eta, guidance, scale, num_samples,
-    spacing, options).
+                    default_spacing: str = "trailing", default_seed_sets: int = 1) -> list[dict]:
+    """Expand `sweep.sampling` blocks into trial configs (sampler, steps, eta, guidance, scale, num_samples,
+    spacing, options, seed_set): every distinct setting once per seed set k = 0..seed_sets-1.
 
-    eta only matters to DDIM (set to 0 elsewhere); scale is None without guidance. Duplicates across blocks are
-    dropped, keeping the first. Steps beyond the model's T raise ValueError naming the block.
+    eta only matters to DDIM (set to 0 elsewhere); scale is None without guidance. Duplicate settings across
+    blocks are dropped, keeping the first. Steps beyond the model's T raise ValueError naming the block.
     """
     seen, out = set(), []
     for i, block in enumerate(grid_blocks):
@@ -60,22 +60,28 @@ def sampling_trials(grid_blocks: Iterable[Any], default_num_samples: int, num_ti
         if bad:
             raise ValueError(f"sweep.sampling[{i}].steps has {bad[0]} > schedule.num_timesteps {num_timesteps}")
         n = block.num_samples or default_num_samples
+        sets = getattr(block, "seed_sets", None) or default_seed_sets
         spacings = getattr(block, "spacings", None) or (default_spacing,)
         options = dict(getattr(block, "options", None) or {})
         for sampler, steps, eta, guidance, scale, spacing in itertools.product(
                 block.samplers, block.steps, block.etas, block.guidance, block.scales, spacings):
-            trial = {"sampler": sampler, "steps": int(steps), "eta": float(eta) if sampler == "ddim" else 0.0,
-                     "guidance": guidance, "scale": None if guidance == "none" else float(scale), "num_samples": n,
-                     "spacing": spacing, "options": options}
-            key = json.dumps(trial, sort_keys=True)
+            setting = {"sampler": sampler, "steps": int(steps), "eta": float(eta) if sampler == "ddim" else 0.0,
+                       "guidance": guidance, "scale": None if guidance == "none" else float(scale),
+                       "num_samples": n, "spacing": spacing, "options": options}
+            key = json.dumps(setting, sort_keys=True)
             if key not in seen:
                 seen.add(key)
-                out.append(trial)
+                out += [{**setting, "seed_set": k} for k in range(sets)]
     return out
 
 
-def trial_name(trial: dict) -> str:
-    """Short readable id, e.g. `ddim-20-eta0-cfg2-n250` or `train-cosine-eps`."""
+def trial_seed(trial: dict, base_seed: int) -> int:
+    """First seed of a trial: seed set k of a point with n samples draws seeds base + k*n .. base + (k+1)*n - 1."""
+    return base_seed + trial.get("seed_set", 0) * trial["num_samples"]
+
+
+def setting_name(trial: dict) -> str:
+    """Short readable id of a setting (seed set left out), e.g. `ddim-20-eta0-cfg2-n250` or `train-cosine-eps`."""
     if "schedule" in trial:
         return f"train-{trial['schedule']}-{trial['parameterization']}"
     g = trial["guidance"] if trial["scale"] is None else f"{trial['guidance']}{trial['scale']:g}"
@@ -83,6 +89,11 @@ def trial_name(trial: dict) -> str:
     grid = f"-{trial['spacing']}" if trial.get("spacing", "trailing") != "trailing" else ""
     opts = "".join(f"-{k}{v:g}" for k, v in sorted((trial.get("options") or {}).items()))
     return f"{trial['sampler']}-{trial['steps']}{eta}{grid}{opts}-{g}-n{trial['num_samples']}"
+
+
+def trial_name(trial: dict) -> str:
+    """`setting_name` plus the seed set, e.g. `ddim-20-eta0-cfg2-n250-s1`."""
+    return setting_name(trial) + (f"-s{trial['seed_set']}" if "seed_set" in trial else "")
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -1,6 +1,8 @@
-"""Sweep reports: the trial table as CSV and the comparison plots as PNG (matplotlib, Agg), written atomically.
+"""Sweep reports: the trial table and the per-setting summary (mean and spread over seed sets) as CSV, the
+comparison plots as PNG (matplotlib, Agg), and the rule that selects the best setting; files written atomically.
 
-Rows are dicts with the columns of `SWEEP_COLUMNS`; missing metrics are None (empty in the CSV, skipped in plots).
+Trial rows are dicts with the columns of `SWEEP_COLUMNS`, setting rows (`summarize`) those of `SUMMARY_COLUMNS`;
+missing metrics are None (empty in the CSV, skipped in plots).
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ from typing import Any, Iterable, Sequence
 
 from .io import atomic_path, atomic_write_text
 
-SWEEP_COLUMNS = ("trial", "axis", "status", "schedule", "parameterization", "train_steps", "sampler", "steps", "eta",
+SWEEP_COLUMNS = ("trial", "setting", "seed_set", "axis", "status", "schedule", "parameterization", "train_steps", "sampler", "steps", "eta",
                  "spacing", "options", "guidance", "scale", "num_samples", "nfe", "fd_domain", "kd_domain", "kd_domain_std",
                  "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_se", "loss",
                  "wall_seconds")
+
+
+SETTING_KEYS = ("sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples")
+AVERAGED = ("fd_domain", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "nfe", "wall_seconds")
+SUMMARY_COLUMNS = ("setting", *SETTING_KEYS, "seed_sets", "nfe", "fd_domain", "fd_domain_std", "fd_domain_min",
+                   "fd_domain_max", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "wall_seconds",
+                   "trials")
 
 
 def _ok(v: Any) -> bool:
@@ -68,14 +77,76 @@ def reference_setting(rows: Iterable[dict]) -> tuple | None:
     return max(counts, key=counts.get) if counts else None
 
 
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """One row per sampling setting (its trials differ only by seed set): metrics averaged over the seed sets,
+    fd_domain's sample standard deviation (None for one set), min and max; in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("axis", "sampling") == "sampling":
+            groups.setdefault(r["setting"], []).append(r)
+    out = []
+    for name, rs in groups.items():
+        row = {"setting": name, **{k: rs[0].get(k) for k in SETTING_KEYS}, "seed_sets": len(rs),
+               "trials": ";".join(r["trial"] for r in rs)}
+        for k in AVERAGED:
+            vals = [r[k] for r in rs if _ok(r.get(k))]
+            row[k] = sum(vals) / len(vals) if vals else None
+        fds = [r["fd_domain"] for r in rs if _ok(r.get("fd_domain"))]
+        row["fd_domain_min"], row["fd_domain_max"] = (min(fds), max(fds)) if fds else (None, None)
+        row["fd_domain_std"] = (math.sqrt(sum((v - row["fd_domain"]) ** 2 for v in fds) / (len(fds) - 1))
+                                if len(fds) > 1 else None)
+        out.append(row)
+    return out
+
+
+def converged_reference(settings: Sequence[dict]) -> dict | None:
+    """The DDPM setting with the most steps at the common guidance/eta setting and the most common sample count:
+    the band the FD-vs-NFE plot draws (DDPM at the full schedule when the sweep has it)."""
+    ref, n = reference_setting(settings), _common_n(settings)
+    ddpm = [r for r in settings if r["sampler"] == "ddpm" and (r["guidance"], r["scale"], r["eta"]) == ref
+            and r["num_samples"] == n and _ok(r.get("fd_domain"))]
+    return max(ddpm, key=lambda r: r["steps"]) if ddpm else None
+
+
+def select_setting(settings: Sequence[dict], num_samples: int, max_nfe: float | None,
+                   min_class_accuracy: float, min_seed_sets: int = 1) -> dict | None:
+    """The rule evaluate follows: the lowest mean fd_domain among settings with `num_samples` samples per set (FD
+    is biased by N) measured on at least `min_seed_sets` sets (the minimum of noisier means is biased low), NFE <=
+    max_nfe (None: any) and mean class_accuracy >= min_class_accuracy; None if none does. A setting without
+    class_accuracy (unconditional) passes that clause only when min_class_accuracy is 0."""
+    def ok(r):
+        acc = r.get("class_accuracy")
+        return (r["num_samples"] == num_samples and r.get("seed_sets", 1) >= min_seed_sets
+                and _ok(r.get("fd_domain")) and _ok(r.get("nfe"))
+                and (max_nfe is None or r["nfe"] <= max_nfe + 1e-9)
+                and ((_ok(acc) and acc >= min_class_accuracy) or min_class_accuracy == 0))
+    passing = [r for r in settings if ok(r)]
+    return min(passing, key=lambda r: r["fd_domain"]) if passing else None
+
+
+def _common_n(rows: Sequence[dict]):
+    ns = [r["num_samples"] for r in rows]
+    return max(ns, key=ns.count, default=None)
+
+
 def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """fd_domain against NFE (log x), one line per sampler at the common guidance/eta setting; other settings as
-    loose markers. Point labels give the sample count where it differs from the most common one."""
+    """Mean fd_domain over seed sets against NFE (log x), error bars one standard deviation over the sets, one
+    line per sampler and grid at the common guidance/eta setting; other settings as loose markers; the converged
+    reference (the DDPM setting with most steps) as a horizontal band, mean +- std. Point labels give the sample
+    count where it differs from the most common one. `rows` are `summarize`'s setting rows."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     rows = [r for r in rows if _ok(r.get("fd_domain")) and _ok(r.get("nfe"))]
     ref = reference_setting(rows)
-    common_n = max((r["num_samples"] for r in rows), key=[r["num_samples"] for r in rows].count, default=None)
+    band = converged_reference(rows)
+    if band is not None:
+        sd = band.get("fd_domain_std") or 0.0
+        label = (f"DDPM-{band['steps']} ({band['nfe']:.0f} NFE), {band.get('seed_sets', 1)} set(s)"
+                 + (f" +- {sd:.3g}" if sd else ""))
+        ax.axhspan(band["fd_domain"] - sd, band["fd_domain"] + sd, color="grey", alpha=0.25, label=label)
+        ax.axhline(band["fd_domain"], color="grey", lw=1)
+    common_n = _common_n(rows)
+
     def line_of(r):  # one line per sampler and grid (a grid other than trailing is named)
         sp = r.get("spacing") or "trailing"
         return r["sampler"] if sp == "trailing" else f"{r['sampler']} ({sp})"
@@ -84,7 +155,9 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
         line = sorted((r for r in rows if line_of(r) == sampler and (r["guidance"], r["scale"], r["eta"]) == ref),
                       key=lambda r: r["nfe"])
         if line:
-            ax.plot([r["nfe"] for r in line], [r["fd_domain"] for r in line], "o-", label=sampler)
+            err = [r.get("fd_domain_std") or 0.0 for r in line]
+            ax.errorbar([r["nfe"] for r in line], [r["fd_domain"] for r in line], yerr=err, fmt="o-", capsize=3,
+                        label=sampler)
             for r in line:
                 if r["num_samples"] != common_n:
                     ax.annotate(f"n={r['num_samples']}", (r["nfe"], r["fd_domain"]), fontsize=7)
@@ -102,7 +175,9 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel("fd_domain (lower is better)")
     if ref is not None:
-        ax.set_title(f"FD vs NFE at guidance {_setting({'guidance': ref[0], 'scale': ref[1]})}, eta {ref[2]:g}")
+        sets = max((r.get("seed_sets") or 1 for r in rows), default=1)
+        ax.set_title(f"FD vs NFE at guidance {_setting({'guidance': ref[0], 'scale': ref[1]})}, eta {ref[2]:g}; "
+                     f"mean +- std over up to {sets} seed sets of {common_n}")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
@@ -144,7 +219,7 @@ def plot_precision_recall(rows: Sequence[dict], path: str | os.PathLike) -> None
         rs = [r for r in rows if (r["sampler"] or "train") == sampler]
         ax.scatter([r["recall_domain"] for r in rs], [r["precision_domain"] for r in rs], label=sampler)
         for r in rs:
-            ax.annotate(r["trial"], (r["recall_domain"], r["precision_domain"]), fontsize=6)
+            ax.annotate(r.get("setting") or r["trial"], (r["recall_domain"], r["precision_domain"]), fontsize=6)
     ax.set(xlabel="recall_domain", ylabel="precision_domain", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
            title="precision vs recall (domain features)")
     ax.grid(alpha=0.3)
@@ -168,5 +243,5 @@ def plot_training(history: dict[str, list[dict]], path: str | os.PathLike) -> No
     _save(fig, path)
 
 
-__all__ = ["SWEEP_COLUMNS", "plot_fd_vs_nfe", "plot_guidance", "plot_precision_recall", "plot_training",
-           "reference_setting", "write_csv"]
+__all__ = ["SUMMARY_COLUMNS", "SWEEP_COLUMNS", "converged_reference", "plot_fd_vs_nfe", "plot_guidance",
+           "plot_precision_recall", "plot_training", "reference_setting", "select_setting", "summarize", "write_csv"]

@@ -1,6 +1,11 @@
-"""Stage `evaluate`: the chosen sampling configuration (params `evaluate`) on more samples -> `reports/metrics.json`
-(DVC metrics: fd_domain, kd_domain, precision_domain, recall_domain, class_accuracy, nll_bpd for pixel models,
-fid_inception/kid_inception only when Inception-v3 reference statistics exist) and `reports/samples.png`.
+"""Stage `evaluate`: the chosen sampling configuration on more samples -> `reports/metrics.json` (DVC metrics:
+fd_domain, kd_domain, precision_domain, recall_domain, class_accuracy, nll_bpd for pixel models,
+fid_inception/kid_inception only when Inception-v3 reference statistics exist), `reports/samples.png` and
+`reports/evaluate_setting.json` (the setting used and where it came from).
+
+The setting is params `evaluate` (`setting: params`) or the sweep's selected one (`setting: sweep`: metrics/
+sweep.json `selected`, chosen under sweep.select's rule on the sweep's seeds); evaluate's seeds must not overlap
+the seeds it was chosen on, so the figure is measured on fresh noise.
 
 Sampling is split over `evaluate.num_workers` Ray tasks with `generate(start=...)`: sample i uses seed `seed + i`
 whichever task draws it, so the set is the same for any worker count.
@@ -25,7 +30,38 @@ STAGE = "evaluate"
 SECTIONS = ("project", "tracking", "data", "reference_stats", STAGE)
 MODEL, CLASSIFIER, FEATURE_NET, REFERENCE = "models/diffusion", "models/classifier", "models/feature_net", \
     Path("data/reference")
-OUT, SAMPLES = Path("reports/metrics.json"), Path("reports/samples.png")
+OUT, SAMPLES, USED = Path("reports/metrics.json"), Path("reports/samples.png"), Path("reports/evaluate_setting.json")
+SWEEP_METRICS = Path("metrics/sweep.json")
+SETTING_KEYS = ("sampler", "steps", "eta", "spacing", "options", "guidance", "scale")
+
+
+class SettingError(ValueError):
+    """evaluate.setting: sweep without a usable selection in metrics/sweep.json."""
+
+
+def resolve_setting(cfg, sweep_metrics: Path = SWEEP_METRICS) -> dict:
+    """The sampling setting evaluate runs: {sampler, steps, eta, spacing, options, guidance, scale, source, ...}."""
+    if cfg.setting == "params":
+        return {**{k: getattr(cfg, k) for k in SETTING_KEYS}, "options": dict(cfg.options), "source": "params"}
+    import json
+
+    if not sweep_metrics.is_file():
+        raise SettingError(f"evaluate.setting is 'sweep' but {sweep_metrics} is missing: run the sweep stage first "
+                           f"(dvc repro sweep) or set evaluate.setting: params")
+    sel = json.loads(sweep_metrics.read_text()).get("selected")
+    if not sel:
+        raise SettingError(f"evaluate.setting is 'sweep' but {sweep_metrics} selected no setting (none passes "
+                           f"sweep.select): loosen sweep.select or set evaluate.setting: params")
+    lo, hi = sel["seeds"]
+    if cfg.seed < hi and lo < cfg.seed + cfg.num_samples:
+        raise SettingError(f"evaluate seeds {cfg.seed}..{cfg.seed + cfg.num_samples - 1} overlap the seeds "
+                           f"{lo}..{hi - 1} the sweep chose {sel['setting']} on: move evaluate.seed to >= {hi}")
+    setting = {k: sel.get(k) for k in SETTING_KEYS}
+    setting.update(options=dict(setting["options"] or {}), eta=setting["eta"] or 0.0,
+                   spacing=setting["spacing"] or "trailing", scale=1.0 if setting["scale"] is None else setting["scale"])
+    return {**setting, "source": "sweep", "sweep_setting": sel["setting"], "sweep_trials": sel["trials"],
+            "sweep_rule": sel["rule"], "sweep_fd_domain": sel["fd_domain"], "sweep_fd_domain_std": sel.get("fd_domain_std"),
+            "sweep_num_samples": sel["num_samples"], "sweep_seed_sets": sel["seed_sets"]}
 
 
 def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
@@ -39,11 +75,11 @@ def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
     return generate(bundle, num, classifier_bundle=clf, start=start, **kwargs)
 
 
-def _sample(cfg, workers: int) -> dict:
-    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "options": dict(cfg.options),
-              "guidance_kind": cfg.guidance,
-              "scale": cfg.scale, "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": cfg.spacing,
-              "bf16": cfg.bf16, "channels_last": cfg.channels_last}
+def _sample(cfg, setting: dict, workers: int) -> dict:
+    kwargs = {"sampler": setting["sampler"], "steps": setting["steps"], "eta": setting["eta"],
+              "options": setting["options"], "guidance_kind": setting["guidance"], "scale": setting["scale"],
+              "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": setting["spacing"], "bf16": cfg.bf16,
+              "channels_last": cfg.channels_last}
     root = str(Path.cwd().resolve())
     if workers == 1:
         return sample_part(root, kwargs, cfg.num_samples, 0)
@@ -80,11 +116,15 @@ def _run(args) -> None:
     params = load_params(args.params, sections=SECTIONS)
     cfg = params.evaluate
     bundle = load_diffusion_dir(MODEL)  # fail before Ray starts if the model is missing
+    setting = resolve_setting(cfg)
     ref, ref_inception = load_reference(REFERENCE, DOMAIN), load_reference(REFERENCE, INCEPTION, required=False)
     with start_run(STAGE, params.to_dict("project", "reference_stats", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
-        out = _sample(cfg, min(cfg.num_workers, cfg.num_samples))
+        run.set_tags({"setting_source": setting["source"], **({"sweep_setting": setting["sweep_setting"]}
+                                                               if setting["source"] == "sweep" else {})})
+        run.log_params({"used": {k: setting[k] for k in SETTING_KEYS}})
+        out = _sample(cfg, setting, min(cfg.num_workers, cfg.num_samples))
         inception = None
         if ref_inception is not None:
             inception = inception_extractor(params.reference_stats.inception_weights,
@@ -103,14 +143,17 @@ def _run(args) -> None:
         skipped = sorted(k for k, v in metrics.items() if v is None)
         metrics = {k: v for k, v in metrics.items() if v is not None}  # skipped, not faked
         atomic_write_json(OUT, metrics)
+        atomic_write_json(USED, setting)
         k = min(cfg.grid_samples, len(out["images"]))
         save_image_grid(out["images"][:k], SAMPLES, nrow=10, scale=max(1, 56 // out["images"].shape[1]))
         run.log_metrics(metrics)
         run.log_artifact(SAMPLES, STAGE)
         run.log_artifact(OUT, STAGE)
+        run.log_artifact(USED, STAGE)
     note = f" (skipped: {', '.join(skipped)})" if skipped else ""
-    print(f"{STAGE}: fd_domain {metrics['fd_domain']:.4g} on {metrics['num_samples']} samples, "
-          f"{metrics['nfe']:.0f} NFE -> {OUT}, {SAMPLES}{note}")
+    src = f"sweep's {setting['sweep_setting']}" if setting["source"] == "sweep" else "params"
+    print(f"{STAGE}: {setting['sampler']}-{setting['steps']} ({src}): fd_domain {metrics['fd_domain']:.4g} on "
+          f"{metrics['num_samples']} samples, {metrics['nfe']:.0f} NFE -> {OUT}, {SAMPLES}{note}")
 
 
 def main(argv=None) -> int:

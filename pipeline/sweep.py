@@ -9,8 +9,11 @@ driver from Tune's results so SQLite has one writer):
   one worker): a TorchTrainer nested in a Tune trial would need its own worker group per trial (2 more processes
   and ~10 s of start-up each on a 2-core machine) and could not report to ASHA before it finished. Every
   `eval_every` steps the trial samples `eval_samples` images and reports fd_domain, so ASHA stops the worse ones.
-- sampling-time axes (`sweep.sampling` blocks): sampler x steps x eta x guidance x scale on models/diffusion, each
-  trial `num_samples` samples with seeds seed..seed+n-1 (sample i is the same noise in every trial).
+- sampling-time axes (`sweep.sampling` blocks): sampler x steps x grid x eta x guidance x scale on
+  models/diffusion, each setting `seed_sets` trials of `num_samples` samples; seed set k uses seeds
+  seed + k*n .. seed + (k+1)*n - 1 (sample i of set k is the same noise in every trial). reports/sweep_summary.csv
+  has one row per setting (mean, std, min, max over its sets); the plots draw the means with one-std error bars.
+  metrics/sweep.json `selected` is the best setting under sweep.select's rule (evaluate's `setting: sweep`).
 Trials run side by side, `max_concurrent` at a time with `cpus_per_trial` CPUs each; Ray storage is ray_results/.
 """
 
@@ -27,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_core.config import load_params, validate_params
-from diffusion_core.evaluation import DOMAIN, load_reference, reference_path, sampling_trials, trial_name
+from diffusion_core.evaluation import (DOMAIN, load_reference, reference_path, sampling_trials, setting_name,
+                                       trial_name, trial_seed)
 from diffusion_core.io import atomic_write_json
 
 from ._stage import run_stage
@@ -36,8 +40,8 @@ STAGE = "sweep"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", "train_diffusion", STAGE)
 MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER = "models/diffusion", "models/classifier", "models/feature_net", \
     "models/autoencoder"
-REFERENCE, CSV, PLOTS, METRICS = Path("data/reference"), Path("reports/sweep.csv"), Path("reports/sweep"), \
-    Path("metrics/sweep.json")
+REFERENCE, CSV, SUMMARY, PLOTS, METRICS = Path("data/reference"), Path("reports/sweep.csv"), \
+    Path("reports/sweep_summary.csv"), Path("reports/sweep"), Path("metrics/sweep.json")
 METRIC_KEYS = ("fd_domain", "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy",
                "nll_bpd", "nll_bpd_se", "loss", "nfe", "wall_seconds")
 
@@ -70,7 +74,8 @@ def sampling_trial(config: dict) -> None:
     clf = load_classifier_dir(CLASSIFIER) if t["guidance"] == "classifier" else None
     out = generate(bundle, t["num_samples"], sampler=t["sampler"], steps=t["steps"], eta=t["eta"],
                    options=t.get("options"), guidance_kind=t["guidance"],
-                   scale=1.0 if t["scale"] is None else t["scale"], classifier_bundle=clf, seed=config["seed"],
+                   scale=1.0 if t["scale"] is None else t["scale"], classifier_bundle=clf,
+                   seed=trial_seed(t, config["seed"]),
                    batch_size=config["batch_size"], spacing=t.get("spacing", config["spacing"]), bf16=config["bf16"],
                    channels_last=config["channels_last"])
     metrics = sample_metrics(out["images"], out["labels"], ref, ext)
@@ -147,7 +152,7 @@ def _row(result, axis: str, max_reports: int = 0) -> tuple[dict, list[dict]]:
     """A CSV row and the report history of one Tune result."""
     t, m = result.config["trial"], result.metrics or {}
     history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
-    row = {"trial": trial_name(t), "axis": axis, **t, **{k: m.get(k) for k in METRIC_KEYS}}
+    row = {"trial": trial_name(t), "setting": setting_name(t), "axis": axis, **t, **{k: m.get(k) for k in METRIC_KEYS}}
     if axis == "training":
         row["train_steps"] = m.get("step")
         row["status"] = "completed" if m.get("training_iteration", 0) >= max_reports else "pruned"
@@ -157,10 +162,25 @@ def _row(result, axis: str, max_reports: int = 0) -> tuple[dict, list[dict]]:
 
 
 def _brief(row: dict) -> dict:
-    """The config and main metrics of a row for metrics/sweep.json (empty values dropped)."""
-    keys = ("trial", "schedule", "parameterization", "sampler", "steps", "eta", "guidance", "scale", "num_samples",
-            "nfe", "fd_domain", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd")
+    """The config and main metrics of a trial or setting row for metrics/sweep.json (empty values dropped)."""
+    keys = ("setting", "trial", "schedule", "parameterization", "sampler", "steps", "eta", "spacing", "options",
+            "guidance", "scale", "num_samples", "seed_sets", "nfe", "fd_domain", "fd_domain_std", "kd_domain",
+            "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "trials")
     return {k: row[k] for k in keys if row.get(k) is not None}
+
+
+def _selected(settings: list[dict], sw) -> dict | None:
+    """sweep.select's pick, with the rule and the seeds it was chosen on (evaluate must sample other seeds)."""
+    from diffusion_core.reports import select_setting
+
+    rule = sw.select
+    best = select_setting(settings, sw.num_samples, rule.max_nfe, rule.min_class_accuracy, sw.seed_sets)
+    if best is None:
+        return None
+    return {**_brief(best), "trials": best["trials"].split(";"),
+            "rule": f"lowest mean fd_domain over {sw.seed_sets} seed sets of {sw.num_samples} samples, "
+                    f"NFE <= {rule.max_nfe}, class_accuracy >= {rule.min_class_accuracy}",
+            "seeds": [sw.seed, sw.seed + best["seed_sets"] * best["num_samples"]]}
 
 
 def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str, Path]:
@@ -169,7 +189,7 @@ def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str,
     from diffusion_core.reports import reference_setting
 
     ref = reference_setting(rows)
-    pool = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref] or rows
+    pool = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref and not r.get("seed_set")] or rows
     by_sampler = {s: [r for r in pool if r["sampler"] == s] for s in sorted({r["sampler"] for r in pool})}
     common = set.intersection(*({round(r["nfe"]) for r in rs} for rs in by_sampler.values())) if by_sampler else set()
     target = target_nfe or (max(common) if common else min(max(r["nfe"] for r in rs) for rs in by_sampler.values()))
@@ -192,7 +212,7 @@ def _run(args) -> None:
     params = load_params(args.params, sections=SECTIONS)
     sw, tc = params.sweep, params.sweep.training
     T = json.loads((Path(MODEL) / "config.json").read_text())["diffusion"]["num_timesteps"]
-    trials = sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing)
+    trials = sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing, sw.seed_sets)
     train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
     if not reference_path(REFERENCE, DOMAIN).is_file():
         load_reference(REFERENCE, DOMAIN)  # raises the one-line "run reference_stats" error
@@ -223,36 +243,50 @@ def _run(args) -> None:
         if trials:
             rows += [_row(r, "sampling")[0] for r in _tune(sampling_trial, trials, common, sw, f"{name}-sampling")]
         sampled = [r for r in rows if r["axis"] == "sampling"]
+        settings = reports.summarize(sampled)
         reports.write_csv(CSV, rows)
+        reports.write_csv(SUMMARY, settings, reports.SUMMARY_COLUMNS)
         plots = {"fd_vs_nfe": PLOTS / "fd_vs_nfe.png", "guidance": PLOTS / "guidance.png",
                  "precision_recall": PLOTS / "precision_recall.png", "training": PLOTS / "training.png"}
-        reports.plot_fd_vs_nfe(sampled, plots["fd_vs_nfe"])
-        reports.plot_guidance(sampled, plots["guidance"])
-        reports.plot_precision_recall(rows, plots["precision_recall"])
+        reports.plot_fd_vs_nfe(settings, plots["fd_vs_nfe"])
+        reports.plot_guidance(settings, plots["guidance"])
+        reports.plot_precision_recall([*settings, *(r for r in rows if r["axis"] == "training")],
+                                      plots["precision_recall"])
         reports.plot_training(histories, plots["training"])
         grids = _grids(sampled, staging, sw.grid_nfe) if sampled else {}
-        best = {s: _brief(min((r for r in sampled if r["sampler"] == s), key=lambda r: r["fd_domain"]))
-                for s in sorted({r["sampler"] for r in sampled})}
+        at_n = [r for r in settings if r["num_samples"] == sw.num_samples and r["fd_domain"] is not None]
+        best = {s: _brief(min((r for r in at_n if r["sampler"] == s), key=lambda r: r["fd_domain"]))
+                for s in sorted({r["sampler"] for r in at_n})}
         trained = [r for r in rows if r["axis"] == "training" and r["fd_domain"] is not None]
-        summary = {"num_trials": len(rows), "num_pruned": sum(r["status"] == "pruned" for r in rows),
+        reference = reports.converged_reference(settings)
+        summary = {"num_trials": len(rows), "num_settings": len(settings),
+                   "num_pruned": sum(r["status"] == "pruned" for r in rows),
                    "wall_seconds": round(time.perf_counter() - t0, 1), "best": best,
+                   "selected": _selected(settings, sw), "reference": _brief(reference) if reference else None,
                    "best_training": _brief(min(trained, key=lambda r: r["fd_domain"])) if trained else None}
         atomic_write_json(METRICS, summary)
         for row in rows:  # one nested run per trial, under this sweep run
             with start_run(f"{STAGE}/{row['trial']}", {"trial": {k: row[k] for k in row if k not in METRIC_KEYS}},
                            params.tracking, experiment=params.project.experiment, nested=True,
-                           tags={"sweep_axis": row["axis"], "status": row["status"]}) as child:
+                           tags={"sweep_axis": row["axis"], "status": row["status"], "setting": row["setting"],
+                                 "seed_set": str(row.get("seed_set", ""))}) as child:
                 for point in histories.get(row["trial"], []):
                     child.log_metrics({k: point.get(k) for k in ("fd_domain", "loss")}, step=int(point["step"]))
                 child.log_metrics({k: row[k] for k in METRIC_KEYS if isinstance(row[k], (int, float))})
         run.log_metrics({"num_trials": summary["num_trials"], "wall_seconds": summary["wall_seconds"]})
-        for p in [CSV, *plots.values(), *grids.values()]:
+        if summary["selected"]:
+            run.log_metrics({f"selected_{k}": summary["selected"][k] for k in ("fd_domain", "fd_domain_std", "nfe")
+                             if k in summary["selected"]})
+        for p in [CSV, SUMMARY, *plots.values(), *grids.values()]:
             run.log_artifact(p, "sweep")
     shutil.rmtree(staging.parent, ignore_errors=True)
     for sub in ("training", "sampling"):
         shutil.rmtree(Path("ray_results") / f"{name}-{sub}", ignore_errors=True)
+    sel = summary["selected"]
+    picked = (f"; selected {sel['setting']} (fd_domain {sel['fd_domain']:.4g} over {sel['seed_sets']} set(s), "
+              f"{sel['nfe']:.0f} NFE)" if sel else "; no setting passes sweep.select")
     print(f"{STAGE}: {len(rows)} trials ({summary['num_pruned']} pruned) in {summary['wall_seconds']} s -> {CSV}, "
-          f"{PLOTS}/, {METRICS}")
+          f"{SUMMARY}, {PLOTS}/, {METRICS}{picked}")
 
 
 def main(argv=None) -> int:

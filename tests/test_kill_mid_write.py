@@ -86,10 +86,10 @@ def _params(path: Path, **sections) -> Path:
     """tiny.yaml without tracking, Ray or big counts; `sections` update single keys of a section."""
     raw = yaml.safe_load(TINY.read_text())
     raw["tracking"]["enabled"] = False
-    raw["evaluate"].update(num_workers=1, num_samples=20, batch_size=20, grid_samples=10, nll_samples=4,
-                           nll_batch_size=4)
+    raw["evaluate"].update(setting="params", num_workers=1, num_samples=20, batch_size=20, grid_samples=10,
+                           nll_samples=4, nll_batch_size=4)
     raw["train_classifier"]["scaling"].update(num_workers=1, use_ray=False)  # in-process: the kill hits the writer
-    raw["sweep"].update(num_samples=8, batch_size=8, grid_samples=4, max_concurrent=1,  # one Ray start, 3 trials
+    raw["sweep"].update(num_samples=8, batch_size=8, grid_samples=4, max_concurrent=1, seed_sets=1,  # 3 trials
                         training={**raw["sweep"]["training"], "schedules": []},
                         sampling=[{"samplers": ["ddim", "dpmpp2m"], "steps": [2], "guidance": ["cfg"]},
                                   {"samplers": ["ddim"], "steps": [3], "guidance": ["cfg"]}])

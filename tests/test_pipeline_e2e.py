@@ -101,7 +101,8 @@ def test_sweep_outputs(pipeline):
 
     sw = load_params(work / "params.yaml", ["sweep"]).sweep
     T = load_params(work / "params.yaml", ["schedule"]).schedule.num_timesteps
-    n_sampling = len(sampling_trials(sw.sampling, sw.num_samples, T))
+    trials = sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing, sw.seed_sets)
+    n_sampling = len(trials)
     n_training = len(sw.training.schedules) * len(sw.training.parameterizations)
     with open(work / "reports/sweep.csv") as f:
         rows = list(csv.DictReader(f))
@@ -121,6 +122,20 @@ def test_sweep_outputs(pipeline):
     assert {g.name.split("_")[1] for g in grids} == samplers
     summary = json.loads((work / "metrics/sweep.json").read_text())
     assert set(summary["best"]) == samplers and summary["num_trials"] == len(rows)
+    # the per-setting table: each setting's mean over its seed sets, recomputed here from the trial rows
+    with open(work / "reports/sweep_summary.csv") as f:
+        settings = {r["setting"]: r for r in csv.DictReader(f)}
+    sampled = [r for r in rows if r["axis"] == "sampling"]
+    assert set(settings) == {r["setting"] for r in sampled} and summary["num_settings"] == len(settings)
+    for name, s in settings.items():
+        fds = [float(r["fd_domain"]) for r in sampled if r["setting"] == name]
+        assert int(s["seed_sets"]) == len(fds) and float(s["fd_domain"]) == pytest.approx(np.mean(fds), rel=1e-5)
+    # selected: the lowest mean fd_domain under the rule
+    sel, rule = summary["selected"], sw.select
+    ok = [s for s in settings.values() if int(s["num_samples"]) == sw.num_samples
+          and int(s["seed_sets"]) >= sw.seed_sets and float(s["nfe"]) <= rule.max_nfe + 1e-9]
+    assert sel["setting"] == min(ok, key=lambda s: float(s["fd_domain"]))["setting"]
+    assert len(sel["trials"]) == sw.seed_sets
 
 
 def test_evaluate_outputs(pipeline):
@@ -132,6 +147,10 @@ def test_evaluate_outputs(pipeline):
     assert "fid_inception" not in m and "kid_inception" not in m  # skipped without weights, not faked
     params = yaml.safe_load((work / "params.yaml").read_text())["evaluate"]
     assert m["num_samples"] == params["num_samples"]
+    used = json.loads((work / "reports/evaluate_setting.json").read_text())
+    sel = json.loads((work / "metrics/sweep.json").read_text())["selected"]
+    assert used["source"] == "sweep" and used["sweep_setting"] == sel["setting"]
+    assert (used["sampler"], used["steps"]) == (sel["sampler"], sel["steps"]) and used["sweep_trials"] == sel["trials"]
     _png_ok(work / "reports/samples.png")
 
 

@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 from diffusion_core.config import validate_params
-from diffusion_core.evaluation import load_reference, reference_path, sample_metrics, sampling_trials, trial_name
+from diffusion_core.evaluation import (load_reference, reference_path, sample_metrics, sampling_trials, setting_name,
+                                       trial_name, trial_seed)
 from diffusion_core.metrics.errors import MetricsError
-from diffusion_core.reports import (SWEEP_COLUMNS, plot_fd_vs_nfe, plot_guidance, plot_precision_recall,
-                                    plot_training, reference_setting, write_csv)
+from diffusion_core.reports import (SUMMARY_COLUMNS, SWEEP_COLUMNS, converged_reference, plot_fd_vs_nfe,
+                                    plot_guidance, plot_precision_recall, plot_training, reference_setting,
+                                    select_setting, summarize, write_csv)
 
 from .tiny_models import make_feature_net
 
@@ -44,19 +46,39 @@ def test_sampling_trials_reject_steps_beyond_T():
         sampling_trials(sw.sampling, 10, 100)
 
 
-def test_default_params_cover_the_seeds_comparisons():
+def test_seed_sets_are_disjoint_and_each_setting_has_them_all():
+    sw = validate_params({"sweep": {"seed": 7, "seed_sets": 3, "sampling": [
+        {"samplers": ["ddim", "dpmpp2m"], "steps": [5, 10]},
+        {"samplers": ["ddim"], "steps": [20], "num_samples": 50, "seed_sets": 1}]}}, ["sweep"]).sweep
+    trials = sampling_trials(sw.sampling, 100, 1000, default_seed_sets=sw.seed_sets)
+    assert len(trials) == 4 * 3 + 1 and len({trial_name(t) for t in trials}) == len(trials)
+    by_setting = {}
+    for t in trials:
+        by_setting.setdefault(setting_name(t), []).append(t)
+    assert sorted(len(ts) for ts in by_setting.values()) == [1, 3, 3, 3, 3]
+    for ts in by_setting.values():
+        assert [t["seed_set"] for t in ts] == list(range(len(ts)))
+        seeds = [set(range(trial_seed(t, sw.seed), trial_seed(t, sw.seed) + t["num_samples"])) for t in ts]
+        assert all(not (a & b) for i, a in enumerate(seeds) for b in seeds[i + 1:])  # disjoint sets
+        assert min(map(min, seeds)) == 7  # set 0 starts at sweep.seed: sample i is the same noise in every setting
+
+
+def test_default_params_compare_samplers_on_enough_samples():
     from pathlib import Path
 
     from diffusion_core.config import load_params
 
-    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["sweep"]).sweep
-    trials = sampling_trials(p.sampling, p.num_samples, 1000)
-    have = {(t["sampler"], t["steps"]) for t in trials}
-    for s in (10, 20, 50):
-        assert {("ddim", s), ("ddpm", s)} <= have
-    assert {("ddpm", 1000), ("dpmpp2m", 10), ("dpmpp2m", 20)} <= have
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["sweep", "evaluate"])
+    sw = p.sweep
+    trials = sampling_trials(sw.sampling, sw.num_samples, 1000, sw.spacing, sw.seed_sets)
+    main = [t for t in trials if t["num_samples"] >= 1000]
+    have = {(t["sampler"], t["steps"]) for t in main}
+    assert {("ddim", 10), ("ddim", 20), ("ddpm", 20), ("ddpm", 50), ("dpmpp2m", 10), ("dpmpp3m", 10)} <= have
+    assert all(sum(1 for u in main if setting_name(u) == setting_name(t)) >= 3 for t in main)  # >= 3 seed sets
+    assert {t["scale"] for t in main} == {p.evaluate.scale}  # compared at the guidance evaluate uses
     assert len({t["scale"] for t in trials if t["guidance"] == "cfg"}) >= 3
-    assert {"linear", "cosine"} <= set(p.training.schedules)
+    assert {"eps", "v"} <= set(sw.training.parameterizations)
+    assert p.evaluate.setting == "sweep" and p.evaluate.seed >= sw.seed + sw.seed_sets * sw.num_samples
 
 
 def test_sample_metrics_keys_and_class_accuracy(tmp_path):
@@ -101,8 +123,10 @@ def test_csv_and_plots_are_well_formed(tmp_path):
     assert len(read) == len(rows) and tuple(read[0]) == SWEEP_COLUMNS
     assert read[-1]["scale"] == "" and read[-1]["class_accuracy"] == ""
     assert reference_setting(rows) == ("cfg", 1.0, 0.0)
-    plot_fd_vs_nfe(rows, tmp_path / "fd.png")
-    plot_guidance(rows, tmp_path / "g.png")
+    for r in rows:
+        r["setting"] = r["trial"]
+    plot_fd_vs_nfe(summarize(rows), tmp_path / "fd.png")
+    plot_guidance(summarize(rows), tmp_path / "g.png")
     plot_precision_recall(rows, tmp_path / "pr.png")
     plot_training({"train-cosine-eps": [{"step": 5, "fd_domain": 3.0}, {"step": 10, "fd_domain": 2.0}]},
                   tmp_path / "t.png")
@@ -111,3 +135,70 @@ def test_csv_and_plots_are_well_formed(tmp_path):
         with Image.open(tmp_path / name) as im:
             im.load()
             assert im.size[0] > 100
+
+
+def _trial_rows():
+    """Two settings x 3 seed sets and a DDPM ladder; fd_domain values chosen so means and spreads are known."""
+    rows = []
+    fds = {"ddim-10": [1.0, 1.2, 1.4], "dpmpp2m-5": [0.5, 0.9, 0.7], "ddpm-20": [0.8, 0.8, 0.8],
+           "ddpm-50": [0.6, 0.7, 0.8]}
+    for name, vals in fds.items():
+        sampler, steps = name.split("-")
+        for k, fd in enumerate(vals):
+            rows.append({"trial": f"{name}-s{k}", "setting": name, "seed_set": k, "axis": "sampling",
+                         "sampler": sampler, "steps": int(steps), "eta": 0.0, "spacing": "trailing", "options": {},
+                         "guidance": "cfg", "scale": 1.5, "num_samples": 1000, "nfe": 2.0 * int(steps),
+                         "fd_domain": fd, "class_accuracy": 0.96 if sampler == "dpmpp2m" else 0.98})
+    return rows
+
+
+def test_summary_means_spreads_and_the_selection_rule(tmp_path):
+    import statistics
+
+    settings = {r["setting"]: r for r in summarize(_trial_rows())}
+    assert list(settings) == ["ddim-10", "dpmpp2m-5", "ddpm-20", "ddpm-50"]
+    d = settings["dpmpp2m-5"]
+    assert d["seed_sets"] == 3 and d["trials"] == "dpmpp2m-5-s0;dpmpp2m-5-s1;dpmpp2m-5-s2"
+    assert d["fd_domain"] == pytest.approx(0.7) and d["fd_domain_std"] == pytest.approx(statistics.stdev([.5, .9, .7]))
+    assert (d["fd_domain_min"], d["fd_domain_max"]) == (0.5, 0.9)
+    assert settings["ddpm-20"]["fd_domain_std"] == pytest.approx(0.0)
+    # the rule: dpmpp2m-5 has the lowest FD but fails class_accuracy >= 0.97; ddpm-50 (100 NFE) is over max_nfe
+    s = list(settings.values())
+    assert select_setting(s, 1000, 50, 0.97)["setting"] == "ddpm-20"
+    assert select_setting(s, 1000, 50, 0.95)["setting"] == "dpmpp2m-5"
+    assert select_setting(s, 1000, None, 0.97)["setting"] == "ddpm-50"
+    assert select_setting(s, 250, None, 0.0) is None  # FD at another N is not comparable
+    assert select_setting(s, 1000, 50, 0.97, min_seed_sets=4) is None  # every setting has 3 sets
+    assert converged_reference(s)["setting"] == "ddpm-50"
+    write_csv(tmp_path / "summary.csv", s, SUMMARY_COLUMNS)
+    with open(tmp_path / "summary.csv") as f:
+        read = list(csv.DictReader(f))
+    assert [r["setting"] for r in read] == list(settings) and float(read[1]["fd_domain"]) == pytest.approx(0.7)
+    plot_fd_vs_nfe(s, tmp_path / "fd.png")
+    with Image.open(tmp_path / "fd.png") as im:
+        im.load()
+
+
+def test_evaluate_takes_the_sweeps_selection_on_fresh_seeds(tmp_path):
+    from pipeline.evaluate import SettingError, resolve_setting
+
+    cfg = validate_params({"evaluate": {"setting": "sweep", "seed": 3000, "num_samples": 1000}}, ["evaluate"]).evaluate
+    with pytest.raises(SettingError, match="run the sweep stage first"):
+        resolve_setting(cfg, tmp_path / "sweep.json")
+    (tmp_path / "sweep.json").write_text(json.dumps({"selected": None}))
+    with pytest.raises(SettingError, match="loosen sweep.select"):
+        resolve_setting(cfg, tmp_path / "sweep.json")
+    sel = {"setting": "dpmpp3m-10-logsnr-cfg1.5-n1000", "sampler": "dpmpp3m", "steps": 10, "spacing": "logsnr",
+           "guidance": "cfg", "scale": 1.5, "num_samples": 1000, "seed_sets": 3, "fd_domain": 0.28,
+           "fd_domain_std": 0.03, "trials": ["a-s0", "a-s1", "a-s2"], "rule": "r", "seeds": [0, 3000]}
+    (tmp_path / "sweep.json").write_text(json.dumps({"selected": sel}))
+    used = resolve_setting(cfg, tmp_path / "sweep.json")
+    assert (used["sampler"], used["steps"], used["spacing"], used["scale"], used["eta"]) == ("dpmpp3m", 10, "logsnr",
+                                                                                             1.5, 0.0)
+    assert used["source"] == "sweep" and used["sweep_trials"] == ["a-s0", "a-s1", "a-s2"]
+    overlapping = validate_params({"evaluate": {"setting": "sweep", "seed": 2999}}, ["evaluate"]).evaluate
+    with pytest.raises(SettingError, match="overlap the seeds 0..2999"):
+        resolve_setting(overlapping, tmp_path / "sweep.json")
+    params = validate_params({"evaluate": {"sampler": "heun", "steps": 6, "options": {"s_churn": 5}}},
+                             ["evaluate"]).evaluate
+    assert resolve_setting(params, tmp_path / "nope.json")["options"] == {"s_churn": 5}
