@@ -245,8 +245,9 @@ def fidelity_metrics(generated, reference: ReferenceStats, extractor: FeatureExt
                      rng_seed: int = 2020, batch_size: int = 64) -> dict:
     """{"fd", "kd", "kd_std"[, "precision", "recall"]} of generated uint8 images against `reference`.
 
-    KID subsets are capped at the smaller set's size; precision/recall follow torch-fidelity's convention
-    (input1 generated, input2 real).
+    KID subsets are capped at the smaller set's size; "kd_std" (the spread over subsets) is None when a subset is
+    then both whole sets (every subset is the same pair of sets: its spread would be float noise, not a spread).
+    Precision/recall follow torch-fidelity's convention (input1 generated, input2 real).
     """
     if reference.extractor != extractor.get_name():
         raise MetricsError(f"reference statistics were made with {reference.extractor!r}, not "
@@ -256,10 +257,12 @@ def fidelity_metrics(generated, reference: ReferenceStats, extractor: FeatureExt
     if n < 2:
         raise MetricsError(f"need at least 2 generated and 2 real images, got {len(feats)} and "
                            f"{len(reference.features)}")
+    size = min(kid_subset_size, n)
     kid = kid_features_to_metric(feats, reference.features, kid_subsets=kid_subsets,
-                                 kid_subset_size=min(kid_subset_size, n), rng_seed=rng_seed, verbose=False)
+                                 kid_subset_size=size, rng_seed=rng_seed, verbose=False)
+    whole = size >= max(len(feats), len(reference.features))
     out = {"fd": frechet_distance(feats, reference), "kd": kid["kernel_inception_distance_mean"],
-           "kd_std": kid["kernel_inception_distance_std"]}
+           "kd_std": None if whole else kid["kernel_inception_distance_std"]}
     if prc:
         k = min(prc_neighborhood, n - 1)
         pr = prc_features_to_metric(feats, reference.features, prc_neighborhood=k, save_cpu_ram=True, verbose=False)
