@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install test test-fast test-all repro bench
+.PHONY: install test test-fast repro bench
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock

@@ -314,7 +314,8 @@ class SweepTrainingConfig(Section):
 
     schedules: Annotated[tuple[Literal["linear", "cosine", "sigmoid"], ...], BeforeValidator(_list_to_tuple)] = (
         "linear", "cosine")  # empty: no training trials
-    parameterizations: Annotated[tuple[Literal["eps", "x0", "v", "mu", "edm"], ...], BeforeValidator(_list_to_tuple)] = ("eps",)
+    parameterizations: Annotated[tuple[Literal["eps", "x0", "v", "mu", "edm"], ...],
+                                 BeforeValidator(_list_to_tuple)] = ("eps",)
     steps: PosInt = 150  # optimizer steps per trial (the rest of train_diffusion's section applies)
     batch_size: PosInt = 32
     eval_every: PosInt = 50  # steps between validation reports (ASHA's rungs)

@@ -10,24 +10,15 @@ from typing import Callable, Sequence
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Error types that mean bad input or environment (not a bug): reported as one line."""
+    from diffusion_core.checkpoint import CheckpointError
     from diffusion_core.config import ConfigError
     from diffusion_core.data.errors import DataError
     from diffusion_core.io import OutputError
     from diffusion_core.tracking import TrackingError
+    from diffusion_core.training import NumericalError  # NaN/inf loss (names the step)
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, TrackingError, OSError, ValueError]
-    try:  # checkpoint.py is written by another engineer; optional here
-        from diffusion_core.checkpoint import CheckpointError
-
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
-    try:  # training.py: NaN/inf loss (names the step)
-        from diffusion_core.training import NumericalError
-
-        errors.append(NumericalError)
-    except ImportError:
-        pass
+    errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, TrackingError, CheckpointError,
+                                         NumericalError, OSError, ValueError]
     try:  # pipeline/_ray.py: Ray unreachable or a worker failed
         from pipeline._ray import RayError
 

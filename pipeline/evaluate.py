@@ -58,10 +58,12 @@ def resolve_setting(cfg, sweep_metrics: Path = SWEEP_METRICS) -> dict:
                            f"{lo}..{hi - 1} the sweep chose {sel['setting']} on: move evaluate.seed to >= {hi}")
     setting = {k: sel.get(k) for k in SETTING_KEYS}
     setting.update(options=dict(setting["options"] or {}), eta=setting["eta"] or 0.0,
-                   spacing=setting["spacing"] or "trailing", scale=1.0 if setting["scale"] is None else setting["scale"])
+                   spacing=setting["spacing"] or "trailing",
+                   scale=1.0 if setting["scale"] is None else setting["scale"])
     return {**setting, "source": "sweep", "sweep_setting": sel["setting"], "sweep_trials": sel["trials"],
-            "sweep_rule": sel["rule"], "sweep_fd_domain": sel["fd_domain"], "sweep_fd_domain_std": sel.get("fd_domain_std"),
-            "sweep_num_samples": sel["num_samples"], "sweep_seed_sets": sel["seed_sets"]}
+            "sweep_rule": sel["rule"], "sweep_fd_domain": sel["fd_domain"],
+            "sweep_fd_domain_std": sel.get("fd_domain_std"), "sweep_num_samples": sel["num_samples"],
+            "sweep_seed_sets": sel["seed_sets"]}
 
 
 def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
