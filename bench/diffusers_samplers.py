@@ -58,23 +58,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import diffusers
-    import numpy as np
     import torch
 
-    from diffusion_core.evaluation import DOMAIN, load_reference, sample_metrics
+    from diffusion_core.evaluation import sample_metrics
     from diffusion_core.guidance import ClassifierFreeGuidance
     from diffusion_core.io import atomic_write_json
-    from diffusion_core.metrics.fidelity import domain_extractor
     from diffusion_core.pretrained import load_diffusion_dir
     from diffusion_core.samplers import sample
     from diffusion_core.samplers.common import NoiseSource
     from diffusion_core.sampling import FastDenoiser, sample_labels, to_uint8
 
-    torch.set_num_threads(1)
-    out_path = args.out or args.run / "reports" / "diffusers_samplers.json"
-    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    ref = load_reference(args.run / "data" / "reference", DOMAIN)
-    extractor = domain_extractor(str(args.run / "models" / "feature_net"))
+    from .sampler_study import study_context
+
+    out_path, results, ref, extractor = study_context(args.run, args.out, "diffusers_samplers.json")
     bundle = load_diffusion_dir(args.run / "models" / args.model)
     d = bundle.diffusion
     spec = bundle.config["diffusion"]

@@ -27,6 +27,21 @@ POINTS = [  # (sampler, steps, spacing, options)
 ]
 
 
+def study_context(run: Path, out: Path | None, default_name: str):
+    """(out_path, results so far, domain reference, domain extractor) of a bench study on a repro folder; one
+    torch thread per process (sets run side by side)."""
+    import torch
+
+    from diffusion_core.evaluation import DOMAIN, load_reference
+    from diffusion_core.metrics.fidelity import domain_extractor
+
+    torch.set_num_threads(1)
+    out_path = out or run / "reports" / default_name
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    return (out_path, results, load_reference(run / "data" / "reference", DOMAIN),
+            domain_extractor(str(run / "models" / "feature_net")))
+
+
 def _key(p) -> str:
     opts = ",".join(f"{k}={v:g}" for k, v in sorted(p[3].items()))
     return f"{p[0]}-{p[1]}-{p[2]}" + (f"-{opts}" if opts else "")
@@ -46,19 +61,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/reports/sampler_study.json)")
     args = ap.parse_args(argv)
 
-    import torch
-
-    from diffusion_core.evaluation import DOMAIN, load_reference, sample_metrics
+    from diffusion_core.evaluation import sample_metrics
     from diffusion_core.io import atomic_write_json
-    from diffusion_core.metrics.fidelity import domain_extractor
     from diffusion_core.pretrained import load_diffusion_dir
     from diffusion_core.sampling import generate
 
-    torch.set_num_threads(1)
-    out_path = args.out or args.run / "reports" / "sampler_study.json"
-    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    ref = load_reference(args.run / "data" / "reference", DOMAIN)
-    extractor = domain_extractor(str(args.run / "models" / "feature_net"))
+    out_path, results, ref, extractor = study_context(args.run, args.out, "sampler_study.json")
     points = [p for p in POINTS if args.points is None or _key(p) in args.points]
     for name in args.models:
         bundle = load_diffusion_dir(args.run / "models" / name)

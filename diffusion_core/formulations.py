@@ -16,6 +16,7 @@ Adding a formulation (flow matching, ...) is one new class registered in FORMULA
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -24,23 +25,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from .diffusion import GaussianDiffusion
 
 
-class Formulation:
-    """Base class: the eps estimate derives from the x0 estimate; the network sees x_t itself."""
+class Formulation(ABC):
+    """Abstract base: the eps estimate derives from the x0 estimate; the network sees x_t itself."""
 
     name: ClassVar[str] = ""
 
+    @abstractmethod
     def target(self, d: "GaussianDiffusion", x0, noise, x_t, t) -> torch.Tensor:
-        raise NotImplementedError
+        """The training target of the network output."""
 
+    @abstractmethod
     def x0(self, d: "GaussianDiffusion", x_t, t, out) -> torch.Tensor:
-        raise NotImplementedError
+        """x0 estimate from the network output."""
 
     def eps(self, d: "GaussianDiffusion", x_t, t, out) -> torch.Tensor:
         return d.eps_from_x0(x_t, t, self.x0(d, x_t, t, out))
 
+    @abstractmethod
     def x0_weight(self, d: "GaussianDiffusion", t) -> torch.Tensor:
         """lambda_t [B] (float64) with ||F - target||^2 = lambda_t ||x0_hat - x0||^2."""
-        raise NotImplementedError
 
     def model_input(self, d: "GaussianDiffusion", x_t, t) -> torch.Tensor:
         return x_t
