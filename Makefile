@@ -2,19 +2,20 @@
 #   make repro   run the whole DVC pipeline on the embedded default dataset (CPU)
 #   make test    run the test suite
 #   make test-fast   unit and oracle tests only (no pipeline stages as subprocesses, no Ray): the inner loop
+#   make lint        ruff (pycodestyle, pyflakes, import order, bugbear); settings in pyproject.toml
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install test test-fast repro bench
+.PHONY: install test test-fast repro bench lint
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet -c requirements.lock "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev]"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[pipeline,dev]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -28,3 +29,6 @@ repro: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check .

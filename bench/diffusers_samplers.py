@@ -16,7 +16,6 @@ RUN_DIR/reports/diffusers_samplers.json after every point and prints a table (fd
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path

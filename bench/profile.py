@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .models import BASE_SETTINGS

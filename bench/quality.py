@@ -135,9 +135,9 @@ def sample_peer(unet, shape: tuple, labels: np.ndarray, num_classes: int, schedu
 
 def our_grid_samples(run: Path, num: int) -> np.ndarray:
     """The first `num` samples of our evaluate stage's set, drawn again with the run's own evaluate params."""
-    from diffusion_core.config import load_params
     from diffusion_core.pretrained import load_diffusion_dir
     from diffusion_core.sampling import generate
+    from pipeline.config import load_params
 
     ev = load_params(run / "params.yaml", sections=("evaluate",)).evaluate
     return generate(load_diffusion_dir(run / "models" / "diffusion"), num, sampler=ev.sampler, steps=ev.steps,

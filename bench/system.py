@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,9 +119,9 @@ def distributed(steps: int) -> dict:
 
 def latent_vs_pixel(quick: bool) -> dict:
     from diffusion_core.autoencoding import build_autoencoder
-    from diffusion_core.config import load_params
     from diffusion_core.samplers import sample
     from diffusion_core.training import build_denoiser, build_diffusion_from_params
+    from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     td = params.train_diffusion

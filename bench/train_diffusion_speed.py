@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from diffusion_core.config import TrainDiffusionConfig, UNetConfig
 from diffusion_core.pretrained import build_diffusion
 from diffusion_core.training import DiffusionTrainer, build_denoiser
+from pipeline.config import TrainDiffusionConfig, UNetConfig
 
 
 def measure(shape, unet: UNetConfig, batch: int, steps: int, bf16: bool = False, channels_last: bool = False) -> float:

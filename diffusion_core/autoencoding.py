@@ -16,9 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .data.preview import image_grid
 from .models.autoencoder import AutoencoderKL
 
 

@@ -18,8 +18,17 @@ from torch import nn
 from .diffusion import GaussianDiffusion
 from .models import NoisyClassifier
 from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
-from .training import (NumericalError, QuartileLoss, RankData, _distributed, _gather, adamw, batch_indices,
-                       lr_at, step_generator)
+from .training import (
+    NumericalError,
+    QuartileLoss,
+    RankData,
+    _distributed,
+    _gather,
+    adamw,
+    batch_indices,
+    lr_at,
+    step_generator,
+)
 
 LogFn = Callable[[int, dict[str, float]], None]
 

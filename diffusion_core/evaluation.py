@@ -1,23 +1,19 @@
-"""Sample-set evaluation for `sweep` and `evaluate`: cached reference statistics, the sampling grid, metrics of
-one sample set, and a short training run that reports validation metrics as it goes.
+"""Sample-set evaluation: cached reference statistics and the metrics of one sample set (the `sweep` stage's grid
+and short training runs are pipeline concerns: `pipeline/grid.py`).
 
 Engine-free (no ray, no mlflow): the stages wire these into Ray Tune / Ray tasks and MLflow.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from .metrics import class_accuracy
 from .metrics.errors import MetricsError
-from .pretrained import DiffusionBundle, diffusion_spec
+from .pretrained import DiffusionBundle
 
 REFERENCE_FILE = "reference-{}.npz"  # same name as fidelity_scores(cache_dir=...) uses
 DOMAIN, INCEPTION = "domain", "inception"
@@ -41,59 +37,6 @@ def load_reference(ref_dir: str | Path, name: str, required: bool = True):
                                f"(dvc repro reference_stats)")
         return None
     return ReferenceStats.load(path)
-
-
-# ----------------------------------------------------------------------------------------------- sampling grid
-
-
-def sampling_trials(grid_blocks: Iterable[Any], default_num_samples: int, num_timesteps: int,
-                    default_spacing: str = "trailing", default_seed_sets: int = 1) -> list[dict]:
-    """Expand `sweep.sampling` blocks into trial configs (sampler, steps, eta, guidance, scale, num_samples,
-    spacing, options, seed_set): every distinct setting once per seed set k = 0..seed_sets-1.
-
-    eta only matters to DDIM (set to 0 elsewhere); scale is None without guidance. Duplicate settings across
-    blocks are dropped, keeping the first. Steps beyond the model's T raise ValueError naming the block.
-    """
-    seen, out = set(), []
-    for i, block in enumerate(grid_blocks):
-        bad = [s for s in block.steps if s > num_timesteps]
-        if bad:
-            raise ValueError(f"sweep.sampling[{i}].steps has {bad[0]} > schedule.num_timesteps {num_timesteps}")
-        n = block.num_samples or default_num_samples
-        sets = getattr(block, "seed_sets", None) or default_seed_sets
-        spacings = getattr(block, "spacings", None) or (default_spacing,)
-        options = dict(getattr(block, "options", None) or {})
-        for sampler, steps, eta, guidance, scale, spacing in itertools.product(
-                block.samplers, block.steps, block.etas, block.guidance, block.scales, spacings):
-            setting = {"sampler": sampler, "steps": int(steps), "eta": float(eta) if sampler == "ddim" else 0.0,
-                       "guidance": guidance, "scale": None if guidance == "none" else float(scale),
-                       "num_samples": n, "spacing": spacing, "options": options}
-            key = json.dumps(setting, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                out += [{**setting, "seed_set": k} for k in range(sets)]
-    return out
-
-
-def trial_seed(trial: dict, base_seed: int) -> int:
-    """First seed of a trial: seed set k of a point with n samples draws seeds base + k*n .. base + (k+1)*n - 1."""
-    return base_seed + trial.get("seed_set", 0) * trial["num_samples"]
-
-
-def setting_name(trial: dict) -> str:
-    """Short readable id of a setting (seed set left out), e.g. `ddim-20-eta0-cfg2-n250` or `train-cosine-eps`."""
-    if "schedule" in trial:
-        return f"train-{trial['schedule']}-{trial['parameterization']}"
-    g = trial["guidance"] if trial["scale"] is None else f"{trial['guidance']}{trial['scale']:g}"
-    eta = f"-eta{trial['eta']:g}" if trial["sampler"] == "ddim" else ""
-    grid = f"-{trial['spacing']}" if trial.get("spacing", "trailing") != "trailing" else ""
-    opts = "".join(f"-{k}{v:g}" for k, v in sorted((trial.get("options") or {}).items()))
-    return f"{trial['sampler']}-{trial['steps']}{eta}{grid}{opts}-{g}-n{trial['num_samples']}"
-
-
-def trial_name(trial: dict) -> str:
-    """`setting_name` plus the seed set, e.g. `ddim-20-eta0-cfg2-n250-s1`."""
-    return setting_name(trial) + (f"-s{trial['seed_set']}" if "seed_set" in trial else "")
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -135,48 +78,5 @@ def nll_on_test(bundle: DiffusionBundle, x_test: torch.Tensor, y_test: torch.Ten
                    labels=labels)
 
 
-# ----------------------------------------------------------------------------------------------- short training
-
-
-def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, data_block: dict,
-                   decoder: Callable | None, *, steps: int, batch_size: int, eval_every: int,
-                   on_eval: Callable[[int, DiffusionBundle, float | None], None], device: str = "cpu") -> DiffusionBundle:
-    """Train a fresh denoiser for `steps` steps with `DiffusionTrainer` (one process) on `data` (a RankData);
-    every `eval_every` steps and at the end call `on_eval(step, bundle, loss)`.
-
-    The bundle wraps the raw weights, not the EMA: at a few hundred steps an EMA of decay 0.995 is still half the
-    initialisation, which would rank schedules by how fast the EMA warms up rather than by what they learnt.
-    """
-    from .training import DiffusionTrainer, LoopHooks, build_denoiser, build_diffusion_from_params, train_loop
-
-    cfg = train_cfg.model_copy(update={"steps": steps, "batch_size": batch_size})
-    diffusion = build_diffusion_from_params(schedule_cfg, diffusion_cfg)
-    shape, num_classes = tuple(data_block["shape"]), data_block["num_classes"]
-    torch.manual_seed(cfg.seed)
-    model = build_denoiser(cfg.unet, shape, num_classes, diffusion.learn_sigma)
-    trainer = DiffusionTrainer(cfg, diffusion, model, diffusion_cfg.timestep_sampler, num_classes, device)
-    config = {"diffusion": diffusion_spec(schedule_cfg, diffusion_cfg), "data": data_block}
-    bundle = DiffusionBundle(trainer.model, diffusion, config, decoder)
-
-    def evaluate(tr) -> None:
-        loss = tr.history[-1].get("loss") if tr.history else None
-        on_eval(tr.step, bundle, loss)
-
-    train_loop(trainer, data, steps, batch_size, log_every=eval_every, checkpoint_every=eval_every,
-               hooks=LoopHooks(checkpoint=evaluate))
-    return bundle
-
-
-class Stopwatch:
-    """Wall seconds since creation (perf_counter)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
-
-
-__all__ = ["DOMAIN", "INCEPTION", "REFERENCE_FILE", "Stopwatch", "load_reference", "nll_on_test", "reference_path",
-           "sample_metrics", "sampling_trials", "short_training", "trial_name"]
+__all__ = ["DOMAIN", "INCEPTION", "REFERENCE_FILE", "load_reference", "nll_on_test", "reference_path",
+           "sample_metrics"]

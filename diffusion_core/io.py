@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

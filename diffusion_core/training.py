@@ -28,8 +28,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoint import (EMA_FILE, MODEL_FILE, STEP_DIR_PATTERN, TRAINING_STATE_FILE, CheckpointError,
-                         load_training_state, save_checkpoint_dir, step_dir, verify_checkpoint_dir)
+from .checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    STEP_DIR_PATTERN,
+    TRAINING_STATE_FILE,
+    CheckpointError,
+    load_training_state,
+    save_checkpoint_dir,
+    step_dir,
+    verify_checkpoint_dir,
+)
 from .diffusion import GaussianDiffusion
 from .guidance import cfg_label_dropout
 from .models import EMA, MLPDenoiser, UNet, unwrap_model
@@ -389,8 +398,9 @@ class LoopHooks:
 
 def train_loop(trainer: DiffusionTrainer, data: RankData, total_steps: int, local_batch: int, *,
                log_every: int, checkpoint_every: int, sample_every: int = 0,
-               hooks: LoopHooks = LoopHooks()) -> dict[str, float]:
+               hooks: LoopHooks | None = None) -> dict[str, float]:
     """Run steps trainer.step+1 .. total_steps on this rank's data; returns the last logged window's stats."""
+    hooks = hooks or LoopHooks()
     cfg = trainer.cfg
     window_t0, window_samples, last = time.perf_counter(), 0, {}
     n = len(data.keys)

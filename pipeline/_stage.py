@@ -11,11 +11,11 @@ from typing import Callable, Sequence
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Error types that mean bad input or environment (not a bug): reported as one line."""
     from diffusion_core.checkpoint import CheckpointError
-    from diffusion_core.config import ConfigError
     from diffusion_core.data.errors import DataError
     from diffusion_core.io import OutputError
-    from diffusion_core.tracking import TrackingError
     from diffusion_core.training import NumericalError  # NaN/inf loss (names the step)
+    from pipeline.config import ConfigError
+    from pipeline.tracking import TrackingError
 
     errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, TrackingError, CheckpointError,
                                          NumericalError, OSError, ValueError]

@@ -49,8 +49,8 @@ def _option(text: str) -> tuple[str, float]:
 
 
 def _add_sample(sub) -> None:
-    from diffusion_core.sampling import GUIDANCE_KINDS
     from diffusion_core.samplers import SAMPLERS, SPACINGS, describe
+    from diffusion_core.sampling import GUIDANCE_KINDS
 
     p = sub.add_parser(
         "sample", help="draw samples from a trained model folder",

@@ -18,11 +18,11 @@ import torch
 
 from diffusion_core.autoencoding import encode_means, latent_scale_factor
 from diffusion_core.checkpoint import load_model_dir
-from diffusion_core.config import load_params
 from diffusion_core.data import build_meta, load_split, read_meta, write_array_split, write_meta
 from diffusion_core.data.shards import META_NAME, replace_dir
 from diffusion_core.io import OutputError, atomic_write_json, remove_stale_dirs
-from diffusion_core.tracking import start_run
+from pipeline.config import load_params
+from pipeline.tracking import start_run
 
 from ._stage import run_stage
 

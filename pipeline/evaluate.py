@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_core.config import load_params
 from diffusion_core.evaluation import DOMAIN, INCEPTION, load_reference
 from diffusion_core.io import atomic_write_json
+from pipeline.config import load_params
 
 from ._stage import run_stage
 
@@ -113,7 +113,7 @@ def _run(args) -> None:
     from diffusion_core.evaluation import nll_on_test, sample_metrics
     from diffusion_core.metrics.fidelity import domain_extractor, inception_extractor
     from diffusion_core.pretrained import load_diffusion_dir
-    from diffusion_core.tracking import start_run
+    from pipeline.tracking import start_run
 
     params = load_params(args.params, sections=SECTIONS)
     cfg = params.evaluate

@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 import time
 
-from diffusion_core.config import load_params
 from diffusion_core.data import prepare_dataset
 from diffusion_core.data.preview import save_preview
 from diffusion_core.io import atomic_write_json
-from diffusion_core.tracking import start_run
+from pipeline.config import load_params
+from pipeline.tracking import start_run
 
 from ._stage import run_stage
 

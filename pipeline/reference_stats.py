@@ -11,11 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffusion_core.config import load_params
 from diffusion_core.data import load_split, read_meta
-from diffusion_core.evaluation import DOMAIN, INCEPTION, reference_path
 from diffusion_core.data.shards import replace_dir
+from diffusion_core.evaluation import DOMAIN, INCEPTION, reference_path
 from diffusion_core.io import OutputError, atomic_write_json, remove_stale_dirs
+from pipeline.config import load_params
 
 from ._stage import run_stage
 
@@ -27,10 +27,9 @@ TMP_PREFIX = ".reference_stats-"
 
 
 def _run(args) -> None:
-    import torch
 
     from diffusion_core.metrics.fidelity import domain_extractor, inception_extractor, reference_stats
-    from diffusion_core.tracking import start_run
+    from pipeline.tracking import start_run
 
     params = load_params(args.params, sections=SECTIONS)
     cfg = params.reference_stats

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_core.config import load_params, validate_params
-from diffusion_core.evaluation import (DOMAIN, load_reference, reference_path, sampling_trials, setting_name,
-                                       trial_name, trial_seed)
+from diffusion_core.evaluation import DOMAIN, load_reference, reference_path
 from diffusion_core.io import atomic_write_json
+from pipeline.config import load_params, validate_params
+from pipeline.grid import sampling_trials, setting_name, trial_name, trial_seed
 
 from ._stage import run_stage
 
@@ -63,9 +63,10 @@ def sampling_trial(config: dict) -> None:
     """Tune trainable: one sample set of models/diffusion at one setting; reports its metrics once."""
     from ray import tune
 
-    from diffusion_core.evaluation import Stopwatch, sample_metrics
+    from diffusion_core.evaluation import sample_metrics
     from diffusion_core.pretrained import load_diffusion_dir
     from diffusion_core.sampling import generate, load_classifier_dir
+    from pipeline.grid import Stopwatch
 
     watch = Stopwatch()
     ext, ref = _enter_trial(config)
@@ -89,10 +90,11 @@ def training_trial(config: dict) -> None:
     from ray import tune
 
     from diffusion_core.data import load_split, read_meta
-    from diffusion_core.evaluation import Stopwatch, nll_on_test, sample_metrics, short_training
+    from diffusion_core.evaluation import nll_on_test, sample_metrics
     from diffusion_core.pretrained import load_autoencoder_decoder
     from diffusion_core.sampling import generate
     from diffusion_core.training import load_rank_data
+    from pipeline.grid import Stopwatch, short_training
 
     watch = Stopwatch()
     ext, ref = _enter_trial(config)
@@ -171,7 +173,7 @@ def _brief(row: dict) -> dict:
 
 def _selected(settings: list[dict], sw) -> dict | None:
     """sweep.select's pick, with the rule and the seeds it was chosen on (evaluate must sample other seeds)."""
-    from diffusion_core.reports import select_setting
+    from pipeline.reports import select_setting
 
     rule = sw.select
     best = select_setting(settings, sw.num_samples, rule.max_nfe, rule.min_class_accuracy, sw.seed_sets)
@@ -186,7 +188,7 @@ def _selected(settings: list[dict], sw) -> dict | None:
 def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str, Path]:
     """One sample grid per sampler at (nearest to) a common NFE; returns {sampler: png}."""
     from diffusion_core.data.preview import save_image_grid
-    from diffusion_core.reports import reference_setting
+    from pipeline.reports import reference_setting
 
     ref = reference_setting(rows)
     pool = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref and not r.get("seed_set")] or rows
@@ -204,8 +206,8 @@ def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str,
 
 
 def _run(args) -> None:
-    from diffusion_core import reports
-    from diffusion_core.tracking import start_run
+    from pipeline import reports
+    from pipeline.tracking import start_run
 
     from ._ray import init_ray
 

@@ -11,15 +11,21 @@ import time
 import torch
 from tqdm import tqdm
 
-from diffusion_core.autoencoding import (autoencoder_loss, batch_indices, build_autoencoder, evaluate_autoencoder,
-                                         grid_scale, reconstruction_pairs)
+from diffusion_core.autoencoding import (
+    autoencoder_loss,
+    batch_indices,
+    build_autoencoder,
+    evaluate_autoencoder,
+    grid_scale,
+    reconstruction_pairs,
+)
 from diffusion_core.checkpoint import save_model_dir
-from diffusion_core.config import ConfigError, load_params
 from diffusion_core.data import load_split, read_meta
 from diffusion_core.data.preview import save_image_grid
 from diffusion_core.io import atomic_write_json
-from diffusion_core.tracking import start_run
 from diffusion_core.training import NumericalError
+from pipeline.config import ConfigError, load_params
+from pipeline.tracking import start_run
 
 from ._stage import run_stage
 

@@ -16,14 +16,18 @@ from pathlib import Path
 import torch
 
 from diffusion_core.checkpoint import CheckpointError, save_model_dir
-from diffusion_core.classifiers import (NoisyClassifierTrainer, build_noisy_classifier, evaluate_noisy_classifier,
-                                        train_noisy_classifier)
-from diffusion_core.config import ConfigError, load_params, validate_params
+from diffusion_core.classifiers import (
+    NoisyClassifierTrainer,
+    build_noisy_classifier,
+    evaluate_noisy_classifier,
+    train_noisy_classifier,
+)
 from diffusion_core.data import DataError, load_split, read_meta
 from diffusion_core.io import OutputError, atomic_write_json
 from diffusion_core.pretrained import diffusion_spec
-from diffusion_core.tracking import TrackingError, start_run
 from diffusion_core.training import NumericalError, build_diffusion_from_params, load_rank_data
+from pipeline.config import ConfigError, load_params, validate_params
+from pipeline.tracking import TrackingError, start_run
 
 from ._ray import report, run_torch_trainer, worker_context
 from ._stage import run_stage

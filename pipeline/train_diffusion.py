@@ -8,22 +8,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from diffusion_core.checkpoint import CheckpointError, find_last_good_checkpoint, read_config
-from diffusion_core.config import ConfigError, load_params, params_hash, validate_params
 from diffusion_core.data import DataError, read_meta
 from diffusion_core.io import OutputError, atomic_write_json
 from diffusion_core.pretrained import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
-from diffusion_core.tracking import TrackingError, start_run
-from diffusion_core.training import (DiffusionTrainer, LoopHooks, NumericalError, build_denoiser,
-                                     build_diffusion_from_params, data_std, load_rank_data, prune_checkpoints,
-                                     sample_preview, train_loop, weights_sha256)
+from diffusion_core.training import (
+    DiffusionTrainer,
+    LoopHooks,
+    NumericalError,
+    build_denoiser,
+    build_diffusion_from_params,
+    data_std,
+    load_rank_data,
+    prune_checkpoints,
+    sample_preview,
+    train_loop,
+    weights_sha256,
+)
+from pipeline.config import ConfigError, load_params, params_hash, validate_params
+from pipeline.tracking import TrackingError, start_run
 
 from ._ray import latest_ray_checkpoint, report, run_torch_trainer, worker_context
 from ._stage import run_stage

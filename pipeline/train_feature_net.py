@@ -14,11 +14,11 @@ import torch
 
 from diffusion_core.checkpoint import save_model_dir
 from diffusion_core.classifiers import classification_accuracy, train_feature_net
-from diffusion_core.config import load_params
 from diffusion_core.data import DataError, load_split, read_meta
 from diffusion_core.io import atomic_write_json
 from diffusion_core.models import FeatureNet
-from diffusion_core.tracking import start_run
+from pipeline.config import load_params
+from pipeline.tracking import start_run
 
 from ._stage import run_stage
 

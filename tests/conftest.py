@@ -1,6 +1,5 @@
 """Test-wide settings, and the `prepared` folder shared by the tests that run stages."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path

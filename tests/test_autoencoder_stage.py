@@ -14,12 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.autoencoding import (autoencoder_loss, batch_indices, encode_means, evaluate_autoencoder,
-                                         latent_scale_factor, psnr_db, reconstruction_loss)
+from diffusion_core.autoencoding import (
+    autoencoder_loss,
+    batch_indices,
+    encode_means,
+    evaluate_autoencoder,
+    latent_scale_factor,
+    psnr_db,
+    reconstruction_loss,
+)
 from diffusion_core.checkpoint import load_model_dir
-from diffusion_core.config import ConfigError, validate_params
 from diffusion_core.data import load_split, read_meta
 from diffusion_core.models import AutoencoderKL
+from pipeline.config import ConfigError, validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -383,8 +383,8 @@ def assets(tmp_path_factory) -> Path:
     """Prepared digits shards (tiny.yaml's prepare section) and tiny random model folders, built in-process once."""
     import torch
 
-    from diffusion_core.config import validate_params
     from diffusion_core.data import prepare_dataset
+    from pipeline.config import validate_params
     from tests.tiny_models import make_classifier_dir, make_diffusion_dir, make_latent_dir
 
     A = tmp_path_factory.mktemp("bad_input_assets")

@@ -12,8 +12,14 @@ import torch
 import yaml
 
 from diffusion_core.checkpoint import load_model_dir
-from diffusion_core.classifiers import (NoisyClassifierTrainer, evaluate_noisy_classifier, noisy_classifier_step,
-                                        quarter_key, random_shift, timestep_quarters)
+from diffusion_core.classifiers import (
+    NoisyClassifierTrainer,
+    evaluate_noisy_classifier,
+    noisy_classifier_step,
+    quarter_key,
+    random_shift,
+    timestep_quarters,
+)
 from diffusion_core.data import load_split
 from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.models import NoisyClassifier
@@ -194,9 +200,9 @@ def test_train_classifier_tiny_ray(tiny_dir):
     assert accs[0] > accs[3] + 0.2, accs  # clean-ish inputs are classifiable, x_T is not
     assert accs[3] < 0.25 and min(accs) <= metrics["accuracy"] <= max(accs)
 
-    from diffusion_core.config import load_params
     from diffusion_core.pretrained import diffusion_spec
     from diffusion_core.sampling import load_classifier_dir
+    from pipeline.config import load_params
 
     params = load_params(TINY, sections=("schedule", "diffusion"))
     bundle = load_classifier_dir(tiny_dir / "models" / "classifier")

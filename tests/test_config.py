@@ -7,7 +7,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffusion_core.config import (
+from pipeline.config import (
     SECTIONS,
     ConfigError,
     PrepareConfig,
@@ -103,9 +103,9 @@ def test_sections_subset_frozen_and_floats(tmp_path):
     p = load_params(f, sections=["prepare"])
     assert p.prepare.dataset == "digits" and p.sections == ("prepare",)
     with pytest.raises(ConfigError, match="not loaded"):
-        p.train_autoencoder
-    with pytest.raises(Exception):
-        p.prepare.dataset = "mnist"  # frozen
+        _ = p.train_autoencoder
+    with pytest.raises(ValueError, match="frozen"):
+        p.prepare.dataset = "mnist"
     full = load_params(f)
     assert full.train_autoencoder.lr == 1e-4 and full.train_autoencoder.kl_weight == 5.0  # YAML 1e-4 is a float
 

@@ -1,8 +1,6 @@
 """Sources, stratified split, shard round trip, rank/worker splitting, corrupt shards, folder swaps."""
 
 import errno
-import hashlib
-import json
 import warnings
 from pathlib import Path
 
@@ -12,7 +10,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from diffusion_core.config import PrepareConfig
 from diffusion_core.data import (
     DataError,
     ShardDataset,
@@ -26,6 +23,7 @@ from diffusion_core.data import (
 )
 from diffusion_core.data.sources import load_torchvision
 from diffusion_core.io import OutputError
+from pipeline.config import PrepareConfig
 
 
 def make_shards(root: Path, n=50, per_shard=7, shape=(6, 5, 1), seed=0, payload=None):

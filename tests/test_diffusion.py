@@ -1,13 +1,12 @@
 import math
 
+import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 import pytest
 import torch
 
 from diffusion_core import GaussianDiffusion, NoiseSchedule
 from diffusion_core.losses import discretized_gaussian_log_likelihood, normal_kl
 from diffusion_core.resample import LossAwareSampler, UniformSampler, make_timestep_sampler
-
-import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 
 
 def _diff(name="linear", T=1000, **kw):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_core import GaussianDiffusion, NoiseSchedule
-from diffusion_core.formulations import FORMULATIONS, EDM, Formulation
+from diffusion_core.formulations import EDM, FORMULATIONS, Formulation
 from diffusion_core.resample import ObjectiveSampler, make_timestep_sampler
 from diffusion_core.samplers import sample
 from tests.gaussian import GaussianDenoiser

@@ -1,7 +1,6 @@
 """An MLP trained for well under a minute on the Swiss roll must sample the Swiss roll, and (with v-prediction,
 the default) so must the fast deterministic samplers; the eps failure is pinned beside it."""
 
-import numpy as np
 import pytest
 import torch
 from sklearn.datasets import make_swiss_roll
@@ -37,7 +36,7 @@ def train_mlp(parameterization, schedule="cosine", steps=2500):
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     ts = UniformSampler(diff.num_timesteps)
     g = torch.Generator().manual_seed(0)
-    for step in range(steps):
+    for _ in range(steps):
         x0 = data[torch.randint(0, len(data), (512,), generator=g)]
         t, w = ts.sample(512, generator=g)
         loss = (diff.training_losses(model, x0, t)["loss"] * w).mean()

@@ -10,11 +10,10 @@ import pytest
 import torch
 from scipy import linalg
 
+import diffusion_core.metrics.fidelity as F
 from diffusion_core.metrics import MetricsError, class_accuracy, nll_bpd
 from diffusion_core.pretrained import load_diffusion_dir
 from tests.tiny_models import make_diffusion_dir, make_feature_net, make_latent_dir
-
-import diffusion_core.metrics.fidelity as F
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_core.models import (EMA, AutoencoderKL, FeatureNet, MLPDenoiser, NoisyClassifier, UNet, build_model)
+from diffusion_core.models import EMA, AutoencoderKL, FeatureNet, MLPDenoiser, NoisyClassifier, UNet, build_model
 from diffusion_core.models.autoencoder import DiagonalGaussian
 from diffusion_core.models.layers import AttentionBlock, ResBlock, timestep_embedding
 

@@ -96,8 +96,8 @@ def test_reference_stats(pipeline):
 def test_sweep_outputs(pipeline):
     work, _, _ = pipeline
     sys.path.insert(0, str(ROOT))
-    from diffusion_core.config import load_params
-    from diffusion_core.evaluation import sampling_trials
+    from pipeline.config import load_params
+    from pipeline.grid import sampling_trials
 
     sw = load_params(work / "params.yaml", ["sweep"]).sweep
     T = load_params(work / "params.yaml", ["schedule"]).schedule.num_timesteps

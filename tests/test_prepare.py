@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffusion_core.config import PrepareConfig
 from diffusion_core.data import ShardDataset, load_split, prepare_dataset, read_meta
 from pipeline import prepare
+from pipeline.config import PrepareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

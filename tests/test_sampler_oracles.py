@@ -3,6 +3,7 @@ solution for a Gaussian (errors fall at the solver's order), diffusers' schedule
 
 import math
 
+import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 import pytest
 import torch
 
@@ -12,8 +13,6 @@ from diffusion_core.samplers import SAMPLERS, SPACINGS, get_sampler, sample
 from diffusion_core.samplers.dpm_solver import _differences, _ode_step
 from diffusion_core.samplers.grids import KARRAS_RHO, grid_timesteps
 from tests.gaussian import GaussianDenoiser
-
-import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 
 MEAN, STD = torch.tensor([0.5, -0.3, 0.0, 0.2]), torch.tensor([0.25, 0.4, 0.3, 0.5])
 STOCHASTIC = {"ddim": {"eta": 1.0}, "euler": {"s_churn": 20.0}, "heun": {"s_churn": 20.0}}

@@ -1,3 +1,4 @@
+import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 import pytest
 import torch
 
@@ -5,8 +6,6 @@ from diffusion_core import GaussianDiffusion, NoiseSchedule
 from diffusion_core.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from diffusion_core.samplers import sample
 from tests.gaussian import GaussianDenoiser
-
-import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 
 MEAN = torch.tensor([0.5, -0.3, 0.0, 0.2])
 STD = torch.tensor([0.25, 0.4, 0.3, 0.5])

@@ -1,13 +1,12 @@
 import math
 
+import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffusion_core.schedules import NoiseSchedule, cosine_alpha_bar, spaced_timesteps
-
-import diffusers  # test-only oracle (dev dependency); a missing install must fail, not skip
 
 
 def test_linear_endpoints_scale_with_T():

@@ -8,13 +8,23 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.config import validate_params
-from diffusion_core.evaluation import (load_reference, reference_path, sample_metrics, sampling_trials, setting_name,
-                                       trial_name, trial_seed)
+from diffusion_core.evaluation import load_reference, reference_path, sample_metrics
 from diffusion_core.metrics.errors import MetricsError
-from diffusion_core.reports import (SUMMARY_COLUMNS, SWEEP_COLUMNS, converged_reference, plot_fd_vs_nfe,
-                                    plot_guidance, plot_precision_recall, plot_training, reference_setting,
-                                    select_setting, summarize, write_csv)
+from pipeline.config import validate_params
+from pipeline.grid import sampling_trials, setting_name, trial_name, trial_seed
+from pipeline.reports import (
+    SUMMARY_COLUMNS,
+    SWEEP_COLUMNS,
+    converged_reference,
+    plot_fd_vs_nfe,
+    plot_guidance,
+    plot_precision_recall,
+    plot_training,
+    reference_setting,
+    select_setting,
+    summarize,
+    write_csv,
+)
 
 from .tiny_models import make_feature_net
 
@@ -66,7 +76,7 @@ def test_seed_sets_are_disjoint_and_each_setting_has_them_all():
 def test_default_params_compare_samplers_on_enough_samples():
     from pathlib import Path
 
-    from diffusion_core.config import load_params
+    from pipeline.config import load_params
 
     p = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["sweep", "evaluate"])
     sw = p.sweep

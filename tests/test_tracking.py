@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion_core.config import TrackingConfig
-from diffusion_core.tracking import NullRun, TrackingError, flatten_params, start_run
+from pipeline.config import TrackingConfig
+from pipeline.tracking import NullRun, TrackingError, flatten_params, start_run
 
 from .stages import group_pids, listening_ips
 

@@ -21,4 +21,4 @@ def __getattr__(name):  # lazy: `import torch_fidelity` costs seconds and is not
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = sorted(_FIDELITY | {"MetricsError", "UInt8Images", "as_uint8_nchw", "class_accuracy", "nll_bpd"})
+__all__ = ["MetricsError", "UInt8Images", "as_uint8_nchw", "class_accuracy", "nll_bpd", *sorted(_FIDELITY)]

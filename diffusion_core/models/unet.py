@@ -8,8 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (AttentionBlock, ConditionEmbedding, Downsample, EmbedSequential, ResBlock, Upsample,
-                     group_norm, model_config, zero_module)
+from .layers import (
+    AttentionBlock,
+    ConditionEmbedding,
+    Downsample,
+    EmbedSequential,
+    ResBlock,
+    Upsample,
+    group_norm,
+    model_config,
+    zero_module,
+)
 
 
 def middle_block(ch: int, emb_dim: int | None, dropout: float, use_scale_shift_norm: bool, num_groups: int,

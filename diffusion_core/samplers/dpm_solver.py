@@ -25,7 +25,6 @@ import torch
 from .common import NoiseSource, Predictor
 from .registry import SamplerSpec, register
 
-
 D2_WEIGHT = 2.0  # weight of phi_3 D2 in the third-order step (2: third order; 1: DPM-Solver/diffusers code)
 
 

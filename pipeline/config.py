@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Mapping, Un
 
 import annotated_types
 import yaml
-
-from .samplers import SAMPLERS, SPACINGS
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
+
+from diffusion_core.samplers import SAMPLERS, SPACINGS
 
 
 class ConfigError(ValueError):
@@ -126,7 +126,7 @@ class DiffusionConfig(Section):
 
     @model_validator(mode="after")
     def _combination_works(self) -> "DiffusionConfig":
-        from .diffusion import check_combination
+        from diffusion_core.diffusion import check_combination
 
         check_combination(self.parameterization, self.variance, self.loss, self.min_snr_gamma)
         if self.parameterization == "edm" and self.timestep_sampler != "uniform":
@@ -289,7 +289,7 @@ SamplerOptions = dict[str, float]  # a sampler's own options (e.g. heun's s_chur
 
 
 def _check_sampler_options(samplers: Iterable[str], options: Mapping[str, float], where: str) -> None:
-    from .samplers import resolve_options
+    from diffusion_core.samplers import resolve_options
 
     for name in samplers:
         try:

@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
-from .io import atomic_path, atomic_write_text
+from diffusion_core.io import atomic_path, atomic_write_text
 
 SWEEP_COLUMNS = ("trial", "setting", "seed_set", "axis", "status", "schedule", "parameterization", "train_steps",
                  "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples", "nfe", "fd_domain",
