@@ -3,7 +3,8 @@
 Figure groups, one module each: peak (GEMM ceiling), train (training step vs diffusers), sample (DDIM-50 and
 DPM-Solver++-20 vs diffusers), reader (shard reader vs training consumption), system (2 Ray workers vs one
 process, peak RSS, latent vs pixel), e2e (no-op `dvc repro`; the full default repro: `python -m bench.e2e`).
-Quality against diffusers at equal wall-clock: `python -m bench.quality --run DIR` (slow, separate). diffusers is imported here only.
+Quality against diffusers at equal wall-clock: `python -m bench.quality --run DIR` (slow, separate).
+diffusers is imported here only.
 """
 
 GROUPS = ("peak", "train", "sample", "reader", "system", "e2e")

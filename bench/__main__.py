@@ -85,7 +85,8 @@ def table(res: dict) -> str:
             lines.append(f"  forward {k:24s} {v['images_per_s']:8.1f} img/s")
         for name in ("ddim50", "dpmpp20"):
             o, d = s[name]["ours"], s[name]["diffusers"]
-            lines.append(f"  {name:8s} ours {o['images_per_s']:7.2f} img/s (overhead {100 * o['overhead_fraction']:.2f}%)"
+            lines.append(f"  {name:8s} ours {o['images_per_s']:7.2f} img/s "
+                         f"(overhead {100 * o['overhead_fraction']:.2f}%)"
                          f"  diffusers {d['images_per_s']:7.2f} img/s (overhead {100 * d['overhead_fraction']:.2f}%)")
     if "reader" in g:
         rd = g["reader"]
@@ -114,7 +115,8 @@ def table(res: dict) -> str:
             lines.append(f"{k:40s} {'null':>10s} {target:>8}  -  ({res['null_reasons'][k]})")
             continue
         ok = v <= target if k in LOWER_IS_BETTER else v >= target
-        lines.append(f"{k:40s} {v:>10} {('<' if k in LOWER_IS_BETTER else '>=') + str(target):>8}  {'yes' if ok else 'NO'}")
+        lines.append(f"{k:40s} {v:>10} {('<' if k in LOWER_IS_BETTER else '>=') + str(target):>8}  "
+                     f"{'yes' if ok else 'NO'}")
     return "\n".join(lines)
 
 
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (whole suite under 10 minutes)")
     ap.add_argument("--only", nargs="+", choices=GROUPS, help="run only these figure groups")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile settings in train (slow to compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile settings in train (slow to compile)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}

@@ -100,7 +100,8 @@ def train_peer(unet, x: torch.Tensor, y: torch.Tensor, num_classes: int, seconds
             print(f"  {label}: step {step} loss {np.mean(losses[-100:]):.4f} {step * batch / el:.0f} img/s "
                   f"{el:.0f}/{seconds:.0f} s", flush=True)
     el = time.perf_counter() - t0
-    return ema, {"steps": step, "batch_size": batch, "seconds": round(el, 1), "samples_per_s": round(step * batch / el, 1),
+    return ema, {"steps": step, "batch_size": batch, "seconds": round(el, 1),
+                 "samples_per_s": round(step * batch / el, 1),
                  "final_loss": float(np.mean(losses[-100:])), "params": sum(p.numel() for p in unet.parameters())}
 
 
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
     meta = read_meta(run / "data" / "shards")
     k = int(meta["num_classes"])
     labels = np.arange(num) % k
-    ref, extractor = load_reference(run / "data" / "reference", DOMAIN), domain_extractor(run / "models" / "feature_net")
+    ref, extractor = (load_reference(run / "data" / "reference", DOMAIN),
+                      domain_extractor(run / "models" / "feature_net"))
     previous = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
     res = {"machine": machine(), "run": str(run), "num_samples": num, "our_stage_seconds": stage_s,
            "our_scale": our_scale,
@@ -243,8 +245,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         unet = UNet2DModel(sample_size=z.shape[-1], in_channels=z.shape[1], out_channels=z.shape[1],
                            num_class_embeds=k + 1, **LATENT_UNET)
-        print(f"latent peer: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {args.latent_seconds:.0f} s",
-              flush=True)
+        print(f"latent peer: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+              f"{args.latent_seconds:.0f} s", flush=True)
         ema, info = _peer(unet, "latent", cache, args.reuse,
                           lambda: train_peer(unet, z, y, k, args.latent_seconds, 128, "latent"))
         decode = load_autoencoder_decoder(run / "models" / "autoencoder", sf)

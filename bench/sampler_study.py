@@ -3,10 +3,11 @@
     python -m bench.sampler_study --run RUN_DIR --models diffusion [diffusion_v ...] [--sets 3] [--num 1000]
 
 Sets already in the JSON are kept (a rerun measures only what is missing); `--only-set K --out F` runs one set
-per process (merge the files' lists by hand). RUN_DIR is a repo checkout after `dvc repro` (models/<name>/, models/feature_net/, data/reference/). Every point is
-CFG at evaluate's scale, bf16 + channels_last (as evaluate), seed set k = seeds base + k * num .. (disjoint from the
-sweep's and evaluate's). Writes RUN_DIR/reports/sampler_study.json after every point (a crash keeps what was
-measured) and prints a table: fd_domain mean +- std over the sets, class_accuracy, NFE per sample.
+per process (merge the files' lists by hand). RUN_DIR is a repo checkout after `dvc repro` (models/<name>/,
+models/feature_net/, data/reference/). Every point is CFG at evaluate's scale, bf16 + channels_last (as
+evaluate), seed set k = seeds base + k * num .. (disjoint from the sweep's and evaluate's). Writes
+RUN_DIR/reports/sampler_study.json after every point (a crash keeps what was measured) and prints a table:
+fd_domain mean +- std over the sets, class_accuracy, NFE per sample.
 """
 
 from __future__ import annotations

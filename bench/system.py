@@ -98,7 +98,8 @@ def distributed(steps: int) -> dict:
             shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
             wall, rss, stdout = _run_rss(["pipeline.train_diffusion", "--params", p.name], tmp, threads)
             m = json.loads((tmp / "metrics" / "train_diffusion.json").read_text())
-            out[name] = {"samples_per_s": m["samples_per_second"], "loop_s": m["wall_seconds"], "stage_s": round(wall, 1),
+            out[name] = {"samples_per_s": m["samples_per_second"], "loop_s": m["wall_seconds"],
+                         "stage_s": round(wall, 1),
                          "startup_s": round(wall - m["wall_seconds"], 1), "driver_peak_rss_mib": rss,
                          "steady_samples_per_s": _steady_samples_per_s(stdout)}
         ray, single = out["ray_2workers_1thread"], out["single_process_2threads"]

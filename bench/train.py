@@ -85,7 +85,8 @@ def run(quick: bool = False, compile: bool = False, peak_bf16_gflops: float | No
             step, model = make(s)
             if s.compile:
                 step()  # compiles forward and backward
-                compile_info = dict(compile_info or {}, **{f"{who}/{s.name}_compile_s": round(time.perf_counter() - t0, 1)})
+                compile_info = dict(compile_info or {},
+                                    **{f"{who}/{s.name}_compile_s": round(time.perf_counter() - t0, 1)})
             fns[f"{who}/{s.name}"] = step
             models[who] = model
     timed = interleaved(fns, repeats=3 if quick else 8, warmup=1 if quick else 2)

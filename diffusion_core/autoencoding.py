@@ -71,7 +71,8 @@ def reconstruct(model: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) ->
 
 @torch.no_grad()
 def evaluate_autoencoder(model: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
-    """{"mse", "psnr", "kl"} on x [N,C,H,W] in [-1,1]: MSE and PSNR (dB) of [0,1]-scaled images, mean KL per image (nats)."""
+    """{"mse", "psnr", "kl"} on x [N,C,H,W] in [-1,1]: MSE and PSNR (dB) of [0,1]-scaled images,
+    mean KL per image (nats)."""
     was_training = model.training
     model.eval()
     sq, kl = 0.0, 0.0
@@ -121,4 +122,5 @@ def latent_scale_factor(z: torch.Tensor) -> float:
 
 
 __all__ = ["autoencoder_loss", "batch_indices", "build_autoencoder", "encode_means", "evaluate_autoencoder",
-           "latent_scale_factor", "psnr_db", "reconstruct", "grid_scale", "reconstruction_pairs", "reconstruction_loss", "to_uint8"]
+           "latent_scale_factor", "psnr_db", "reconstruct", "grid_scale", "reconstruction_pairs", "reconstruction_loss",
+           "to_uint8"]

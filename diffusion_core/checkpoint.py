@@ -79,7 +79,8 @@ def save_model_dir(path: str | os.PathLike, model: nn.Module, extra_config: dict
 
 
 def _remove_killed_saves(path: Path) -> None:
-    """Delete the `.<name>.<8 random chars>.tmp` / `.old` folders that a save of `path` killed part-way left beside it."""
+    """Delete the `.<name>.<8 random chars>.tmp` / `.old` folders that a save of `path` killed part-way left
+    beside it."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
     for p in path.parent.iterdir():
         if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():

@@ -117,7 +117,8 @@ def evaluate_noisy_classifier(classifier: Callable[..., torch.Tensor], diffusion
             t = torch.randint(lo, hi, (len(x0),), generator=g)
             noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
             x_t = diffusion.q_sample(x0, t, noise)
-            accs.append(classification_accuracy(classifier, x_t, y, diffusion.model_timesteps(t), batch_size=batch_size))
+            accs.append(classification_accuracy(classifier, x_t, y, diffusion.model_timesteps(t),
+                                                batch_size=batch_size))
         out[quarter_key(lo, hi)] = sum(accs) / len(accs)
         total += out[quarter_key(lo, hi)] * (hi - lo) / T
     out["accuracy"] = total
@@ -202,7 +203,8 @@ class NoisyClassifierTrainer:
     def __init__(self, model: nn.Module, diffusion: GaussianDiffusion, timestep_sampler: str, *, lr: float,
                  weight_decay: float = 0.0, warmup_steps: int = 0, grad_clip: float | None = None, seed: int = 0,
                  device: str | torch.device = "cpu"):
-        self.diffusion, self.lr, self.warmup_steps, self.grad_clip, self.seed = diffusion, lr, warmup_steps, grad_clip, seed
+        self.diffusion, self.lr, self.warmup_steps, self.grad_clip, self.seed = (diffusion, lr, warmup_steps,
+                                                                                 grad_clip, seed)
         self.device = torch.device(device)
         self.rank, self.world_size = _distributed()
         self.model = model.to(self.device)
@@ -262,6 +264,6 @@ def train_noisy_classifier(trainer: NoisyClassifierTrainer, data: RankData, tota
     return last
 
 
-__all__ = ["build_noisy_classifier", "NoisyClassifierTrainer", "train_noisy_classifier", "classification_accuracy", "evaluate_noisy_classifier", "noisy_classifier_losses",
-           "noisy_classifier_step", "quarter_key", "random_shift", "timestep_quarters", "train_feature_net",
-           "warmup_cosine"]
+__all__ = ["build_noisy_classifier", "NoisyClassifierTrainer", "train_noisy_classifier", "classification_accuracy",
+           "evaluate_noisy_classifier", "noisy_classifier_losses", "noisy_classifier_step", "quarter_key",
+           "random_shift", "timestep_quarters", "train_feature_net", "warmup_cosine"]

@@ -243,8 +243,9 @@ class GaussianDiffusion:
     def min_snr_weight(self, t):
         """min(SNR, gamma) on the x0 error, as a weight on the formulation's own loss (Hang et al. 2023).
 
-        ||F - target||^2 = lambda_t ||x0_hat - x0||^2, so min(SNR, gamma) ||x0_hat - x0||^2 is min(SNR, gamma) / lambda_t
-        times the formulation's MSE: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v (the paper's forms), and so on.
+        ||F - target||^2 = lambda_t ||x0_hat - x0||^2, so min(SNR, gamma) ||x0_hat - x0||^2 is
+        min(SNR, gamma) / lambda_t times the formulation's MSE: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v
+        (the paper's forms), and so on.
         """
         snr = self.schedule.snr.to(t.device)[t]
         return snr.clamp(max=self.min_snr_gamma) / self.formulation.x0_weight(self, t)
@@ -279,7 +280,8 @@ class GaussianDiffusion:
             terms["loss"] = mse
             return terms
         # Hybrid: the bound trains only the variance; the mean gets its gradient from the mse (stop-gradient).
-        frozen = torch.cat([mean_out.detach(), var_out], dim=1) if var_out is not None and self.loss == "hybrid" else out
+        frozen = (torch.cat([mean_out.detach(), var_out], dim=1) if var_out is not None and self.loss == "hybrid"
+                  else out)
         terms["vb"] = self.vb_terms_bpd(frozen, x0, x_t, t)
         if self.loss == "hybrid":
             # L_hybrid = L_simple + 0.001 L_vlb with L_vlb ~= T * L_t under uniform t (improved-diffusion).

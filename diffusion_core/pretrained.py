@@ -116,7 +116,8 @@ def load_diffusion_dir(path: str | os.PathLike, use_ema: bool = True, map_locati
         ae_path = Path(autoencoder) if autoencoder else _resolve(Path(path), latent.get("autoencoder"))
         if ae_path is None or not (ae_path / "config.json").exists():
             raise CheckpointError(f"latent model {path} needs its autoencoder (config says "
-                                  f"{latent.get('autoencoder')!r}, not found): run train_autoencoder or pass its folder")
+                                  f"{latent.get('autoencoder')!r}, not found): run train_autoencoder "
+                                  "or pass its folder")
         decoder = load_autoencoder_decoder(ae_path, float(latent["scale_factor"]), map_location)
     return DiffusionBundle(model, diffusion, config, decoder)
 

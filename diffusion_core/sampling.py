@@ -106,7 +106,8 @@ def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int |
                             "unconditional: use --guidance classifier with --classifier, or none")
     if guidance_kind == "classifier":
         if classifier_bundle is None:
-            raise SamplingError("classifier guidance needs a noisy classifier: pass --classifier (e.g. models/classifier)")
+            raise SamplingError("classifier guidance needs a noisy classifier: "
+                                "pass --classifier (e.g. models/classifier)")
         _check_classifier(bundle, classifier_bundle)
     elif classes is not None and model_k is None:
         raise SamplingError("this model is unconditional, so classes need classifier guidance: add "
@@ -243,8 +244,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
             hi = min(lo + batch_size, num)
             y = None if classes is None else torch.as_tensor(labels[lo:hi], device=device)
             x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=sampler, steps=steps,
-                        options=options, spacing=spacing, seeds=seeds[lo:hi].tolist(), y=y, clip_denoised=pixel, guidance=guidance,
-                        device=device)
+                        options=options, spacing=spacing, seeds=seeds[lo:hi].tolist(), y=y, clip_denoised=pixel,
+                        guidance=guidance, device=device)
             chunks.append(bundle.to_images(x0).float().cpu())
             if bar is not None:
                 bar.update(hi - lo)

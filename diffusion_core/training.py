@@ -66,7 +66,8 @@ def build_denoiser(unet_cfg: Any, data_shape: tuple[int, ...], num_classes: int 
         raise ValueError(f"train_diffusion needs square images or latents, got {h}x{w}")
     return UNet(in_channels=c, image_size=h, base_channels=unet_cfg.base_channels, channel_mult=unet_cfg.channel_mult,
                 num_res_blocks=unet_cfg.num_res_blocks, attention_resolutions=unet_cfg.attention_resolutions,
-                num_heads=unet_cfg.num_heads, dropout=unet_cfg.dropout, num_classes=num_classes, learn_sigma=learn_sigma)
+                num_heads=unet_cfg.num_heads, dropout=unet_cfg.dropout, num_classes=num_classes,
+                learn_sigma=learn_sigma)
 
 
 def formulation_options(diffusion_cfg: Any, sigma_data: float | None = None) -> dict:

@@ -76,5 +76,6 @@ def run_stage(
         if expected:
             print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
-        print(f"error: unexpected {type(e).__name__} in {name}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: unexpected {type(e).__name__} in {name}: {one_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 1

@@ -561,13 +561,13 @@ def build_section(name: str, data: Any, *, source: str = "params.yaml") -> Secti
 def _type_name(v: Any) -> str:
     if v is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(
-        type(v), type(v).__name__
-    )
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(v), type(v).__name__)
 
 
 def _show(v: Any) -> str:
-    s = repr(v) if isinstance(v, str) else json.dumps(v, default=str) if isinstance(v, (list, dict, bool, type(None))) else str(v)
+    s = (repr(v) if isinstance(v, str)
+         else json.dumps(v, default=str) if isinstance(v, (list, dict, bool, type(None))) else str(v))
     return s if len(s) <= 60 else s[:57] + "..."
 
 
@@ -647,7 +647,8 @@ def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | Non
     field = None
     ann: Any = None
     for part in loc:
-        if isinstance(holder, type) and issubclass(holder, BaseModel) and isinstance(part, str) and part in holder.model_fields:
+        if (isinstance(holder, type) and issubclass(holder, BaseModel) and isinstance(part, str)
+                and part in holder.model_fields):
             field = holder.model_fields[part]
             ann = field.annotation
             parent = holder

@@ -1,4 +1,5 @@
-"""Stage `encode_latents`: `data/shards` through `models/autoencoder` -> `data/latents/{train,test}-%06d.tar` + `meta.json`.
+"""Stage `encode_latents`: `data/shards` through `models/autoencoder` ->
+`data/latents/{train,test}-%06d.tar` + `meta.json`.
 
 Each sample holds `npy` = the RAW posterior mean z (float32 C x h x w, NOT scaled) and `cls`. `meta.json` records
 `scale_factor` = 1 / std(train z) (LDM; Stable Diffusion's 0.18215): diffusion trains on `z * scale_factor`
@@ -38,7 +39,8 @@ def _run(args) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)  # all cores unless told
     meta = read_meta("data/shards")
     model, model_cfg = load_model_dir(MODEL_DIR)
-    with start_run(STAGE, params.to_dict("project", STAGE), params.tracking, experiment=params.project.experiment) as run:
+    with start_run(STAGE, params.to_dict("project", STAGE), params.tracking,
+                   experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
         z, y = {}, {}
         for split in ("train", "test"):
@@ -68,8 +70,8 @@ def _run(args) -> None:
         metrics = {"scale_factor": scale, "latent_mean": zt.mean().item(), "latent_std": zt.std().item(),
                    "scaled_mean": (zt * scale).mean().item(), "scaled_std": (zt * scale).std().item(),
                    "test_scaled_std": (z["test"].double() * scale).std().item(),
-                   "train_count": len(z["train"]), "test_count": len(z["test"]), "latent_shape": list(z["train"].shape[1:]),
-                   "seconds": time.perf_counter() - t0}
+                   "train_count": len(z["train"]), "test_count": len(z["test"]),
+                   "latent_shape": list(z["train"].shape[1:]), "seconds": time.perf_counter() - t0}
         atomic_write_json(METRICS, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k != "latent_shape"})
         run.log_artifact(LATENTS / META_NAME)
@@ -78,7 +80,8 @@ def _run(args) -> None:
 
 
 def main(argv=None) -> int:
-    return run_stage(STAGE, _run, argv, description="Encode the image shards into latent shards with the trained autoencoder.")
+    return run_stage(STAGE, _run, argv,
+                     description="Encode the image shards into latent shards with the trained autoencoder.")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def trial_name(trial: dict) -> str:
 
 def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, data_block: dict,
                    decoder: Callable | None, *, steps: int, batch_size: int, eval_every: int,
-                   on_eval: Callable[[int, DiffusionBundle, float | None], None], device: str = "cpu") -> DiffusionBundle:
+                   on_eval: Callable[[int, DiffusionBundle, float | None], None],
+                   device: str = "cpu") -> DiffusionBundle:
     """Train a fresh denoiser for `steps` steps with `DiffusionTrainer` (one process) on `data` (a RankData);
     every `eval_every` steps and at the end call `on_eval(step, bundle, loss)`.
 

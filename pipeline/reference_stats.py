@@ -62,12 +62,14 @@ def _run(args) -> None:
                    "inception": inception is not None, "wall_seconds": round(time.perf_counter() - t0, 2)}
         atomic_write_json(METRICS, metrics)
         run.log_metrics({"num_real": metrics["num_real"], "wall_seconds": metrics["wall_seconds"]})
-    skipped = "" if inception is not None else " (Inception-v3 skipped: no weights; set reference_stats.inception_weights)"
+    skipped = ("" if inception is not None
+               else " (Inception-v3 skipped: no weights; set reference_stats.inception_weights)")
     print(f"{STAGE}: {', '.join(sorted(stats))} statistics of {real.shape[0]} test images -> {OUT}/{skipped}")
 
 
 def main(argv=None) -> int:
-    return run_stage(STAGE, _run, argv, description="Reference statistics of the real test split per feature extractor.")
+    return run_stage(STAGE, _run, argv,
+                     description="Reference statistics of the real test split per feature extractor.")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 from diffusion_core.io import atomic_path, atomic_write_text
 
 SWEEP_COLUMNS = ("trial", "setting", "seed_set", "axis", "status", "schedule", "parameterization", "train_steps",
-                 "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples", "nfe", "fd_domain",
+                 "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples",
+                 "nfe", "fd_domain",
                  "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd",
                  "nll_bpd_se", "loss", "wall_seconds")
 SETTING_KEYS = ("sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples")

@@ -48,7 +48,8 @@ def local_store_uri(root: str | os.PathLike | None = None) -> str:
 
 
 def resolve_tracking_uri(cfg: Any = None, root: str | os.PathLike | None = None) -> str:
-    """`MLFLOW_TRACKING_URI` env, else `cfg.tracking_uri`, else the local SQLite store; relative sqlite paths made absolute."""
+    """`MLFLOW_TRACKING_URI` env, else `cfg.tracking_uri`, else the local SQLite store;
+    relative sqlite paths made absolute."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (getattr(cfg, "tracking_uri", None) if cfg is not None else None)
     if not uri:
         return local_store_uri(root)
@@ -82,7 +83,8 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True,
+                               timeout=5)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -188,7 +190,8 @@ def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise TrackingError(f"MLflow experiment {name!r} is deleted in {redact(uri)}; restore it or set project.experiment")
+            raise TrackingError(f"MLflow experiment {name!r} is deleted in {redact(uri)}; "
+                                "restore it or set project.experiment")
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
@@ -243,7 +246,8 @@ def start_run(
     try:
         import mlflow
     except ImportError as e:  # pragma: no cover - mlflow is a declared dependency
-        raise TrackingError(f"mlflow is not installed ({e}); install the project or set tracking.enabled: false") from None
+        raise TrackingError(f"mlflow is not installed ({e}); "
+                            "install the project or set tracking.enabled: false") from None
 
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would make every later run in this process
     # (tests, notebooks, sweeps over folders) follow this store: put the caller's environment back afterwards
@@ -264,7 +268,8 @@ def start_run(
     try:
         commit = git_commit()
         handle.set_tags(
-            {"stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit, "params_hash": params_hash(dict(params)), **(tags or {})}
+            {"stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit,
+             "params_hash": params_hash(dict(params)), **(tags or {})}
         )
         handle.log_params(params)
         yield handle

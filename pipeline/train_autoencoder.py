@@ -1,5 +1,5 @@
-"""Stage `train_autoencoder`: KL autoencoder on `data/shards` -> `models/autoencoder/`, `metrics/train_autoencoder.json`,
-`reports/autoencoder_recon.png` (test originals above their reconstructions)."""
+"""Stage `train_autoencoder`: KL autoencoder on `data/shards` -> `models/autoencoder/`,
+`metrics/train_autoencoder.json`, `reports/autoencoder_recon.png` (test originals above their reconstructions)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def _run(args) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = batch_indices(len(x_train), cfg.batch_size, gen)
-    with start_run(STAGE, params.to_dict("project", STAGE), params.tracking, experiment=params.project.experiment) as run:
+    with start_run(STAGE, params.to_dict("project", STAGE), params.tracking,
+                   experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
         bar = tqdm(range(1, cfg.steps + 1), desc=STAGE, unit="step", mininterval=2.0, file=sys.stderr)
         for step in bar:

@@ -1,4 +1,5 @@
-"""Stage `train_feature_net`: clean-image classifier on `data/shards` -> `models/feature_net/`, `metrics/train_feature_net.json`.
+"""Stage `train_feature_net`: clean-image classifier on `data/shards` -> `models/feature_net/`,
+`metrics/train_feature_net.json`.
 
 Its penultimate activations (`FeatureNet.features`, [B, feature_dim]) are the offline domain FID/KID embedding.
 Single process: the data and the network are small enough that Ray would only add start-up time.

@@ -115,7 +115,8 @@ def save_png(path: Path, size: int, mode: str = "L", seed: int = 0) -> None:
 
 @dataclass
 class Case:
-    """One bad input. `args` may use {A} for the module's fixture folder; `setup(cwd, A)` prepares the working folder."""
+    """One bad input. `args` may use {A} for the module's fixture folder;
+    `setup(cwd, A)` prepares the working folder."""
 
     stage: str  # pipeline module ("prepare", ...), "cli" (diffusion sample) or "python" (args are python's)
     args: list[str]
@@ -193,7 +194,8 @@ def _edit_config(fn: Callable[[dict], None]):
 
 
 def _truncate_and_rehash(m: Path) -> None:
-    """A truncated model.safetensors whose config.json checksum was (wrongly) updated to match: the parser must refuse."""
+    """A truncated model.safetensors whose config.json checksum was (wrongly) updated to match:
+    the parser must refuse."""
     from diffusion_core.checkpoint import sha256_file
 
     truncate(m / "model.safetensors", 0.3)
@@ -261,7 +263,8 @@ CASES: dict[str, Case] = {
     "guidance scale < 0 (params)": params_case("evaluate", {"evaluate": {"scale": -2.0}},
                                                "evaluate.scale must be a number >= 0", "got -2.0"),
     "unknown sampler (params)": params_case("evaluate", {"evaluate": {"sampler": "ddimm"}},
-                                            "evaluate.sampler must be one of ddim, ddpm, dpmpp2m, dpmpp2m_sde, dpmpp3m, euler, heun", "did you mean 'ddim'?"),
+                                            "evaluate.sampler must be one of ddim, ddpm, dpmpp2m, dpmpp2m_sde, "
+                                            "dpmpp3m, euler, heun", "did you mean 'ddim'?"),
     "test_fraction = 1": params_case("prepare", {"prepare": {"test_fraction": 1.0}},
                                      "prepare.test_fraction must be a number in (0, 1)", "got 1.0"),
     "test_fraction = 0": params_case("prepare", {"prepare": {"test_fraction": 0.0}},
@@ -305,7 +308,8 @@ CASES: dict[str, Case] = {
         setup=with_data({"train_feature_net": {"lr": 1.0e30}})),
     "truncated shard": Case("train_autoencoder", P, ("shard data/shards/train-000000.tar", "truncated"),
                             setup=with_data(then=lambda cwd: truncate(cwd / "data/shards/train-000000.tar", 0.4))),
-    "shard checksum mismatch": Case("train_feature_net", P, ("checksum mismatch for shard data/shards/test-000000.tar",),
+    "shard checksum mismatch": Case("train_feature_net", P,
+                                    ("checksum mismatch for shard data/shards/test-000000.tar",),
                                     setup=with_data({"data": {"verify_checksums": True}},
                                                     then=lambda cwd: flip_byte(cwd / "data/shards/test-000000.tar"))),
     "shard missing": Case("train_feature_net", P, ("shard data/shards/train-000001.tar is missing",),
@@ -313,7 +317,8 @@ CASES: dict[str, Case] = {
     "latent space without latents": Case("train_classifier", P, ("data/latents not found",),
                                          setup=with_data({"train_classifier": {"space": "latent"},
                                                           "train_diffusion": {"space": "latent"}})),
-    "autoencoder checksum mismatch": Case("encode_latents", P, ("checksum mismatch for models/autoencoder/model.safetensors",),
+    "autoencoder checksum mismatch": Case("encode_latents", P,
+                                          ("checksum mismatch for models/autoencoder/model.safetensors",),
                                           setup=lambda cwd, A: (with_data()(cwd, A), shutil.copytree(
                                               A / "latent" / "autoencoder", cwd / "models" / "autoencoder"),
                                               flip_byte(cwd / "models/autoencoder/model.safetensors", 0.9))),
@@ -359,8 +364,9 @@ CASES: dict[str, Case] = {
     # ---- environment: unwritable output, full disk, unreachable services
     "unwritable output folder (cli)": Case("cli", [*SAMPLE, "--model", "{A}/cond", "--out", "somefile/x.png"],
                                            ("cannot write somefile/x.png",), setup=_unwritable_out),
-    "unwritable output folder (stage)": Case("prepare", P, ("cannot write into data", "writable folder"), setup=lambda cwd, A: (
-        write_params(cwd), (cwd / "data").write_text("a file where the data folder should be"))),
+    "unwritable output folder (stage)": Case("prepare", P, ("cannot write into data", "writable folder"),
+                                             setup=lambda cwd, A: (write_params(cwd), (cwd / "data").write_text(
+                                                 "a file where the data folder should be"))),
     "full disk while writing shards": Case("python", ["-c", FULL_DISK_DRIVER, *P], ("No space left on device", "data"),
                                            setup=_prepared_then_full_disk),
     "unreachable MLflow server": Case("prepare", P, ("MLflow server http://127.0.0.1:", "is unreachable",
@@ -457,9 +463,10 @@ def test_bad_input_is_one_line_and_writes_nothing(results, name):
     assert len(lines) == 1 and lines[0].startswith("error: "), f"stderr is not one `error:` line:\n{err}"
     for needle in case.needles:
         assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
-    assert r["after"] == r["before"], (f"files changed: added {sorted(set(r['after']) - set(r['before']))}, "
-                                       f"removed {sorted(set(r['before']) - set(r['after']))}, changed "
-                                       f"{sorted(k for k in r['before'] if r['after'].get(k, r['before'][k]) != r['before'][k])}")
+    assert r["after"] == r["before"], (
+        f"files changed: added {sorted(set(r['after']) - set(r['before']))}, "
+        f"removed {sorted(set(r['before']) - set(r['after']))}, changed "
+        f"{sorted(k for k in r['before'] if r['after'].get(k, r['before'][k]) != r['before'][k])}")
     if case.max_seconds is not None:
         assert r["seconds"] < case.max_seconds, f"took {r['seconds']:.1f} s"
 

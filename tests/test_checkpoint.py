@@ -189,7 +189,8 @@ def test_failed_checkpoint_leaves_nothing(tmp_path):
 def test_resaved_model_folder_never_leaves_its_name_and_killed_saves_are_cleared(tmp_path, monkeypatch):
     """Re-saving onto an existing model folder swaps old and new in one step: no rename moves the old folder away
     (a kill between two renames would leave no model). The temp folders a killed save leaves beside it
-    (`.<name>.<8 random chars>.tmp` with half the files, `.<name>.<8 random chars>.old/<name>`) are removed by the next save."""
+    (`.<name>.<8 random chars>.tmp` with half the files, `.<name>.<8 random chars>.old/<name>`)
+    are removed by the next save."""
     first, _ = trained_pair(0)
     second, _ = trained_pair(1)
     path = tmp_path / "diffusion"

@@ -121,12 +121,15 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8), st.sampled_from(["digits", "mnist5k", "cosine", "eps", "l1", "skip", "learned_range", "vlb"]),
 )
-keys = st.one_of(st.text(max_size=8), st.sampled_from(sorted({k.split(".")[-1] for s in SECTIONS for k in section_keys(s)} | set(SECTIONS))))
-values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(keys, kids, max_size=4), max_leaves=12)
+keys = st.one_of(st.text(max_size=8),
+                 st.sampled_from(sorted({k.split(".")[-1] for s in SECTIONS for k in section_keys(s)} | set(SECTIONS))))
+values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(keys, kids, max_size=4),
+                      max_leaves=12)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(values, st.dictionaries(st.sampled_from(sorted(SECTIONS)), st.dictionaries(keys, values, max_size=5), max_size=4)))
+@given(st.one_of(values, st.dictionaries(st.sampled_from(sorted(SECTIONS)), st.dictionaries(keys, values, max_size=5),
+                                         max_size=4)))
 def test_random_input_gives_params_or_one_line_config_error(raw):
     try:
         p = validate_params(raw)

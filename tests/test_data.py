@@ -28,7 +28,8 @@ from pipeline.config import PrepareConfig
 
 def make_shards(root: Path, n=50, per_shard=7, shape=(6, 5, 1), seed=0, payload=None):
     rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (n, *shape), dtype=np.uint8) if payload != "npy" else rng.standard_normal((n, *shape)).astype(np.float32)
+    x = (rng.integers(0, 256, (n, *shape), dtype=np.uint8) if payload != "npy"
+         else rng.standard_normal((n, *shape)).astype(np.float32))
     y = rng.integers(0, 3, n)
     shard_dir = root / "shards"
     recs = {"train": write_array_split(shard_dir, "train", x, y, per_shard)}

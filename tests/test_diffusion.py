@@ -93,7 +93,8 @@ def test_seeds_weighted_loss_equals_weighted_eps_loss():
     """omega_t ||mu_w - eta_t||^2 = omega_t beta_t^2 / (alpha_t (1 - ab_t)) ||eps_w - eps||^2 (seeds, DDPM)."""
     d = _diff("linear", loss="weighted", variance="fixed_large")
     g = torch.Generator().manual_seed(6)
-    x0, noise = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)
+    x0, noise = (torch.randn(16, 5, generator=g, dtype=torch.float64),
+                 torch.randn(16, 5, generator=g, dtype=torch.float64))
     eps_hat = torch.randn(16, 5, generator=g, dtype=torch.float64)
     t = torch.randint(1, 1000, (16,), generator=g)
     losses = d.training_losses(lambda x, tt, y: eps_hat, x0, t, noise=noise)

@@ -76,8 +76,8 @@ def test_edm_with_unit_sigma_data_is_minus_v():
     x0, noise, t = _batch(seed=5)
     x_t = d_v.q_sample(x0, t, noise)
     assert torch.allclose(d_edm.formulation.model_input(d_edm, x_t, t), x_t, atol=1e-9)
-    assert torch.allclose(d_edm.formulation.target(d_edm, x0, noise, x_t, t), -d_v.formulation.target(d_v, x0, noise, x_t, t),
-                          atol=1e-6)
+    assert torch.allclose(d_edm.formulation.target(d_edm, x0, noise, x_t, t),
+                          -d_v.formulation.target(d_v, x0, noise, x_t, t), atol=1e-6)
 
 
 def test_edm_network_input_has_unit_variance_for_data_of_std_sigma_data():

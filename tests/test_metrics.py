@@ -1,4 +1,5 @@
-"""diffusion_core.metrics: torch-fidelity distances on domain and Inception features, reference caching, NLL, accuracy."""
+"""diffusion_core.metrics: torch-fidelity distances on domain and Inception features,
+reference caching, NLL, accuracy."""
 
 from __future__ import annotations
 

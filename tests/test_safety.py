@@ -39,7 +39,8 @@ def test_ray_heads_in_the_docs_bind_dashboard_and_node_to_localhost():
 
 def test_local_ray_starts_without_a_dashboard():
     src = (ROOT / "pipeline" / "_ray.py").read_text()
-    local_inits = [m.group(0) for m in re.finditer(r"ray\.init\((?:[^()]|\([^()]*\))*\)", src) if "num_cpus" in m.group(0)]
+    local_inits = [m.group(0) for m in re.finditer(r"ray\.init\((?:[^()]|\([^()]*\))*\)", src)
+                   if "num_cpus" in m.group(0)]
     assert local_inits and all("include_dashboard=False" in call for call in local_inits), local_inits
 
 

@@ -148,7 +148,8 @@ def test_multistep_solvers_match_diffusers(sampler, kw, monkeypatch):
     ours = sample(diff, model, x_T.shape, sampler=sampler, steps=n, spacing="trailing", x_T=x_T, clip_denoised=False,
                   lambda_min=None, generator=torch.Generator().manual_seed(6))
     g = torch.Generator().manual_seed(6)  # our noise draws, in order: one per step but the last
-    noises = [torch.randn(x_T.shape, generator=g) for _ in range(n - 1)] if get_sampler(sampler).stochastic({}) else None
+    noises = ([torch.randn(x_T.shape, generator=g) for _ in range(n - 1)] if get_sampler(sampler).stochastic({})
+              else None)
     ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                                 timestep_spacing="trailing", final_sigmas_type="zero", **kw)
     ref.set_timesteps(n)

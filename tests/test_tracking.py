@@ -20,7 +20,8 @@ from pipeline.tracking import NullRun, TrackingError, flatten_params, start_run
 from .stages import group_pids, listening_ips
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = {"project": {"name": "t", "experiment": "exp-test", "seed": 0}, "prepare": {"dataset": "digits", "test_fraction": 0.2}}
+PARAMS = {"project": {"name": "t", "experiment": "exp-test", "seed": 0},
+          "prepare": {"dataset": "digits", "test_fraction": 0.2}}
 
 
 def free_port() -> int:
@@ -165,11 +166,13 @@ def test_prepare_against_real_mlflow_server(tmp_path, mlflow_server):
     assert not (work / "mlflow.db").exists()
 
     def post(path, body):
-        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
-    exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=diffusion-tiny", timeout=30))
+    exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name"
+                                           "?experiment_name=diffusion-tiny", timeout=30))
     runs = post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]]})["runs"]
     assert len(runs) == 1
     info, data = runs[0]["info"], runs[0]["data"]

@@ -15,7 +15,8 @@ from .shards import META_NAME, build_meta, replace_dir, write_array_split, write
 from .sources import SourceData, load_source, stratified_split
 
 
-def prepare_dataset(cfg, out_dir: str | os.PathLike = "data", shard_subdir: str = "shards") -> tuple[dict[str, Any], SourceData, dict[str, np.ndarray]]:
+def prepare_dataset(cfg, out_dir: str | os.PathLike = "data",
+                    shard_subdir: str = "shards") -> tuple[dict[str, Any], SourceData, dict[str, np.ndarray]]:
     """Write `out_dir/shards/{train,test}-%06d.tar` and `out_dir/meta.json` from a `PrepareConfig`.
 
     Everything is written into a temporary folder first; the old shards and meta stay intact until the new
@@ -56,7 +57,8 @@ def prepare_dataset(cfg, out_dir: str | os.PathLike = "data", shard_subdir: str 
         replace_dir(tmp / shard_subdir, out_dir / shard_subdir)
         os.replace(tmp / META_NAME, out_dir / META_NAME)
     except OSError as e:
-        raise OutputError(f"cannot write dataset into {out_dir}: {e.strerror or e} (disk full or folder not writable?)") from e
+        raise OutputError(f"cannot write dataset into {out_dir}: {e.strerror or e} "
+                          "(disk full or folder not writable?)") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta, data, splits

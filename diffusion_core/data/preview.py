@@ -36,7 +36,8 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 10,
     return grid
 
 
-def save_scatter(points: np.ndarray, labels: np.ndarray, path: str | os.PathLike, class_names: Sequence[str] | None = None, title: str = "") -> None:
+def save_scatter(points: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
+                 class_names: Sequence[str] | None = None, title: str = "") -> None:
     """Scatter plot of 2-D points coloured by label, as PNG."""
     import matplotlib
 
@@ -58,7 +59,8 @@ def save_scatter(points: np.ndarray, labels: np.ndarray, path: str | os.PathLike
     plt.close(fig)
 
 
-def save_preview(x: np.ndarray, y: np.ndarray, kind: str, path: str | os.PathLike, class_names: Sequence[str], per_class: int = 10) -> None:
+def save_preview(x: np.ndarray, y: np.ndarray, kind: str, path: str | os.PathLike, class_names: Sequence[str],
+                 per_class: int = 10) -> None:
     """Dataset preview: a grid with one row per class (images) or a scatter (points)."""
     if kind == "points":
         save_scatter(x, y, path, class_names, title="samples by class")

@@ -26,7 +26,8 @@ FIX_HINT = "rerun the stage that wrote it (`dvc repro prepare`, or `dvc checkout
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size): explicit arguments, else torch.distributed if initialized, else RANK/WORLD_SIZE env, else (0, 1)."""
+    """(rank, world_size): explicit arguments, else torch.distributed if initialized, else RANK/WORLD_SIZE env,
+    else (0, 1)."""
     if rank is None or world_size is None:
         r, w = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -63,7 +64,8 @@ def read_shard_bytes(path: Path, record: Mapping[str, Any], verify: bool) -> lis
         raise DataError(f"{e}; {FIX_HINT}") from None
     if len(samples) != int(record["count"]):
         raise DataError(
-            f"shard {path} is corrupt or truncated ({len(samples)} samples, meta.json says {record['count']}); {FIX_HINT}"
+            f"shard {path} is corrupt or truncated ({len(samples)} samples, meta.json says {record['count']}); "
+            f"{FIX_HINT}"
         )
     return samples
 
@@ -77,7 +79,8 @@ def decode_sample(raw: Mapping[str, bytes], path: Path | str = "<shard>") -> tup
         if "npy" in raw:
             return decode_npy(raw["npy"]), y, False
     except Exception as e:  # noqa: BLE001 - PIL/numpy raise many types for corrupt bytes
-        raise DataError(f"shard {path}: sample {raw.get('__key__')!r} does not decode ({type(e).__name__}: {e}); {FIX_HINT}") from None
+        raise DataError(f"shard {path}: sample {raw.get('__key__')!r} does not decode ({type(e).__name__}: {e}); "
+                        f"{FIX_HINT}") from None
     raise DataError(f"shard {path}: sample {raw.get('__key__')!r} has no png or npy field; {FIX_HINT}")
 
 
@@ -112,11 +115,13 @@ class ShardDataset(IterableDataset):
     ):
         super().__init__()
         self.shard_dir = Path(shard_dir)
-        self.meta = dict(meta) if isinstance(meta, Mapping) else read_meta(meta if meta is not None else find_meta(self.shard_dir))
+        self.meta = (dict(meta) if isinstance(meta, Mapping)
+                     else read_meta(meta if meta is not None else find_meta(self.shard_dir)))
         if split not in self.meta["shards"]:
             raise DataError(f"split {split!r} not in {self.shard_dir} (has {', '.join(self.meta['shards'])})")
         if uneven not in ("drop", "repeat") or on_bad_shard not in ("error", "skip"):
-            raise ValueError(f"uneven must be drop|repeat and on_bad_shard error|skip, got {uneven!r}, {on_bad_shard!r}")
+            raise ValueError("uneven must be drop|repeat and on_bad_shard error|skip, "
+                             f"got {uneven!r}, {on_bad_shard!r}")
         self.split = split
         self.records: list[dict[str, Any]] = list(self.meta["shards"][split])
         self.total = sum(int(r["count"]) for r in self.records)
@@ -125,10 +130,12 @@ class ShardDataset(IterableDataset):
         self.verify_checksums, self.on_bad_shard, self.with_keys = verify_checksums, on_bad_shard, with_keys
         self.epoch = 0
         if self.per_rank == 0:
-            raise DataError(f"split {split!r} of {self.shard_dir} has {self.total} samples, fewer than {self.world_size} ranks")
+            raise DataError(f"split {split!r} of {self.shard_dir} has {self.total} samples, "
+                            f"fewer than {self.world_size} ranks")
 
     @classmethod
-    def from_config(cls, shard_dir: str | os.PathLike, split: str, cfg: Any, *, seed: int = 0, shuffle: bool = True, **kw: Any) -> "ShardDataset":
+    def from_config(cls, shard_dir: str | os.PathLike, split: str, cfg: Any, *, seed: int = 0, shuffle: bool = True,
+                    **kw: Any) -> "ShardDataset":
         """Build from a `DataConfig` (shuffle_buffer, on_bad_shard, verify_checksums)."""
         return cls(
             shard_dir, split, shuffle_buffer=cfg.shuffle_buffer if shuffle else 0, seed=seed,

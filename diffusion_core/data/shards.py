@@ -158,7 +158,8 @@ def array_samples(x: np.ndarray, y: np.ndarray, prefix: str, payload: str | None
 
 
 def write_array_split(
-    shard_dir: str | os.PathLike, split: str, x: np.ndarray, y: np.ndarray, samples_per_shard: int, payload: str | None = None
+    shard_dir: str | os.PathLike, split: str, x: np.ndarray, y: np.ndarray, samples_per_shard: int,
+    payload: str | None = None
 ) -> list[dict[str, Any]]:
     """`write_shards` over `array_samples(x, y)`; keys are `{split}_{i}`."""
     return write_shards(shard_dir, split, array_samples(x, y, split, payload), samples_per_shard)
@@ -186,7 +187,8 @@ def build_meta(
         "num_classes": num_classes,
         "class_names": list(class_names),
         "counts": {s: int(len(v)) for s, v in labels.items()},
-        "class_counts": {s: np.bincount(np.asarray(v, dtype=np.int64), minlength=num_classes).tolist() for s, v in labels.items()},
+        "class_counts": {s: np.bincount(np.asarray(v, dtype=np.int64), minlength=num_classes).tolist()
+                         for s, v in labels.items()},
         "shards": {s: list(v) for s, v in shards.items()},
     }
     if kind == "image":
@@ -207,7 +209,8 @@ def find_meta(shard_dir: str | os.PathLike) -> Path:
     for cand in (shard_dir / META_NAME, shard_dir.parent / META_NAME):
         if cand.is_file():
             return cand
-    raise DataError(f"no {META_NAME} in {shard_dir} or {shard_dir.parent}; run the stage that writes these shards (e.g. `dvc repro prepare`)")
+    raise DataError(f"no {META_NAME} in {shard_dir} or {shard_dir.parent}; "
+                    "run the stage that writes these shards (e.g. `dvc repro prepare`)")
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -85,7 +85,8 @@ def load_swissroll(n: int, num_classes: int, noise: float, seed: int) -> SourceD
 
 
 _TV_FILES = {
-    "mnist": ("MNIST", "MNIST/raw", "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), t10k-labels-idx1-ubyte(.gz)"),
+    "mnist": ("MNIST", "MNIST/raw", "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), "
+              "t10k-images-idx3-ubyte(.gz), t10k-labels-idx1-ubyte(.gz)"),
     "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", "the same four idx files as MNIST"),
     "cifar10": ("CIFAR10", "", "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/ folder)"),
 }
@@ -135,7 +136,8 @@ def load_imagefolder(root: Path) -> SourceData:
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
-        raise DataError(f"imagefolder: data folder {root} does not exist; set prepare.data_dir to a folder of class subfolders")
+        raise DataError(f"imagefolder: data folder {root} does not exist; "
+                        "set prepare.data_dir to a folder of class subfolders")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"imagefolder: {root} has no class subfolders; put images in {root}/<class_name>/")
@@ -166,7 +168,8 @@ def load_imagefolder(root: Path) -> SourceData:
                 raise DataError(f"imagefolder: cannot read image {f}: {e}") from None
             xs.append(arr if arr.ndim == 3 else arr[..., None])
             ys.append(label)
-    return SourceData("imagefolder", "image", np.stack(xs), np.asarray(ys, dtype=np.int64), tuple(d.name for d in class_dirs))
+    return SourceData("imagefolder", "image", np.stack(xs), np.asarray(ys, dtype=np.int64),
+                      tuple(d.name for d in class_dirs))
 
 
 def resize_images(data: SourceData, size: int) -> SourceData:

@@ -107,7 +107,8 @@ def load_feature_net(path: str | os.PathLike, map_location="cpu"):
 
 def domain_extractor(feature_net) -> DomainFeatureExtractor:
     """The registered domain extractor over `feature_net` (a FeatureNet or its folder), features and logits."""
-    kw = {"feature_net_path": feature_net} if isinstance(feature_net, (str, os.PathLike)) else {"feature_net": feature_net}
+    kw = ({"feature_net_path": feature_net} if isinstance(feature_net, (str, os.PathLike))
+          else {"feature_net": feature_net})
     return create_feature_extractor(DOMAIN_EXTRACTOR, ["features", "logits"], cuda=False, verbose=False, **kw)
 
 
