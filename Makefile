@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[pipeline,dev]"
 	touch $(STAMP)
 
+# 3 pytest-xdist workers, one test file each at a time (module fixtures are built once): the stage and Ray tests
+# mostly wait on subprocesses, so a third worker fills the two cores; ruff first (a second)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check --quiet .
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
