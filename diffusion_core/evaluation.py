@@ -66,16 +66,31 @@ def sample_metrics(images: np.ndarray, labels: np.ndarray, reference, extractor,
 
 
 def nll_on_test(bundle: DiffusionBundle, x_test: torch.Tensor, y_test: torch.Tensor | None, num: int,
-                batch_size: int = 64, seed: int = 0) -> tuple[float | None, float | None]:
-    """(nll_bpd, standard error) on the first `num` test images for pixel image models; (None, None) otherwise."""
+                batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+    """Bits/dim bounds on the first `num` test images of a pixel image model, each with its standard error (`_se`).
+
+    An unconditional model: `nll_bpd` = -log p(x). A class-conditional one: `nll_bpd_given_class` = -log p(x|y)
+    with the test labels, and `nll_bpd` = -log p(x) through the null class only if the model folder says it was
+    trained with label dropout (its null class is the unconditional model); an untrained null class has no bound.
+    {} for latent or point models, or fewer than 2 images.
+    """
     if num < 2 or bundle.is_latent or bundle.config["data"].get("kind", "image") != "image":
-        return None, None
+        return {}
     from .metrics import nll_bpd
 
     n = min(num, len(x_test))
-    labels = None if y_test is None or bundle.num_classes is None else y_test[:n]
-    return nll_bpd(bundle, x_test[:n], batch_size=batch_size, generator=torch.Generator().manual_seed(seed),
-                   labels=labels)
+    runs = {"nll_bpd": None}
+    if bundle.num_classes is not None:
+        if y_test is None:
+            raise ValueError("a class-conditional model's nll_bpd_given_class needs the test labels")
+        runs = {"nll_bpd_given_class": y_test[:n]}
+        if float(bundle.config["data"].get("label_dropout", 0.0)) > 0:
+            runs["nll_bpd"] = None  # y=None is the null class
+    out = {}
+    for name, labels in runs.items():
+        out[name], out[f"{name}_se"] = nll_bpd(bundle, x_test[:n], batch_size=batch_size, labels=labels,
+                                               generator=torch.Generator().manual_seed(seed))
+    return out
 
 
 __all__ = ["DOMAIN", "INCEPTION", "REFERENCE_FILE", "load_reference", "nll_on_test", "reference_path",

@@ -6,7 +6,8 @@
      "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "parameterization": "eps",
                    "variance": "fixed_small", "loss": "simple", "min_snr_gamma": null},
      "data": {"space": "pixel" | "latent", "shape": [C, H, W], "num_classes": 10 | null,
-              "class_names": [...], "dataset": "mnist5k", "kind": "image" | "points"},
+              "class_names": [...], "dataset": "mnist5k", "kind": "image" | "points",
+              "label_dropout": 0.1},  # p(label -> null class) in training; > 0: the null class is unconditional
      "latent": {"autoencoder": "<path of the autoencoder folder>", "scale_factor": 0.9} | null,
      "checksums": {...}}
 

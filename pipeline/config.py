@@ -102,7 +102,8 @@ class PrepareConfig(Section):
 
 @register_section("data")
 class DataConfig(Section):
-    shuffle_buffer: NonNegInt = 1000  # 0: no shuffling
+    # No shuffle buffer: the training stages read their rank's shards into memory once and draw each step's batch
+    # by seeded index (bitwise-exact resume); ShardDataset(shuffle_buffer=...) streams sets that do not fit.
     on_bad_shard: Literal["error", "skip"] = "error"
     verify_checksums: bool = False
 

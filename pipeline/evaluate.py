@@ -138,8 +138,7 @@ def _run(args) -> None:
             x_test, y_test = load_split(shards, "test", meta=read_meta(shards),
                                         verify_checksums=params.data.verify_checksums)
             torch.manual_seed(cfg.seed)
-            metrics["nll_bpd"], metrics["nll_bpd_se"] = nll_on_test(bundle, x_test, y_test, cfg.nll_samples,
-                                                                    cfg.nll_batch_size, seed=cfg.seed)
+            metrics.update(nll_on_test(bundle, x_test, y_test, cfg.nll_samples, cfg.nll_batch_size, seed=cfg.seed))
         metrics.update(nfe=out["nfe"], num_samples=int(len(out["seeds"])), sampling_seconds=round(out["seconds"], 2),
                        wall_seconds=round(time.perf_counter() - t0, 2))
         skipped = sorted(k for k, v in metrics.items() if v is None)

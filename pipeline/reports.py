@@ -20,7 +20,7 @@ SWEEP_COLUMNS = ("trial", "setting", "seed_set", "axis", "status", "schedule", "
                  "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples",
                  "nfe", "fd_domain",
                  "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd",
-                 "nll_bpd_se", "loss", "wall_seconds")
+                 "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "wall_seconds")
 SETTING_KEYS = ("sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples")
 AVERAGED = ("fd_domain", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "nfe", "wall_seconds")
 SUMMARY_COLUMNS = ("setting", *SETTING_KEYS, "seed_sets", "nfe", "fd_domain", "fd_domain_std", "fd_domain_min",

@@ -43,7 +43,7 @@ MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER = "models/diffusion", "models/classi
 REFERENCE, CSV, SUMMARY, PLOTS, METRICS = Path("data/reference"), Path("reports/sweep.csv"), \
     Path("reports/sweep_summary.csv"), Path("reports/sweep"), Path("metrics/sweep.json")
 METRIC_KEYS = ("fd_domain", "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy",
-               "nll_bpd", "nll_bpd_se", "loss", "nfe", "wall_seconds")
+               "nll_bpd", "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "nfe", "wall_seconds")
 
 
 def _enter_trial(config: dict):
@@ -107,7 +107,8 @@ def training_trial(config: dict) -> None:
     data = load_rank_data(shard_dir, params.data, 0, 1, scale=scale)
     decoder = load_autoencoder_decoder(AUTOENCODER, scale) if latent else None
     num_classes = int(meta["num_classes"]) if td.conditional else None
-    data_block = {"space": td.space, "shape": list(meta["sample_shape"]), "num_classes": num_classes, "kind": "image"}
+    data_block = {"space": td.space, "shape": list(meta["sample_shape"]), "num_classes": num_classes, "kind": "image",
+                  "label_dropout": td.label_dropout if num_classes is not None else 0.0}
     x_test = y_test = None
     if not latent and tc.nll_samples >= 2:
         x_test, y_test = load_split(shard_dir, "test", meta=meta)
@@ -123,8 +124,7 @@ def training_trial(config: dict) -> None:
         metrics = {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"], "loss": loss,
                    "step": step}
         if step >= tc.steps and x_test is not None:
-            metrics["nll_bpd"], metrics["nll_bpd_se"] = nll_on_test(bundle, x_test, y_test, tc.nll_samples,
-                                                                    seed=sw.seed)
+            metrics.update(nll_on_test(bundle, x_test, y_test, tc.nll_samples, seed=sw.seed))
         tune.report({**metrics, "guidance": guidance, "wall_seconds": watch.seconds})
 
     short_training(td, schedule, diffusion, data, data_block, decoder, steps=tc.steps, batch_size=tc.batch_size,
@@ -167,7 +167,8 @@ def _brief(row: dict) -> dict:
     """The config and main metrics of a trial or setting row for metrics/sweep.json (empty values dropped)."""
     keys = ("setting", "trial", "schedule", "parameterization", "sampler", "steps", "eta", "spacing", "options",
             "guidance", "scale", "num_samples", "seed_sets", "nfe", "fd_domain", "fd_domain_std", "kd_domain",
-            "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "trials")
+            "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_given_class",
+            "trials")
     return {k: row[k] for k in keys if row.get(k) is not None}
 
 

@@ -82,7 +82,8 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = DiffusionTrainer(cfg, diffusion, model, params.diffusion.timestep_sampler, num_classes, device)
     spec = diffusion_spec(params.schedule, params.diffusion, diffusion.formulation_options)
     data_block = {"space": cfg.space, "shape": list(shape), "num_classes": num_classes, "dataset": meta["dataset"],
-                  "class_names": meta.get("class_names"), "kind": "points" if meta["kind"] == "points" else "image"}
+                  "class_names": meta.get("class_names"), "kind": "points" if meta["kind"] == "points" else "image",
+                  "label_dropout": cfg.label_dropout if num_classes is not None else 0.0}
     extra = {"diffusion": spec, "data": data_block, "latent": latent, "run_key": config["run_key"]}
     ray_ckpt = latest_ray_checkpoint()  # set after FailureConfig restarted the workers (the one to use off-node)
     with ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None) as from_ray:

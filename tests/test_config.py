@@ -52,6 +52,13 @@ def test_unknown_key_suggests_and_lists_accepted():
     assert "unknown key 'prepare.datset'" in msg and "did you mean 'dataset'" in msg and "test_fraction" in msg
 
 
+def test_no_data_param_that_changes_nothing():
+    """data.shuffle_buffer was a DVC param dependency no stage read (training draws seeded batches by index from
+    its rank's shards in memory): it is refused now, naming the keys that do something."""
+    with pytest.raises(ConfigError, match=r"unknown key 'data.shuffle_buffer'.*accepted: on_bad_shard, verify_checks"):
+        validate_params({"data": {"shuffle_buffer": 1000}}, ["data"])
+
+
 def test_unknown_nested_key_and_section():
     msg = _err({"train_autoencoder": {"autoencoder": {"latent_chanels": 2}}})
     assert "train_autoencoder.autoencoder.latent_chanels" in msg and "latent_channels" in msg

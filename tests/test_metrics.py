@@ -12,6 +12,7 @@ import torch
 from scipy import linalg
 
 import diffusion_core.metrics.fidelity as F
+from diffusion_core.evaluation import nll_on_test
 from diffusion_core.metrics import MetricsError, class_accuracy, nll_bpd
 from diffusion_core.pretrained import load_diffusion_dir
 from tests.tiny_models import make_diffusion_dir, make_feature_net, make_latent_dir
@@ -187,6 +188,29 @@ def test_nll_bpd_pixel_model_and_latent_refused(tmp_path):
     latent = load_diffusion_dir(make_latent_dir(tmp_path / "lat"))
     with pytest.raises(MetricsError, match="pixel-space"):
         nll_bpd(latent, torch.zeros(2, 2, 4, 4))
+
+
+def test_nll_names_say_which_likelihood(tmp_path):
+    """-log p(x) is `nll_bpd`; a class-conditional model's -log p(x|y) is `nll_bpd_given_class`, and its null class
+    gives `nll_bpd` only when it was trained (label dropout > 0). Each equals nll_bpd with those labels."""
+    x, y = blobs(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def bound(bundle, labels=None):  # nll_on_test's seed-0 generator, fresh for each bound
+        return nll_bpd(bundle, x, labels=labels, generator=torch.Generator().manual_seed(0))[0]
+
+    uncond = load_diffusion_dir(make_diffusion_dir(tmp_path / "u"))
+    out = nll_on_test(uncond, x, y, num=6, seed=0)
+    assert set(out) == {"nll_bpd", "nll_bpd_se"}
+    assert out["nll_bpd"] == pytest.approx(bound(uncond), rel=1e-6)
+    cond = load_diffusion_dir(make_diffusion_dir(tmp_path / "c", num_classes=3, label_dropout=0.1))
+    out = nll_on_test(cond, x, y, num=6, seed=0)
+    assert set(out) == {"nll_bpd", "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se"}
+    given, null = bound(cond, y), bound(cond)
+    assert out["nll_bpd_given_class"] == pytest.approx(given, rel=1e-6)
+    assert out["nll_bpd"] == pytest.approx(null, rel=1e-6) and null != pytest.approx(given, rel=1e-4)
+    no_dropout = load_diffusion_dir(make_diffusion_dir(tmp_path / "c0", num_classes=3))
+    assert set(nll_on_test(no_dropout, x, y, num=6, seed=0)) == {"nll_bpd_given_class", "nll_bpd_given_class_se"}
+    assert nll_on_test(load_diffusion_dir(make_latent_dir(tmp_path / "lat")), x, y, num=6) == {}
 
 
 def test_class_accuracy(net):

@@ -27,11 +27,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def make_diffusion_dir(path: Path, num_classes: int | None = None, seed: int = 0) -> Path:
+def make_diffusion_dir(path: Path, num_classes: int | None = None, seed: int = 0, label_dropout: float = 0.0) -> Path:
     torch.manual_seed(seed)
     model = randomize(UNet(in_channels=CHANNELS, image_size=SIZE, num_classes=num_classes, **TINY), seed)
     data = {"space": "pixel", "shape": [CHANNELS, SIZE, SIZE], "num_classes": num_classes,
-            "class_names": [str(i) for i in range(num_classes or 0)], "dataset": "tiny", "kind": "image"}
+            "class_names": [str(i) for i in range(num_classes or 0)], "dataset": "tiny", "kind": "image",
+            "label_dropout": label_dropout}
     save_diffusion_dir(path, model, None, dict(DIFFUSION), data)
     return path
 

@@ -133,15 +133,6 @@ class ShardDataset(IterableDataset):
             raise DataError(f"split {split!r} of {self.shard_dir} has {self.total} samples, "
                             f"fewer than {self.world_size} ranks")
 
-    @classmethod
-    def from_config(cls, shard_dir: str | os.PathLike, split: str, cfg: Any, *, seed: int = 0, shuffle: bool = True,
-                    **kw: Any) -> "ShardDataset":
-        """Build from a `DataConfig` (shuffle_buffer, on_bad_shard, verify_checksums)."""
-        return cls(
-            shard_dir, split, shuffle_buffer=cfg.shuffle_buffer if shuffle else 0, seed=seed,
-            verify_checksums=cfg.verify_checksums, on_bad_shard=cfg.on_bad_shard, **kw,
-        )
-
     @property
     def per_rank(self) -> int:
         if self.uneven == "drop":
