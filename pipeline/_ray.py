@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import socket
 import uuid
@@ -21,6 +22,13 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 CONNECT_TIMEOUT_S = 3.0
+VERBOSE_ENV = "PIPELINE_VERBOSE"  # set by a stage's --verbose: Ray's own messages as Ray prints them
+# Ray Train's placement-group cleaner polls the State API, which lives in the dashboard; a local Ray here runs
+# without one, so it warns every few seconds for the whole run (546 lines in one default train_diffusion)
+_POLLING_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# ray.train.report logs every report of every rank at INFO ("Reporting training result ..."), on any cluster; its
+# logger is named by the module's file path
+_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 
 
 class RayError(RuntimeError):
@@ -56,17 +64,24 @@ def init_ray(num_cpus: int | None = None) -> None:
     helper thread that ends kills the local cluster with it.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from an offline machine
+    # Train's print patch tees a worker's print to its logger and to the (redirected) stdout: every line twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    quiet = os.environ.get(VERBOSE_ENV) != "1"
     try:
         if address:
             _check_reachable(address)
             ray.init(logging_level="WARNING")
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
+            if quiet:  # nothing drains a local node, and its watcher's set-up error is noise here
+                os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            hook = {"worker_process_setup_hook": "pipeline._ray.quiet_worker_logging"} if quiet else {}
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING",
+                     runtime_env=hook or None)
     except RayError:
         raise
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, RaySystemError ...
@@ -75,6 +90,21 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- inside workers
+
+
+def quiet_worker_logging() -> None:
+    """worker_process_setup_hook of a local Ray: drop the dashboard-less polling warnings (_POLLING_LOGGERS)."""
+    for name in _POLLING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _quiet_train_reports() -> None:
+    """In a Train worker: Ray's per-report INFO line off (the stage prints its own progress); warnings stay."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_REPORT_LOGGER_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def worker_context() -> tuple[int, int]:
@@ -111,6 +141,8 @@ def _worker_entry(loop: Callable[[dict], Any], no_retry: tuple[type[BaseExceptio
     threads = int(config["_cpus_per_worker"])
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ["_PIPELINE_IN_RAY_TRAIN"] = "1"
+    if not config.get("_verbose"):
+        _quiet_train_reports()
     import torch
 
     torch.set_num_threads(threads)
@@ -153,7 +185,8 @@ def run_torch_trainer(train_loop_per_worker: Callable[[dict], Any], loop_config:
     cause if it is one of `reraise` (e.g. ConfigError, DataError), else a one-line RayError. Errors in
     `no_retry` are raised at once, without restarts.
     """
-    config = {**loop_config, "_cpus_per_worker": int(scaling.cpus_per_worker)}
+    config = {**loop_config, "_cpus_per_worker": int(scaling.cpus_per_worker),
+              "_verbose": os.environ.get(VERBOSE_ENV) == "1"}
     if not getattr(scaling, "use_ray", True):
         import torch
 

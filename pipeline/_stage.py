@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -19,13 +20,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, TrackingError, CheckpointError,
                                          NumericalError, OSError, ValueError]
-    try:  # pipeline/_ray.py: Ray unreachable or a worker failed
-        from pipeline._ray import RayError
+    from pipeline._ray import RayError  # Ray unreachable or a worker failed (imports no ray itself)
 
-        errors.append(RayError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (*errors, RayError)
 
 
 def one_line(e: BaseException) -> str:
@@ -43,6 +40,8 @@ def build_parser(name: str, description: str | None = None) -> argparse.Argument
     )
     p.add_argument("--params", default="params.yaml", metavar="PATH", help="params file (default: params.yaml)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--verbose", action="store_true",
+                   help="let Ray print all of its own messages (by default its known polling noise is filtered)")
     return p
 
 
@@ -63,6 +62,10 @@ def run_stage(
     if add_args is not None:
         add_args(parser)
     args = parser.parse_args(argv)
+    if args.verbose:
+        from pipeline._ray import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         main_fn(args)
         return 0

@@ -5,6 +5,7 @@ checked, the MLflow store must hold one run per stage and one nested run per swe
 import csv
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -185,3 +186,21 @@ def test_no_secrets_in_the_store_or_the_output(pipeline):
     for secret in SECRETS.values():
         assert secret not in log
     assert_store_holds_no_secret_or_environment(work, list(SECRETS.values()))
+
+
+# Ray's own chatter seen in a default `make repro` (issue #15): the Train placement-group cleaner polling a State API
+# that a dashboard-less local Ray does not have (546 lines), one INFO line per ray.train.report of every rank, the
+# preemption watcher's set-up error; and the rank-0 worker's lines printed twice (Train's print patch)
+RAY_NOISE = ("Failed to query Ray Train Controller", "Reporting training result", "has constructor arguments in the")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_console_is_quiet(pipeline):
+    """No known Ray noise line, and no line from a Ray process said twice (progress bars aside)."""
+    _, log, _ = pipeline
+    lines = [ANSI.sub("", ln).strip() for ln in log.replace("\r", "\n").splitlines()]
+    noise = [ln for ln in lines if any(n in ln for n in RAY_NOISE)]
+    assert not noise, f"{len(noise)} Ray noise lines, e.g. {noise[0]}"
+    from_ray = [ln for ln in lines if re.match(r"^\(\w+ pid=\d+", ln) and not re.search(r"\d+%\|", ln)]
+    repeated = sorted({ln for ln in from_ray if from_ray.count(ln) > 1})
+    assert not repeated, f"said more than once: {repeated[:3]}"
