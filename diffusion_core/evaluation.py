@@ -44,7 +44,7 @@ def load_reference(ref_dir: str | Path, name: str, required: bool = True):
 
 def sample_metrics(images: np.ndarray, labels: np.ndarray, reference, extractor, inception=None,
                    inception_reference=None, batch_size: int = 256) -> dict:
-    """DESIGN.md metrics of one sample set (uint8 [N, H, W, C], labels [N], -1 = unconditional).
+    """README's metrics of one sample set (uint8 [N, H, W, C], labels [N], -1 = unconditional).
 
     fd_domain, kd_domain, kd_domain_std, precision_domain, recall_domain from the domain extractor; class_accuracy
     by its feature net when every sample has a requested class (else None); fid_inception, kid_inception only when

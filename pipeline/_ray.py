@@ -26,6 +26,7 @@ VERBOSE_ENV = "PIPELINE_VERBOSE"  # set by a stage's --verbose: Ray's own messag
 # Ray Train's placement-group cleaner polls the State API, which lives in the dashboard; a local Ray here runs
 # without one, so it warns every few seconds for the whole run (546 lines in one default train_diffusion)
 _POLLING_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 # ray.train.report logs every report of every rank at INFO ("Reporting training result ..."), on any cluster; its
 # logger is named by the module's file path
 _REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
@@ -93,9 +94,25 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def quiet_worker_logging() -> None:
-    """worker_process_setup_hook of a local Ray: drop the dashboard-less polling warnings (_POLLING_LOGGERS)."""
+    """worker_process_setup_hook of a local Ray: drop the dashboard-less polling warnings (_POLLING_LOGGERS).
+
+    With two local Rays on one machine (two stages at once, parallel tests) the cleaner's State API client cannot
+    tell which cluster is its own and its monitor thread dies with a ConnectionError traceback; on a local node,
+    torn down with the stage, there is nothing for it to clean, so that thread's death is kept off the console.
+    """
+    import threading
+
     for name in _POLLING_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    previous = threading.excepthook
+
+    def excepthook(args) -> None:
+        if args.thread is not None and args.thread.name == _CLEANER_THREAD:
+            logging.getLogger(__name__).debug("placement-group cleaner stopped: %s", args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = excepthook
 
 
 def _quiet_train_reports() -> None:

@@ -18,6 +18,16 @@ THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKE
 torch.set_num_threads(THREADS)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core box two threads per process thrash (a test module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
     """configs/tiny.yaml's `prepare` (digits 8x8) run once per session through its CLI, tracking off: the folder holds

@@ -451,7 +451,9 @@ def test_at_least_25_distinct_cases():
     assert len(CASES) >= 25
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
+# every case is a stage's command line in a subprocess (about 3 s of CPU each): the full suite's, not make test-fast's
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_line_and_writes_nothing(results, name):
     case = CASES[name]
     r = results[name].result()
@@ -471,6 +473,7 @@ def test_bad_input_is_one_line_and_writes_nothing(results, name):
         assert r["seconds"] < case.max_seconds, f"took {r['seconds']:.1f} s"
 
 
+@pytest.mark.slow
 def test_debug_adds_a_traceback(assets, tmp_path):
     """--debug: the same one `error:` line last, with the traceback above it."""
     with_data(then=lambda cwd: truncate(cwd / "data/shards/train-000000.tar", 0.4))(tmp_path, assets)

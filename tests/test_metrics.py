@@ -17,13 +17,7 @@ from diffusion_core.metrics import MetricsError, class_accuracy, nll_bpd
 from diffusion_core.pretrained import load_diffusion_dir
 from tests.tiny_models import make_diffusion_dir, make_feature_net, make_latent_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n: int, seed: int, size: int = 8) -> torch.Tensor:

@@ -203,4 +203,6 @@ def test_console_is_quiet(pipeline):
     assert not noise, f"{len(noise)} Ray noise lines, e.g. {noise[0]}"
     from_ray = [ln for ln in lines if re.match(r"^\(\w+ pid=\d+", ln) and not re.search(r"\d+%\|", ln)]
     repeated = sorted({ln for ln in from_ray if from_ray.count(ln) > 1})
-    assert not repeated, f"said more than once: {repeated[:3]}"
+    at = lines.index(repeated[0]) if repeated else 0
+    assert not repeated, f"said more than once: {repeated[:3]}; around the first:\n" + "\n".join(lines[at - 15:at + 5])
+    assert not [ln for ln in lines if "Traceback (most recent call last)" in ln], "a traceback on the console"

@@ -31,13 +31,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cli(), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core box two threads per process thrash."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

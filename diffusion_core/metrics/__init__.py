@@ -1,7 +1,8 @@
 """Sample-quality metrics: torch-fidelity distances on Inception-v3 and domain features, NLL, class accuracy.
 
-Names follow DESIGN.md: `fid_inception`, `kid_inception`, `fd_domain`, `kd_domain`, `precision_domain`,
-`recall_domain`, `nll_bpd`, `class_accuracy`. torch-fidelity is imported only when a fidelity function runs.
+Names say what they measure (README "Metrics"): `fid_inception`, `kid_inception`, `fd_domain`, `kd_domain`,
+`precision_domain`, `recall_domain`, `nll_bpd` (`nll_bpd_given_class`), `class_accuracy`. torch-fidelity is
+imported only when a fidelity function runs.
 """
 
 from .errors import MetricsError

@@ -274,7 +274,7 @@ def fidelity_metrics(generated, reference: ReferenceStats, extractor: FeatureExt
 def fidelity_scores(generated, real, feature_net=None, inception_weights: str | os.PathLike | None = None,
                     inception: bool = True, inception_download: bool = True, cache_dir: str | os.PathLike | None = None,
                     batch_size: int = 64, **metric_kwargs) -> dict:
-    """DESIGN.md's fidelity metrics of generated vs real uint8 images.
+    """Fidelity metrics (README "Metrics") of generated vs real uint8 images.
 
     `feature_net` (FeatureNet or its folder) gives fd_domain, kd_domain (+ kd_domain_std), precision_domain,
     recall_domain; Inception-v3 gives fid_inception, kid_inception (+ kid_inception_std), or None for each when its
