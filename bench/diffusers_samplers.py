@@ -60,12 +60,12 @@ def main(argv=None) -> int:
     import torch
 
     from diffusion_core.evaluation import sample_metrics
+    from diffusion_core.generation import FastDenoiser, sample_labels, to_uint8
     from diffusion_core.guidance import ClassifierFreeGuidance
     from diffusion_core.io import atomic_write_json
     from diffusion_core.pretrained import load_diffusion_dir
     from diffusion_core.samplers import sample
     from diffusion_core.samplers.common import NoiseSource
-    from diffusion_core.sampling import FastDenoiser, sample_labels, to_uint8
 
     from .sampler_study import study_context
 

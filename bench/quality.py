@@ -136,8 +136,8 @@ def sample_peer(unet, shape: tuple, labels: np.ndarray, num_classes: int, schedu
 
 def our_grid_samples(run: Path, num: int) -> np.ndarray:
     """The first `num` samples of our evaluate stage's set, drawn again with the run's own evaluate params."""
+    from diffusion_core.generation import generate
     from diffusion_core.pretrained import load_diffusion_dir
-    from diffusion_core.sampling import generate
     from pipeline.config import load_params
 
     ev = load_params(run / "params.yaml", sections=("evaluate",)).evaluate
@@ -146,7 +146,7 @@ def our_grid_samples(run: Path, num: int) -> np.ndarray:
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    from diffusion_core.sampling import to_uint8
+    from diffusion_core.generation import to_uint8
 
     return to_uint8(x.clamp(-1, 1))
 

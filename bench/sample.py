@@ -10,8 +10,8 @@ import time
 
 import torch
 
+from diffusion_core.generation import FastDenoiser
 from diffusion_core.samplers import sample
-from diffusion_core.sampling import FastDenoiser
 
 from .common import interleaved, load
 from .models import BASE_SETTINGS, IMAGE, Setting, diffusers_unet, diffusion, our_unet

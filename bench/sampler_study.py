@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from diffusion_core.evaluation import sample_metrics
+    from diffusion_core.generation import generate
     from diffusion_core.io import atomic_write_json
     from diffusion_core.pretrained import load_diffusion_dir
-    from diffusion_core.sampling import generate
 
     out_path, results, ref, extractor = study_context(args.run, args.out, "sampler_study.json")
     points = [p for p in POINTS if args.points is None or _key(p) in args.points]

@@ -42,6 +42,7 @@ from .checkpoint import (
 from .diffusion import GaussianDiffusion
 from .guidance import cfg_label_dropout
 from .models import EMA, MLPDenoiser, UNet, unwrap_model
+from .precision import resolve_bf16
 from .pretrained import build_diffusion, diffusion_spec
 from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
 
@@ -267,6 +268,7 @@ class DiffusionTrainer:
         self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps,
                                                              diffusion.formulation.timestep_probs(diffusion))
         self.quartiles = QuartileLoss(diffusion.num_timesteps)
+        self.bf16 = resolve_bf16(cfg.bf16, self.device)  # "auto": only where the device computes bf16 natively
         self.step = 0
         self.samples_seen = 0
         self.train_seconds = 0.0  # time spent in train_step, summed over resumes
@@ -293,7 +295,7 @@ class DiffusionTrainer:
         if self.channels_last:
             net_in = net_in.contiguous(memory_format=torch.channels_last)
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16)):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.ddp(net_in, d.model_timesteps(t), y)
         losses = d.losses_from_output(out.float(), x0, x_t, t, noise)["loss"]  # float32 losses
         weighted = losses * weights

@@ -25,7 +25,10 @@ CONNECT_TIMEOUT_S = 3.0
 VERBOSE_ENV = "PIPELINE_VERBOSE"  # set by a stage's --verbose: Ray's own messages as Ray prints them
 # Ray Train's placement-group cleaner polls the State API, which lives in the dashboard; a local Ray here runs
 # without one, so it warns every few seconds for the whole run (546 lines in one default train_diffusion)
-_POLLING_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# The Train controller also asks an autoscaler for the workers' resources; a local node has none to ask, and on a
+# busy CPU the request times out with a traceback that Ray itself calls "safe to ignore"
+_POLLING_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
 _CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 # ray.train.report logs every report of every rank at INFO ("Reporting training result ..."), on any cluster; its
 # logger is named by the module's file path
@@ -81,8 +84,10 @@ def init_ray(num_cpus: int | None = None) -> None:
             if quiet:  # nothing drains a local node, and its watcher's set-up error is noise here
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             hook = {"worker_process_setup_hook": "pipeline._ray.quiet_worker_logging"} if quiet else {}
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING",
-                     runtime_env=hook or None)
+            # address="local": a new Ray of our own, even where a `ray start` cluster runs on this machine
+            # (ray.init() without an address would join the latest one, which then refuses num_cpus)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     logging_level="WARNING", runtime_env=hook or None)
     except RayError:
         raise
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, RaySystemError ...
@@ -94,7 +99,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def quiet_worker_logging() -> None:
-    """worker_process_setup_hook of a local Ray: drop the dashboard-less polling warnings (_POLLING_LOGGERS).
+    """worker_process_setup_hook of a local Ray: drop the local-node noise of _POLLING_LOGGERS (errors and above
+    of other loggers still show).
 
     With two local Rays on one machine (two stages at once, parallel tests) the cleaner's State API client cannot
     tell which cluster is its own and its monitor thread dies with a ConnectionError traceback; on a local node,
@@ -103,7 +109,7 @@ def quiet_worker_logging() -> None:
     import threading
 
     for name in _POLLING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     previous = threading.excepthook
 
     def excepthook(args) -> None:

@@ -49,8 +49,8 @@ def _option(text: str) -> tuple[str, float]:
 
 
 def _add_sample(sub) -> None:
+    from diffusion_core.generation import GUIDANCE_KINDS
     from diffusion_core.samplers import SAMPLERS, SPACINGS, describe
-    from diffusion_core.sampling import GUIDANCE_KINDS
 
     p = sub.add_parser(
         "sample", help="draw samples from a trained model folder",
@@ -101,8 +101,8 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from diffusion_core.generation import check_device, generate, load_classifier_dir, save_samples
     from diffusion_core.pretrained import load_diffusion_dir
-    from diffusion_core.sampling import check_device, generate, load_classifier_dir, save_samples
 
     check_device(args.device)  # before loading: a bad --device is the user's typo, not a corrupt checkpoint
     bundle = load_diffusion_dir(args.model, use_ema=not args.no_ema, map_location=args.device,

@@ -69,8 +69,8 @@ def resolve_setting(cfg, sweep_metrics: Path = SWEEP_METRICS) -> dict:
 def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
     """Samples start..start+num-1 of the evaluation set (runs in a Ray task or in-process)."""
     os.chdir(root)
+    from diffusion_core.generation import generate, load_classifier_dir
     from diffusion_core.pretrained import load_diffusion_dir
-    from diffusion_core.sampling import generate, load_classifier_dir
 
     bundle = load_diffusion_dir(MODEL)
     clf = load_classifier_dir(CLASSIFIER) if kwargs["guidance_kind"] == "classifier" else None

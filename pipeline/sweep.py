@@ -64,8 +64,8 @@ def sampling_trial(config: dict) -> None:
     from ray import tune
 
     from diffusion_core.evaluation import sample_metrics
+    from diffusion_core.generation import generate, load_classifier_dir
     from diffusion_core.pretrained import load_diffusion_dir
-    from diffusion_core.sampling import generate, load_classifier_dir
     from pipeline.grid import Stopwatch
 
     watch = Stopwatch()
@@ -91,8 +91,8 @@ def training_trial(config: dict) -> None:
 
     from diffusion_core.data import load_split, read_meta
     from diffusion_core.evaluation import nll_on_test, sample_metrics
+    from diffusion_core.generation import generate
     from diffusion_core.pretrained import load_autoencoder_decoder
-    from diffusion_core.sampling import generate
     from diffusion_core.training import load_rank_data
     from pipeline.grid import Stopwatch, short_training
 

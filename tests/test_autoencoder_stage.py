@@ -181,9 +181,9 @@ def latent_model(tiny_run) -> Path:
 @pytest.mark.slow
 def test_latent_diffusion_samples_decode_through_the_autoencoder(tiny_run, latent_model):
     """The CLI's images = the autoencoder's decoder applied, by hand, to the library's latent samples / (1/std z)."""
+    from diffusion_core.generation import to_uint8
     from diffusion_core.pretrained import build_diffusion
     from diffusion_core.samplers import sample
-    from diffusion_core.sampling import to_uint8
 
     cfg = json.loads((latent_model / "config.json").read_text())
     assert cfg["data"]["space"] == "latent" and cfg["data"]["shape"] == [2, 2, 2]

@@ -200,8 +200,8 @@ def test_train_classifier_tiny_ray(tiny_dir):
     assert accs[0] > accs[3] + 0.2, accs  # clean-ish inputs are classifiable, x_T is not
     assert accs[3] < 0.25 and min(accs) <= metrics["accuracy"] <= max(accs)
 
+    from diffusion_core.generation import load_classifier_dir
     from diffusion_core.pretrained import diffusion_spec
-    from diffusion_core.sampling import load_classifier_dir
     from pipeline.config import load_params
 
     params = load_params(TINY, sections=("schedule", "diffusion"))

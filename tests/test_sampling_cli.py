@@ -1,4 +1,4 @@
-"""`diffusion sample` and diffusion_core.sampling on tiny random model folders: outputs, seeds, classes, errors."""
+"""`diffusion sample` and diffusion_core.generation on tiny random model folders: outputs, seeds, classes, errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion_core.generation import SamplingError, generate, load_classifier_dir, save_samples
 from diffusion_core.pretrained import load_diffusion_dir
-from diffusion_core.sampling import SamplingError, generate, load_classifier_dir, save_samples
 from pipeline.cli import main
 from tests.tiny_models import CHANNELS, DIFFUSION, SIZE, make_classifier_dir, make_diffusion_dir, make_latent_dir
 
@@ -122,7 +122,7 @@ def test_bf16_channels_last_sampling_is_close_batch_invariant_and_restores_the_m
 
 
 def test_fast_denoiser_returns_float32_and_autocasts(folders):
-    from diffusion_core.sampling import FastDenoiser
+    from diffusion_core.generation import FastDenoiser
 
     model = load_diffusion_dir(folders["cond"]).model.eval()
     x, t = torch.randn(3, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 20, 45])

@@ -374,6 +374,7 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
             except OSError:
                 assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
                 time.sleep(1)
+        deadline = time.time() + 180  # on a busy machine the job agent comes up well after the dashboard
         while True:  # the dashboard answers before its job agent is up ("No available agent"): retry
             res = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
                                   ".", "--", "python", "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"],
@@ -423,3 +424,35 @@ def _kill_session_leftovers(temp_dir: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+@pytest.mark.slow
+def test_local_run_starts_its_own_ray_beside_a_ray_start_cluster(prepared, tmp_path):
+    """RAY_ADDRESS unset: a stage starts a Ray of its own even when `ray start` runs on this machine. ray.init()
+    without an address would join the latest such cluster (its address file in the Ray temp dir) and refuse the
+    stage's num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided")."""
+    work = _workdir(prepared, tmp_path / "w", steps=4, checkpoint_every=2, log_every=2)
+    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {**_env(), "RAY_TMPDIR": tmp}  # the head's address file and the stage's lookup both live under tmp/ray
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={_free_port()}", "--num-cpus=1", "--include-dashboard=false",
+                             f"--temp-dir={tmp}/ray", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(f"{tmp}/ray/ray_current_cluster"):
+            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=work,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert verify_checkpoint_dir(work / "models/diffusion")  # written by the stage's own two-worker Ray
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        _kill_session_leftovers(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
