@@ -392,16 +392,20 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         # why the README keeps token authentication on
         assert listening_ips(group_pids(head.pid) | _pids_naming(temp_dir), port=dash) == {"127.0.0.1"}
     finally:
-        # stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes
-        # `ray start` stop its processes on SIGTERM; whatever is left in our session folder is killed by pid
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        _kill_session_leftovers(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_head(head, temp_dir)
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes `ray start`
+    stop its processes on SIGTERM; whatever is left in our session folder is killed by pid."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    _kill_session_leftovers(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _pids_naming(temp_dir: str) -> set[int]:
@@ -448,11 +452,4 @@ def test_local_run_starts_its_own_ray_beside_a_ray_start_cluster(prepared, tmp_p
         assert res.returncode == 0, res.stderr[-2000:]
         assert verify_checkpoint_dir(work / "models/diffusion")  # written by the stage's own two-worker Ray
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        _kill_session_leftovers(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _stop_head(head, tmp)
