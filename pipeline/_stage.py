@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -45,6 +46,10 @@ def build_parser(name: str, description: str | None = None) -> argparse.Argument
     return p
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_stage(
     name: str,
     main_fn: Callable[[argparse.Namespace], object],
@@ -66,11 +71,12 @@ def run_stage(
         from pipeline._ray import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or `kill`'s stop closes the MLflow run as KILLED too
     try:
         main_fn(args)
         return 0
-    except KeyboardInterrupt:
-        print(f"error: {name} interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"error: {name} interrupted{f' by {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the whole point: one line per failure
         expected = isinstance(e, _expected_errors())

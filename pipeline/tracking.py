@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -186,6 +187,59 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
+def _process_token(pid: int) -> str | None:
+    """`<pid>@<start time>` of a live process (its start time tells a reused pid apart), None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # fields 3.. after (comm)
+        return None if fields[0] in "ZX" else f"{pid}@{fields[19]}"  # a zombie is gone; field 22 is starttime
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # alive, owned by someone else
+        pass
+    return str(pid)
+
+
+def owner_tag() -> str:
+    """`host:pid@starttime` of this process: tag `owner` of each run, so a later run can tell a dead one."""
+    return f"{socket.gethostname()}:{_process_token(os.getpid())}"
+
+
+def _owner_is_gone(owner: str) -> bool:
+    """True when `owner` (an `owner_tag()`) names a process of this host that no longer runs; other hosts'
+    processes cannot be checked from here and count as alive."""
+    host, _, token = owner.partition(":")
+    if host != socket.gethostname() or not token:
+        return False
+    try:
+        pid = int(token.split("@")[0])
+    except ValueError:
+        return False
+    return _process_token(pid) != token
+
+
+def close_dead_runs(mlflow: Any, experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of `stage` whose process (tag `owner`) died without closing them (kill -9, a
+    lost node, a Ray worker restart); returns their ids. A live run, or one of another host, is left alone."""
+    client = mlflow.MlflowClient()
+    filt = f"tags.stage = '{stage}' and attributes.status = 'RUNNING'"
+    try:
+        running = client.search_runs([experiment_id], filter_string=filt, max_results=100)
+    except Exception:  # noqa: BLE001 - housekeeping: a store that cannot search must not stop the stage
+        return []
+    closed = []
+    for r in running:
+        owner = r.data.tags.get("owner", "")
+        if owner and _owner_is_gone(owner):
+            client.set_tag(r.info.run_id, "killed_reason", f"its process ({owner}) ended without closing the run")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
@@ -217,12 +271,15 @@ def start_run(
     tags: Mapping[str, Any] | None = None,
     nested: bool = False,
     root: str | os.PathLike | None = None,
+    continues: str | None = None,
 ) -> Iterator[NullRun]:
     """Open one MLflow run named `stage` (a `NullRun` when disabled or rank != 0).
 
     params: the sections the stage read (`{"prepare": {...}}`), logged flattened and hashed into tag
     `params_hash`. cfg: a `TrackingConfig`. experiment: defaults to `params["project"]["experiment"]`.
-    An exception inside the block marks the run FAILED (KeyboardInterrupt: KILLED) and propagates.
+    An exception inside the block marks the run FAILED (KeyboardInterrupt: KILLED) and propagates. Runs of
+    `stage` that a dead process left RUNNING are marked KILLED first (`close_dead_runs`). continues: the id of the
+    run this one resumes (e.g. from its checkpoint), tagged `continues_run`.
     """
     rank = _detect_rank() if rank is None else rank
     enabled = getattr(cfg, "enabled", True) if cfg is not None else True
@@ -255,6 +312,7 @@ def start_run(
     mlflow.set_tracking_uri(uri)
     try:
         exp_id = _experiment_id(mlflow, experiment, uri)
+        closed = close_dead_runs(mlflow, exp_id, stage)
         run = mlflow.start_run(run_name=stage, experiment_id=exp_id, nested=nested)
     except TrackingError:
         _restore_env("MLFLOW_TRACKING_URI", env_before)
@@ -267,10 +325,13 @@ def start_run(
     status = "FINISHED"
     try:
         commit = git_commit()
+        link = {"continues_run": continues} if continues else {}
         handle.set_tags(
             {"stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit,
-             "params_hash": params_hash(dict(params)), **(tags or {})}
+             "params_hash": params_hash(dict(params)), "owner": owner_tag(), **link, **(tags or {})}
         )
+        if closed:
+            print(f"{stage}: marked MLflow run(s) {', '.join(closed)} KILLED (their process had died)", flush=True)
         handle.log_params(params)
         yield handle
     except KeyboardInterrupt:

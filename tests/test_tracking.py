@@ -182,3 +182,64 @@ def test_prepare_against_real_mlflow_server(tmp_path, mlflow_server):
     metrics = {m["key"]: m["value"] for m in data["metrics"]}
     assert tags["stage"] == "prepare" and params["prepare.dataset"] == "digits"
     assert metrics["train_count"] + metrics["test_count"] == 1797
+
+
+_CHILD = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from pipeline.config import TrackingConfig
+from pipeline.tracking import start_run
+from pipeline._stage import run_stage
+
+def body(_args=None):
+    with start_run("killable", {{"project": {{"experiment": "exp-test"}}}}, TrackingConfig()) as run:
+        print("run", run.run_id, flush=True)
+        if {how!r} == "kill -9":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(120)
+
+sys.exit(run_stage("killable", body, []) if {how!r} == "stage" else body())
+"""
+
+
+def _child_run(store: Path, how: str) -> tuple[subprocess.Popen, str]:
+    """A process holding an open run of stage 'killable' in `store` (how: 'kill -9' kills itself inside the run,
+    'alive' sleeps in it, 'stage' sleeps in it under run_stage); returns it and its run id."""
+    code = _CHILD.format(root=str(Path(__file__).resolve().parents[1]), how=how)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:  # after a line of start_run's own when it closed a dead run
+        if line.startswith("run "):
+            return proc, line.split()[1]
+    raise AssertionError(proc.stderr.read()[-2000:])
+
+
+def test_a_run_whose_process_died_is_marked_killed_by_the_next_run_of_its_stage(store):
+    """kill -9 inside a run leaves it RUNNING in the store; the next run of that stage marks it KILLED (with the
+    reason) and, when it resumes that work, names it; a run whose process is alive is left RUNNING."""
+    alive, alive_id = _child_run(store, "alive")
+    try:
+        dead, dead_id = _child_run(store, "kill -9")
+        assert dead.wait(timeout=60) == -signal.SIGKILL
+        client = _client(f"sqlite:///{store / 'mlflow.db'}")
+        assert client.get_run(dead_id).info.status == "RUNNING"  # what kill -9 leaves behind
+        with start_run("killable", PARAMS, TrackingConfig(), continues=dead_id) as run:
+            pass
+        killed = client.get_run(dead_id)
+        assert killed.info.status == "KILLED" and "ended without closing" in killed.data.tags["killed_reason"]
+        assert killed.info.end_time is not None
+        assert client.get_run(alive_id).info.status == "RUNNING"
+        new = client.get_run(run.run_id)
+        assert new.info.status == "FINISHED" and new.data.tags["continues_run"] == dead_id
+        assert new.data.tags["owner"].startswith(f"{socket.gethostname()}:{os.getpid()}@")
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_sigterm_to_a_stage_closes_its_run_as_killed(store):
+    proc, run_id = _child_run(store, "stage")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert "error: killable interrupted by SIGTERM" in proc.stderr.read()
+    assert _client(f"sqlite:///{store / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
