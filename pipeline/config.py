@@ -96,9 +96,6 @@ class PrepareConfig(Section):
     samples_per_shard: PosInt = 1000
     seed: NonNegInt = 0
     image_size: PosInt | None = None  # resize images to image_size x image_size (None: keep)
-    swissroll_samples: Annotated[int, Field(ge=10)] = 10000
-    swissroll_classes: Annotated[int, Field(ge=1, le=100)] = 4
-    swissroll_noise: Annotated[float, Field(ge=0)] = 0.5
 
 
 @register_section("data")

@@ -8,7 +8,7 @@ import time
 from diffusion_core.data import prepare_dataset
 from diffusion_core.data.preview import save_preview
 from diffusion_core.io import atomic_write_json
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from pipeline.tracking import start_run
 
 from ._stage import run_stage
@@ -20,6 +20,10 @@ DATA_DIR, METRICS, PREVIEW = "data", "metrics/prepare.json", "reports/prepare_sa
 def _run(args) -> None:
     params = load_params(args.params, sections=("project", "tracking", STAGE))
     cfg = params.prepare
+    if cfg.dataset == "swissroll":  # before any work: the next stages would refuse the points one by one
+        raise ConfigError("prepare.dataset 'swissroll' is 2-D points, and the pipeline's stages train and evaluate "
+                          "image models: choose an image dataset (mnist5k, digits, mnist, fashion_mnist, cifar10, "
+                          "imagefolder), or use the Swiss roll through the library (README 'The Swiss roll')")
     logged = params.to_dict("project", STAGE)
     with start_run(STAGE, logged, params.tracking, experiment=params.project.experiment) as run:
         t0 = time.perf_counter()

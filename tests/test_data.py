@@ -3,6 +3,7 @@
 import errno
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,7 +167,8 @@ def test_embedded_sources():
     assert d.x.shape == (1797, 8, 8, 1) and d.x.dtype == np.uint8 and d.x.max() == 255
     d16 = load_source(PrepareConfig(dataset="digits", image_size=16))
     assert d16.x.shape == (1797, 16, 16, 1)
-    s = load_source(PrepareConfig(dataset="swissroll", swissroll_samples=1000, swissroll_classes=5))
+    s = load_source(SimpleNamespace(dataset="swissroll", swissroll_samples=1000, swissroll_classes=5,
+                                    swissroll_noise=0.5, seed=0))
     assert s.x.shape == (1000, 2) and s.x.dtype == np.float32 and np.abs(s.x).max() <= 1.0
     assert set(s.y.tolist()) == set(range(5))
     m = load_source(PrepareConfig(dataset="mnist5k"))

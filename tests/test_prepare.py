@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -41,8 +42,14 @@ def test_prepare_tiny_end_to_end(tmp_path):
     assert not (ROOT / "data" / ".prepare-tmp").exists()
 
 
+def _swissroll(n: int, **kw) -> SimpleNamespace:
+    """The library's 2-D points (the pipeline's PrepareConfig refuses them): prepare_dataset takes any config."""
+    return SimpleNamespace(**{**PrepareConfig().model_dump(), "dataset": "swissroll", "swissroll_samples": n,
+                              "swissroll_classes": 4, "swissroll_noise": 0.5, **kw})
+
+
 def test_prepare_in_process_is_deterministic_and_swaps_atomically(tmp_path, monkeypatch):
-    cfg = PrepareConfig(dataset="swissroll", swissroll_samples=300, samples_per_shard=100)
+    cfg = _swissroll(300, samples_per_shard=100)
     meta1, _, _ = prepare_dataset(cfg, tmp_path / "data")
     meta2, _, _ = prepare_dataset(cfg, tmp_path / "data")
     assert meta1 == meta2  # same params, same shard bytes (sha256): DVC sees no change
@@ -62,7 +69,7 @@ def test_prepare_in_process_is_deterministic_and_swaps_atomically(tmp_path, monk
 
     monkeypatch.setattr(prep, "write_array_split", failing)
     with pytest.raises(KeyboardInterrupt):
-        prepare_dataset(PrepareConfig(dataset="swissroll", swissroll_samples=500), tmp_path / "data")
+        prepare_dataset(_swissroll(500), tmp_path / "data")
     assert read_meta(tmp_path / "data" / "meta.json") == meta1
     assert len(load_split(tmp_path / "data" / "shards", "train", verify_checksums=True)[0]) == meta1["counts"]["train"]
     assert [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".")] == []
@@ -117,3 +124,17 @@ def test_help():
     with pytest.raises(SystemExit) as e:
         prepare.main(["--help"])
     assert e.value.code == 0
+
+
+def test_the_pipeline_refuses_the_swiss_roll_before_any_work(tmp_path, monkeypatch, capsys):
+    """2-D points would pass prepare and fail a stage later; the stage says so up front, writing nothing."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["prepare"]["dataset"] = "swissroll"
+    raw["tracking"]["enabled"] = False
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main(["--params", "p.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prepare.dataset 'swissroll' is 2-D points" in err
+    assert "choose an image dataset" in err and "README 'The Swiss roll'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]

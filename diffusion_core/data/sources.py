@@ -33,14 +33,18 @@ class SourceData:
 
 
 def load_source(cfg) -> SourceData:
-    """Load the dataset named by `cfg.dataset` (a `PrepareConfig`), resized to `cfg.image_size` if set."""
+    """Load the dataset named by `cfg.dataset` (a `PrepareConfig`), resized to `cfg.image_size` if set.
+
+    `swissroll` (2-D points; the library's toy, refused by the pipeline's prepare stage) reads the optional
+    `cfg.swissroll_samples`, `swissroll_classes`, `swissroll_noise` (defaults 10000, 4, 0.5)."""
     name = cfg.dataset
     if name == "mnist5k":
         data = load_mnist5k()
     elif name == "digits":
         data = load_digits()
     elif name == "swissroll":
-        return load_swissroll(cfg.swissroll_samples, cfg.swissroll_classes, cfg.swissroll_noise, cfg.seed)
+        return load_swissroll(getattr(cfg, "swissroll_samples", 10000), getattr(cfg, "swissroll_classes", 4),
+                              getattr(cfg, "swissroll_noise", 0.5), cfg.seed)
     elif name in ("mnist", "fashion_mnist", "cifar10"):
         data = load_torchvision(name, Path(cfg.data_dir))
     elif name == "imagefolder":
