@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_core.evaluation import DOMAIN, load_reference, reference_path
-from diffusion_core.io import atomic_write_json
+from diffusion_core.io import atomic_write_json, atomic_write_text
 from pipeline.config import load_params, validate_params
 from pipeline.grid import sampling_trials, setting_name, trial_name, trial_seed
 
@@ -81,7 +81,9 @@ def sampling_trial(config: dict) -> None:
                    channels_last=config["channels_last"])
     metrics = sample_metrics(out["images"], out["labels"], ref, ext)
     k = config["grid_samples"]
-    np.savez(Path(config["staging"]) / f"{trial_name(t)}.npz", images=out["images"][:k], labels=out["labels"][:k])
+    staged = Path(config["staging"]) / f"{trial_name(t)}.npz"
+    np.savez(staged.with_suffix(".tmp.npz"), images=out["images"][:k], labels=out["labels"][:k])
+    os.replace(staged.with_suffix(".tmp.npz"), staged)  # a trial killed mid-write leaves no half file
     tune.report({**metrics, "nfe": out["nfe"], "sampling_seconds": out["seconds"], "wall_seconds": watch.seconds})
 
 
@@ -131,23 +133,94 @@ def training_trial(config: dict) -> None:
                    eval_every=tc.eval_every, on_eval=on_eval)
 
 
-def _tune(trainable, trials: list[dict], common: dict, sw, name: str, scheduler=None):
-    """Run one grid of trials; returns Tune's ResultGrid, raising a one-line RayError if any trial failed."""
+def trial_progress(desc: str, total: int):
+    """A Tune callback: one tqdm bar of finished/total trials, with the running count and the best fd_domain so far.
+
+    Tune pickles it with the run (tuner.pkl) and restores that copy on `Tuner.restore`: the bar is made lazily and
+    counts from the trial states Tune passes, so a resumed sweep's bar starts at the trials it already has."""
     from ray import tune
 
-    from ._ray import RayError
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self._bar, self._shown = None, None
 
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": sw.cpus_per_trial}),
-        param_space={**common, "trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=sw.max_concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=str(Path("ray_results").resolve()), verbose=0))
+        def __getstate__(self) -> dict:
+            return {"_bar": None, "_shown": None}
+
+        def _update(self, trials) -> None:
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            running = sum(t.status == "RUNNING" for t in trials)
+            fds = [t.last_result.get("fd_domain") for t in trials if t.last_result]
+            fds = [f for f in fds if isinstance(f, (int, float)) and math.isfinite(f)]
+            state = (done, running, min(fds) if fds else None)
+            if state == self._shown:
+                return
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, unit="trial", dynamic_ncols=True)
+            self._shown = state
+            self._bar.n = done
+            self._bar.set_postfix_str(f"running {running}" + (f", best fd_domain {state[2]:.4g}" if fds else ""))
+
+        def on_step_end(self, iteration: int, trials: list, **info) -> None:
+            self._update(trials)
+
+        def on_experiment_end(self, trials: list, **info) -> None:
+            self._update(trials)
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    return TrialProgress()
+
+
+def _tune(trainable, trials: list[dict], common: dict, sw, name: str, scheduler=None):
+    """Run one grid of trials (or finish the interrupted run of that name: its finished trials are kept, the
+    others rerun); returns Tune's ResultGrid, raising a one-line RayError if any trial failed."""
+    from ray import tune
+
+    from ._ray import VERBOSE_ENV, RayError
+
+    # Ctrl+C stops the stage (exit 130, the Tune run kept for the rerun to finish), where Tune's own handler would
+    # end fit() early and hand back a part of the grid as if it were all of it
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    if os.environ.get(VERBOSE_ENV) != "1":
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its start-up table prints even at verbose=0
+    path = Path("ray_results").resolve() / name
+    trainable = tune.with_resources(trainable, {"cpu": sw.cpus_per_trial})
+    space = {**common, "trial": tune.grid_search(trials)}
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable, restart_errored=True, param_space=space)
+        done = sum(1 for f in path.glob("*/result.json") if f.stat().st_size)
+        print(f"{STAGE}: resuming the interrupted Tune run {path.name}/ ({done} of {len(trials)} trials had "
+              "reported; finished ones are kept)", flush=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=sw.max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(path.parent), verbose=0,
+                                      callbacks=[trial_progress(f"{STAGE} {name.rsplit('-', 1)[1]}", len(trials))]))
     results = tuner.fit()
     if results.errors:
         e = results.errors[0]
         raise RayError(f"{STAGE}: {len(results.errors)} trial(s) failed; first: {type(e).__name__}: "
                        f"{' '.join(str(e).split())[-400:]}")
     return results
+
+
+def _sweep_key(params) -> str:
+    """Hash of the params and the input files (size and mtime) the trials read: an interrupted sweep's Tune runs
+    are resumed only by a sweep with the same key, so a retrained model or changed grid starts afresh."""
+    from pipeline.config import params_hash
+
+    inputs = {}
+    for folder in (MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER, REFERENCE, "data/shards", "data/latents"):
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                inputs[str(f)] = [st.st_size, st.st_mtime_ns]
+    return params_hash({"params": params.to_dict(*SECTIONS[2:]), "inputs": inputs})
 
 
 def _row(result, axis: str, max_reports: int = 0) -> tuple[dict, list[dict]]:
@@ -219,9 +292,14 @@ def _run(args) -> None:
     train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
     if not reference_path(REFERENCE, DOMAIN).is_file():
         load_reference(REFERENCE, DOMAIN)  # raises the one-line "run reference_stats" error
-    name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    # a name fixed by the params and inputs: a sweep killed part-way is finished by the next one (Tune's restore)
+    name = f"{STAGE}-{_sweep_key(params)[:12]}"
+    for stale in Path("ray_results").glob(f"{STAGE}-*"):
+        if not stale.name.startswith(name):
+            shutil.rmtree(stale, ignore_errors=True)  # an interrupted sweep of other params or inputs
     staging = Path("ray_results").resolve() / name / "samples"
     staging.mkdir(parents=True, exist_ok=True)
+    previous_run = staging.parent / "mlflow_run_id"  # the MLflow run of the interrupted sweep, if any
     common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
               "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples,
               "bf16": sw.bf16, "channels_last": sw.channels_last, "staging": str(staging),
@@ -230,7 +308,10 @@ def _run(args) -> None:
     init_ray()
     rows, histories = [], {}
     with start_run(STAGE, params.to_dict("project", "schedule", "diffusion", STAGE), params.tracking,
-                   experiment=params.project.experiment) as run:
+                   experiment=params.project.experiment,
+                   continues=previous_run.read_text() if previous_run.is_file() else None) as run:
+        if run.run_id:
+            atomic_write_text(previous_run, run.run_id)
         if train_trials:
             from ray.tune.schedulers import ASHAScheduler
 
