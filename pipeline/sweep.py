@@ -326,6 +326,10 @@ def _run(args) -> None:
                 histories[row["trial"]] = hist
         if trials:
             rows += [_row(r, "sampling")[0] for r in _tune(sampling_trial, trials, common, sw, f"{name}-sampling")]
+        # grid order, whatever order Tune hands results back in (a restored run's differs): same table and plots
+        order = {trial_name(t): i for i, t in enumerate([*train_trials, *trials])}
+        rows.sort(key=lambda r: (r["axis"] != "training", order.get(r["trial"], len(order))))
+        histories = {k: histories[k] for k in sorted(histories, key=lambda k: order.get(k, len(order)))}
         sampled = [r for r in rows if r["axis"] == "sampling"]
         settings = reports.summarize(sampled)
         reports.write_csv(CSV, rows)
