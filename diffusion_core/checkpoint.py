@@ -1,8 +1,8 @@
 """Checkpoint folders: safetensors weights + config.json with checksums; safe training state; atomic step dirs.
 
-A model folder holds `model.safetensors`, optional `ema.safetensors` and `config.json` =
-{"model": model.config, **extra_config, "checksums": {file: sha256}}; config.json is written last, so its presence
-means the weights beside it are complete. Weights never go through pickle.
+A model folder holds `model.safetensors`, optional `ema.safetensors`, optional extra files (a model card, provenance)
+and `config.json` = {"model": model.config, **extra_config, "checksums": {file: sha256}}; config.json is written
+last, so its presence means the files beside it are complete. Weights never go through pickle.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +28,8 @@ from .models import EMA, build_model, unwrap_model
 MODEL_FILE, EMA_FILE, CONFIG_FILE, TRAINING_STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", \
     "training_state.pt"
 STEP_DIR_PATTERN = re.compile(r"^step-(\d{8})$")
+RESERVED_FILES = frozenset({MODEL_FILE, EMA_FILE, CONFIG_FILE, TRAINING_STATE_FILE})
+_EXTRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class CheckpointError(RuntimeError):
@@ -54,10 +56,21 @@ def _write_safetensors(path: Path, module: nn.Module) -> str:
     return digest
 
 
-def _save_dir(path: Path, model: nn.Module, extra_config: dict, ema_model, state: dict | None) -> None:
+def _check_extra_files(extra_files: Mapping[str, str | bytes]) -> None:
+    for name, content in extra_files.items():
+        if name in RESERVED_FILES or not _EXTRA_NAME.match(name):
+            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name; use another name "
+                             f"(letters, digits, '.', '_', '-'; not {', '.join(sorted(RESERVED_FILES))})")
+        if not isinstance(content, (str, bytes)):
+            raise TypeError(f"extra file {name!r} must be str or bytes, got {type(content).__name__}")
+
+
+def _save_dir(path: Path, model: nn.Module, extra_config: dict, ema_model, state: dict | None,
+              extra_files: Mapping[str, str | bytes] | None = None) -> None:
     reserved = {"model", "checksums"} & set(extra_config)
     if reserved:
         raise ValueError(f"extra_config may not contain the reserved keys {sorted(reserved)}")
+    _check_extra_files(extra_files or {})
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).unlink(missing_ok=True)  # an old config must not vouch for half-written new weights
     checksums = {MODEL_FILE: _write_safetensors(path / MODEL_FILE, model)}
@@ -67,15 +80,21 @@ def _save_dir(path: Path, model: nn.Module, extra_config: dict, ema_model, state
     if state is not None:
         save_training_state(path / TRAINING_STATE_FILE, state)
         checksums[TRAINING_STATE_FILE] = sha256_file(path / TRAINING_STATE_FILE)
+    for name, content in (extra_files or {}).items():  # not in checksums: a timing in them must not change config.json
+        with atomic_path(path / name) as tmp:
+            tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     atomic_write_json(path / CONFIG_FILE, {"model": unwrap_model(model).config, **extra_config,
                                            "checksums": checksums})
 
 
 def save_model_dir(path: str | os.PathLike, model: nn.Module, extra_config: dict | None = None,
-                   ema_model: nn.Module | EMA | None = None) -> None:
-    """Write model.safetensors (+ ema.safetensors) then config.json into a temp folder beside `path`, then swap it
-    onto `path` by renames: a failure (full disk, kill) leaves the previous model folder intact."""
-    _save_swapped(Path(path), model, dict(extra_config or {}), ema_model, None)
+                   ema_model: nn.Module | EMA | None = None,
+                   extra_files: Mapping[str, str | bytes] | None = None) -> None:
+    """Write model.safetensors (+ ema.safetensors), `extra_files` ({file name: text or bytes}, e.g. README.md,
+    provenance.json; not listed in the checksums) then config.json into a temp folder beside `path`, then swap it onto
+    `path` by renames: a failure (full disk, kill) leaves the previous model folder intact."""
+    _check_extra_files(extra_files or {})  # before any work: a bad name is the caller's bug
+    _save_swapped(Path(path), model, dict(extra_config or {}), ema_model, None, extra_files)
 
 
 def _remove_killed_saves(path: Path) -> None:
@@ -87,7 +106,8 @@ def _remove_killed_saves(path: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _save_swapped(path: Path, model: nn.Module, extra_config: dict, ema_model, state: dict | None) -> Path:
+def _save_swapped(path: Path, model: nn.Module, extra_config: dict, ema_model, state: dict | None,
+                  extra_files: Mapping[str, str | bytes] | None = None) -> Path:
     """_save_dir into a temp sibling folder, then rename it onto `path` (the old folder moved aside, then removed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +116,7 @@ def _save_swapped(path: Path, model: nn.Module, extra_config: dict, ema_model, s
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder") from e
     try:
-        _save_dir(tmp, model, extra_config, ema_model, state)
+        _save_dir(tmp, model, extra_config, ema_model, state, extra_files)
         try:
             if path.exists() and exchange_paths(tmp, path):  # one step: `path` is never without a model
                 shutil.rmtree(tmp, ignore_errors=True)  # now the old folder

@@ -82,10 +82,11 @@ class DiffusionBundle:
 
 
 def save_diffusion_dir(path: str | os.PathLike, model: nn.Module, ema_model, diffusion_block: dict,
-                       data_block: dict, latent_block: dict | None = None) -> None:
-    """Write `models/diffusion/`-style folder atomically (weights, EMA weights, config.json last)."""
+                       data_block: dict, latent_block: dict | None = None,
+                       extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Write `models/diffusion/`-style folder atomically (weights, EMA weights, `extra_files`, config.json last)."""
     save_model_dir(path, model, {"diffusion": diffusion_block, "data": data_block, "latent": latent_block},
-                   ema_model=ema_model)
+                   ema_model=ema_model, extra_files=extra_files)
 
 
 def load_autoencoder_decoder(path: str | os.PathLike, scale_factor: float, map_location="cpu"):

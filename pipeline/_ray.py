@@ -98,6 +98,10 @@ def init_ray(num_cpus: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------------- inside workers
 
 
+def _below_critical(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.CRITICAL
+
+
 def quiet_worker_logging() -> None:
     """worker_process_setup_hook of a local Ray: drop the local-node noise of _POLLING_LOGGERS (errors and above
     of other loggers still show).
@@ -109,7 +113,10 @@ def quiet_worker_logging() -> None:
     import threading
 
     for name in _POLLING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.CRITICAL)
+        if _below_critical not in logger.filters:  # Train's controller and workers dictConfig "ray.train" after this
+            logger.addFilter(_below_critical)       # hook, which resets its child loggers' levels, not their filters
     previous = threading.excepthook
 
     def excepthook(args) -> None:

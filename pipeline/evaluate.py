@@ -84,24 +84,46 @@ def _sample(cfg, setting: dict, workers: int) -> dict:
               "channels_last": cfg.channels_last}
     root = str(Path.cwd().resolve())
     if workers == 1:
-        return sample_part(root, kwargs, cfg.num_samples, 0)
+        return sample_part(root, {**kwargs, "progress": True}, cfg.num_samples, 0)
     import ray
+    from tqdm.auto import tqdm
 
     from ._ray import RayError, init_ray
 
     init_ray()
     task = ray.remote(num_cpus=1)(sample_part)
-    bounds = np.linspace(0, cfg.num_samples, workers + 1).round().astype(int)
+    # tasks of one batch each (smaller when that leaves a worker idle), `workers` in flight: the bar moves as each
+    # batch lands
+    size = min(cfg.batch_size, -(-cfg.num_samples // workers))
+    todo, pending, parts = iter(range(0, cfg.num_samples, size)), {}, {}
+
+    def submit() -> None:
+        lo = next(todo, None)
+        if lo is not None:
+            pending[task.remote(root, kwargs, min(size, cfg.num_samples - lo), lo)] = lo
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.num_samples, desc=f"{STAGE}: {setting['sampler']} {setting['steps']} steps", unit="sample")
     try:
-        parts = ray.get([task.remote(root, kwargs, int(hi - lo), int(lo)) for lo, hi in zip(bounds[:-1], bounds[1:])])
+        for _ in range(workers):
+            submit()
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            lo = pending.pop(ready)
+            parts[lo] = ray.get(ready)
+            bar.update(len(parts[lo]["seeds"]))
+            submit()
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, Exception):
             raise cause from None
         raise RayError(f"{STAGE}: a sampling task failed: {' '.join(str(e).split())[-300:]}") from None
+    finally:
+        bar.close()
+    parts = [parts[lo] for lo in sorted(parts)]
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "labels", "seeds")}
     out["nfe"] = sum(p["nfe"] * len(p["seeds"]) for p in parts) / cfg.num_samples
-    out["seconds"] = max(p["seconds"] for p in parts)
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -113,6 +135,7 @@ def _run(args) -> None:
     from diffusion_core.evaluation import nll_on_test, sample_metrics
     from diffusion_core.metrics.fidelity import domain_extractor, inception_extractor
     from diffusion_core.pretrained import load_diffusion_dir
+    from pipeline.provenance import run_links
     from pipeline.tracking import start_run
 
     params = load_params(args.params, sections=SECTIONS)
@@ -125,6 +148,8 @@ def _run(args) -> None:
         t0 = time.perf_counter()
         run.set_tags({"setting_source": setting["source"], **({"sweep_setting": setting["sweep_setting"]}
                                                                if setting["source"] == "sweep" else {})})
+        run.set_tags(run_links({"training_run_id": MODEL, "classifier_run_id": CLASSIFIER,
+                                "feature_net_run_id": FEATURE_NET}))  # provenance.json: the runs that trained them
         run.log_params({"used": {k: setting[k] for k in SETTING_KEYS}})
         out = _sample(cfg, setting, min(cfg.num_workers, cfg.num_samples))
         inception = None
@@ -148,6 +173,11 @@ def _run(args) -> None:
         k = min(cfg.grid_samples, len(out["images"]))
         save_image_grid(out["images"][:k], SAMPLES, nrow=10, scale=max(1, 56 // out["images"].shape[1]))
         run.log_metrics(metrics)
+        if run.active:  # the figures on the model registry's version of models/diffusion
+            from pipeline.mlflow_models import tag_registered_version
+            from pipeline.provenance import training_run_id
+
+            tag_registered_version(training_run_id(MODEL), metrics, run.run_id)
         run.log_artifact(SAMPLES, STAGE)
         run.log_artifact(OUT, STAGE)
         run.log_artifact(USED, STAGE)

@@ -25,6 +25,7 @@ from diffusion_core.data.preview import save_image_grid
 from diffusion_core.io import atomic_write_json
 from diffusion_core.training import NumericalError
 from pipeline.config import ConfigError, load_params
+from pipeline.provenance import data_checksums, model_files, provenance
 from pipeline.tracking import start_run
 
 from ._stage import run_stage
@@ -84,11 +85,22 @@ def _run(args) -> None:
         c, h, w = model.latent_shape
         data_info = {"dataset": meta["dataset"], "image_shape": [meta["channels"], image_size, image_size],
                      "counts": meta["counts"], "train_shard_sha256": [r["sha256"] for r in meta["shards"]["train"]]}
-        save_model_dir(MODEL_DIR, model, {"data": data_info, "train": cfg.model_dump(mode="json")})
         metrics = {"test_mse": test["mse"], "test_psnr": test["psnr"], "kl": test["kl"], "latent_shape": [c, h, w],
                    "compression_factor": x_test[0].numel() / (c * h * w), "downsample": model.factor,
                    "train_seconds": seconds, "steps": cfg.steps}
+        prov = provenance(STAGE, MODEL_DIR, params.to_dict("project", STAGE), data_checksums(SHARDS), run, metrics,
+                          seconds)
+        what = (f"KL autoencoder (`AutoencoderKL`, {sum(p.numel() for p in model.parameters()):,} parameters) of "
+                f"{meta['dataset']} images {meta['channels']} x {image_size} x {image_size} into latents {c} x {h} x "
+                f"{w} ({metrics['compression_factor']:.1f}x fewer values); the latent diffusion model samples in its "
+                f"latent space and decodes through it.")
+        save_model_dir(MODEL_DIR, model, {"data": data_info, "train": cfg.model_dump(mode="json")},
+                       extra_files=model_files(prov, f"Autoencoder: {meta['dataset']}", what))
         atomic_write_json(METRICS, metrics)
+        if run.active:
+            from pipeline.mlflow_models import log_model_folder
+
+            log_model_folder(run, MODEL_DIR)
         run.log_metrics({k: v for k, v in metrics.items() if k != "latent_shape"}, step=cfg.steps)
         run.log_artifact(RECON)
     print(f"{STAGE}: test PSNR {test['psnr']:.2f} dB, MSE {test['mse']:.5f}, KL {test['kl']:.1f}, latents "

@@ -27,6 +27,7 @@ from diffusion_core.io import OutputError, atomic_write_json
 from diffusion_core.pretrained import diffusion_spec
 from diffusion_core.training import NumericalError, build_diffusion_from_params, load_rank_data
 from pipeline.config import ConfigError, load_params, validate_params
+from pipeline.provenance import data_checksums, input_model, model_files, provenance
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import report, run_torch_trainer, worker_context
@@ -34,7 +35,7 @@ from ._stage import run_stage
 
 STAGE = "train_classifier"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
-OUT, METRICS = Path("models/classifier"), Path("metrics/train_classifier.json")
+OUT, METRICS, AUTOENCODER = Path("models/classifier"), Path("metrics/train_classifier.json"), "models/autoencoder"
 EXPECTED = (ConfigError, DataError, CheckpointError, OutputError, TrackingError, NumericalError, ValueError)
 
 
@@ -83,12 +84,25 @@ def train_loop_per_worker(config: dict) -> None:
         data_block = {"space": cfg.space, "shape": list(meta["sample_shape"]), "num_classes": int(meta["num_classes"]),
                       "class_names": meta["class_names"], "dataset": meta["dataset"],
                       "scale_factor": scale if cfg.space == "latent" else None}
-        save_model_dir(OUT, trainer.model, {"diffusion": diffusion_spec(params.schedule, params.diffusion),
-                                            "data": data_block})
         metrics = {**acc, "final_loss": last.get("loss"), "steps": trainer.step, "test_count": len(y_test),
                    "wall_seconds": round(seconds, 2), "num_workers": world}
+        inputs = {AUTOENCODER: input_model(AUTOENCODER)} if cfg.space == "latent" else None
+        prov = provenance(STAGE, OUT, params.to_dict("project", *SECTIONS[2:]), data_checksums(shard_dir), run,
+                          metrics, seconds, inputs)
+        what = (f"Noisy classifier p(y | x_t, t) (`NoisyClassifier`, "
+                f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters) of {meta['dataset']} in "
+                f"{cfg.space} space {list(meta['sample_shape'])}, {meta['num_classes']} classes, trained on the "
+                f"forward process of schedule `{params.schedule.name}` (T = {params.schedule.num_timesteps}); "
+                f"it guides the diffusion model (classifier guidance).")
+        save_model_dir(OUT, trainer.model, {"diffusion": diffusion_spec(params.schedule, params.diffusion),
+                                            "data": data_block},
+                       extra_files=model_files(prov, f"Noisy classifier: {meta['dataset']}", what))
         atomic_write_json(METRICS, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k not in ("steps", "num_workers")})
+        if run.active:
+            from pipeline.mlflow_models import log_model_folder
+
+            log_model_folder(run, OUT)
 
 
 def _run(args) -> None:

@@ -18,6 +18,7 @@ import torch
 from diffusion_core.checkpoint import CheckpointError, find_last_good_checkpoint, read_config
 from diffusion_core.data import DataError, read_meta
 from diffusion_core.io import OutputError, atomic_write_json
+from diffusion_core.models import unwrap_model
 from diffusion_core.pretrained import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
 from diffusion_core.training import (
     DiffusionTrainer,
@@ -33,6 +34,7 @@ from diffusion_core.training import (
     weights_sha256,
 )
 from pipeline.config import ConfigError, load_params, params_hash, validate_params
+from pipeline.provenance import data_checksums, input_model, model_files, provenance, registered_name
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import latest_ray_checkpoint, report, run_torch_trainer, worker_context
@@ -89,13 +91,16 @@ def train_loop_per_worker(config: dict) -> None:
     with ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None) as from_ray:
         candidates = [Path(c) for c in (from_ray, find_last_good_checkpoint(CKPT_ROOT)) if c is not None]
         candidates = [c for c in candidates if read_config(c).get("run_key") == config["run_key"]]
+        continues = None
         if candidates:
-            trainer.load_checkpoint(max(candidates, key=lambda c: read_config(c)["training_step"]))
+            newest = max(candidates, key=lambda c: read_config(c)["training_step"])
+            continues = read_config(newest).get("mlflow_run_id")  # the run that wrote it: named by this one
+            trainer.load_checkpoint(newest)
     local_batch = cfg.batch_size // world
     decoder = None
 
     with start_run(STAGE, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), params.tracking, rank=rank,
-                   experiment=params.project.experiment, root=config["root"]) as run:
+                   experiment=params.project.experiment, root=config["root"], continues=continues) as run:
         def log(tr: DiffusionTrainer, m: dict) -> None:
             run.log_metrics(m, step=tr.step)
             if rank == 0:
@@ -118,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
         def checkpoint(tr: DiffusionTrainer) -> None:
             path = None
             if rank == 0:
-                path = tr.save_checkpoint(CKPT_ROOT, {**extra, "training_step": tr.step})
+                path = tr.save_checkpoint(CKPT_ROOT, {**extra, "training_step": tr.step, "mlflow_run_id": run.run_id})
                 prune_checkpoints(CKPT_ROOT, cfg.keep_checkpoints)
             report({"step": tr.step, "loss": tr.history[-1]["loss"] if tr.history else None}, path)
 
@@ -134,17 +139,40 @@ def train_loop_per_worker(config: dict) -> None:
         if rank != 0:
             return
         sample(trainer)
-        save_diffusion_dir(OUT, trainer.model, trainer.ema, spec, data_block, latent)
         final_loss = trainer.history[-1]["loss"] if trainer.history else None
         metrics = {"final_loss": final_loss, "steps": trainer.step, "samples_seen": trainer.samples_seen,
                    "wall_seconds": round(trainer.train_seconds, 2),
                    "samples_per_second": round(trainer.samples_seen / max(trainer.train_seconds, 1e-9), 1)}
+        save_diffusion_dir(OUT, trainer.model, trainer.ema, spec, data_block, latent,
+                           extra_files=_model_files(params, run, metrics, trainer, shard_dir, latent))
         atomic_write_json(CURVE, trainer.history)
         atomic_write_json(WORKERS, workers)
         atomic_write_json(METRICS, metrics)
         run.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if run.active:
+            from pipeline.mlflow_models import log_model_folder
+
+            log_model_folder(run, OUT, diffusion=True, autoencoder=AUTOENCODER if latent else None,
+                             register_as=registered_name(params.project.experiment))
         print(f"{STAGE}: {trainer.step} steps, final loss {final_loss}, {metrics['samples_per_second']} "
               f"samples/s -> {OUT}/", flush=True)
+
+
+def _model_files(params, run, metrics: dict, trainer: DiffusionTrainer, shard_dir: Path, latent: dict | None) -> dict:
+    """README.md and provenance.json of models/diffusion (pipeline/provenance.py)."""
+    cfg, model = params.train_diffusion, trainer.model
+    inputs = {AUTOENCODER: input_model(AUTOENCODER)} if latent else None
+    prov = provenance(STAGE, OUT, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), data_checksums(shard_dir, ("train",)),
+                      run, metrics, trainer.train_seconds, inputs, registered_name(params.project.experiment))
+    data = read_meta(shard_dir)
+    cond = "class-conditional (label dropout: classifier-free guidance)" if cfg.conditional else "unconditional"
+    what = (f"Denoising diffusion model (`{unwrap_model(model).config['kind']}`, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, EMA weights in ema.safetensors) of "
+            f"{data['dataset']} in {cfg.space} space {list(data['sample_shape'])}, {cond}; schedule "
+            f"`{params.schedule.name}` with T = {params.schedule.num_timesteps}, parameterization "
+            f"`{params.diffusion.parameterization}`, variance `{params.diffusion.variance}`"
+            + (f"; samples decode through `{AUTOENCODER}`." if latent else "."))
+    return model_files(prov, f"Diffusion model: {data['dataset']} ({cfg.space})", what)
 
 
 def _set_aside_stale(run_key: str) -> Path | None:

@@ -61,7 +61,7 @@ def test_autoencoder_outputs_and_mlflow_runs(tiny_run):
     assert m["compression_factor"] == pytest.approx(64 / 8)
     assert m["test_psnr"] == pytest.approx(psnr_db(m["test_mse"]))
     folder = tiny_run / "models" / "autoencoder"
-    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json"}
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md", "provenance.json"}
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model"]["kind"] == "autoencoder_kl" and cfg["data"]["dataset"] == "digits"
     assert cfg["train"]["steps"] == 100 and cfg["data"]["image_shape"] == [1, 8, 8]

@@ -1,7 +1,9 @@
-"""The whole pipeline under `dvc repro` on configs/tiny.yaml, in a scratch copy of the repo; then every output is
-checked, the MLflow store must hold one run per stage and one nested run per sweep trial, and a second
-`dvc repro` must have nothing to do. Slow (minutes): marked `slow`, still run in CI."""
+"""The whole pipeline under `dvc repro` on configs/tiny.yaml, in a scratch git checkout of the repo; then every
+output is checked, the MLflow store must hold one run per stage and one nested run per sweep trial, and a second
+`dvc repro` must have nothing to do. On top of that repro, README's experiment commands: `dvc exp run -S` variants,
+`dvc exp show`, `dvc plots show`. Slow (minutes): marked `slow`, still run in CI."""
 
+import contextlib
 import csv
 import json
 import os
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 REPRO_TIMEOUT_S = 1800
+DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def _outputs(stage: dict) -> list[str]:
@@ -41,11 +44,23 @@ def _env(work: Path) -> dict:
     return env
 
 
-def _dvc(work: Path, *args: str, timeout: int = REPRO_TIMEOUT_S) -> str:
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=work, env=_env(work),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+def _run(work: Path, cmd: list[str], timeout: int, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=work, env={**_env(work), **env}, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _dvc(work: Path, *args: str, timeout: int = REPRO_TIMEOUT_S, **env: str) -> str:
+    proc = _run(work, [DVC, *args], timeout, **env)
     return proc.stdout + proc.stderr
+
+
+def _dvc_json(work: Path, *args: str) -> dict | list:
+    return json.loads(_run(work, [DVC, *args, "--json"], 300).stdout)
+
+
+def _git(work: Path, *args: str) -> str:
+    return _run(work, ["git", *args], 60).stdout
 
 
 def _png_ok(path: Path) -> None:
@@ -62,7 +77,17 @@ def pipeline(tmp_path_factory):
         shutil.copytree(ROOT / name, work / name, ignore=ignore)
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     shutil.copy(ROOT / "configs" / "tiny.yaml", work / "params.yaml")
-    _dvc(work, "init", "--no-scm", "-q")
+    for name in (".gitignore", ".dvcignore"):  # the checkout's own: what git ignores, `dvc exp` cannot record
+        shutil.copy(ROOT / name, work / name)
+    _git(work, "init", "-q")
+    _git(work, "config", "user.name", "e2e")
+    _git(work, "config", "user.email", "e2e@example.invalid")
+    _git(work, "config", "commit.gpgsign", "false")
+    _git(work, "add", "-A")
+    _git(work, "commit", "-q", "-m", "code and params")
+    _dvc(work, "init", "-q")
+    _git(work, "add", "-A")
+    _git(work, "commit", "-q", "-m", "dvc init")
     log = _dvc(work, "repro")
     return work, log, yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
 
@@ -206,3 +231,170 @@ def test_console_is_quiet(pipeline):
     at = lines.index(repeated[0]) if repeated else 0
     assert not repeated, f"said more than once: {repeated[:3]}; around the first:\n" + "\n".join(lines[at - 15:at + 5])
     assert not [ln for ln in lines if "Traceback (most recent call last)" in ln], "a traceback on the console"
+
+
+# README's experiments: each variant takes fresh evaluate seeds (clear of the sweep's), so only `evaluate` reruns
+EXPERIMENTS = {"seed2m": 2_000_000}  # each variant costs about a minute
+EXP_TABLE = ("exp", "show", "--only-changed", "--drop", "Created|kd_|nll_|precision_|recall_|.*seconds",
+             "--keep", "fd_domain|class_accuracy")
+
+
+@pytest.fixture(scope="module")
+def experiments(pipeline, tmp_path_factory):
+    """The repro committed as the baseline, then `dvc exp run -n NAME -S evaluate.seed=N` per EXPERIMENTS entry in
+    the workspace; what evaluate wrote (reports/metrics.json) is kept after each run. The variants log to an MLflow
+    store of their own, so the one-run-per-stage check holds whichever order the tests run in."""
+    work, _, _ = pipeline
+    _git(work, "add", "-A")  # README's `git add -A`: dvc.lock, metrics/, reports/ (data and models are ignored)
+    _git(work, "commit", "-q", "-m", "baseline: dvc repro")
+    head = _git(work, "rev-parse", "HEAD").strip()
+    written, logs = {"baseline": json.loads((work / "reports/metrics.json").read_text())}, {}
+    store = f"sqlite:///{tmp_path_factory.mktemp('exp_store') / 'mlflow.db'}"
+    for name, seed in EXPERIMENTS.items():
+        logs[name] = _dvc(work, "exp", "run", "-n", name, "-S", f"evaluate.seed={seed}", timeout=900,
+                          MLFLOW_TRACKING_URI=store)
+        written[name] = json.loads((work / "reports/metrics.json").read_text())
+    return head, written, logs, _dvc_json(work, "exp", "show")
+
+
+def _exp_revs(show: list, head: str) -> dict[str, tuple[str, dict]]:
+    """`dvc exp show --json` -> {"baseline" | experiment name: (commit, its data)}."""
+    base = next(e for e in show if e["rev"] == head)
+    revs = {"baseline": (head, base["data"])}
+    for group in base.get("experiments") or []:
+        for r in group["revs"]:
+            revs[r["name"]] = (r["rev"], r["data"])
+    return revs
+
+
+def test_exp_run_reruns_only_what_the_param_feeds(experiments):
+    _, _, logs, _ = experiments
+    for name, log in logs.items():
+        assert re.findall(r"Running stage '(\w+)'", log) == ["evaluate"], name
+        assert f"Ran experiment(s): {name}" in log
+
+
+def test_exp_show_lists_each_variant_with_its_metrics_and_changed_param(pipeline, experiments):
+    """Each row's fd_domain and class_accuracy are what evaluate wrote in that run and what the experiment's commit
+    holds (so `dvc exp push` shares them); its evaluate.seed is the `-S` value, in exp show and in the commit."""
+    work, _, _ = pipeline
+    head, written, _, show = experiments
+    revs = _exp_revs(show, head)
+    seeds = {"baseline": yaml.safe_load(_git(work, "show", f"{head}:params.yaml"))["evaluate"]["seed"], **EXPERIMENTS}
+    assert set(revs) == set(seeds)
+    for name, (rev, data) in revs.items():
+        entry = data["metrics"]["reports/metrics.json"]
+        assert "data" in entry, f"{name}: exp show cannot read reports/metrics.json (git-ignored?): {entry}"
+        shown = entry["data"]
+        committed = json.loads(_git(work, "show", f"{rev}:reports/metrics.json"))
+        for key in ("fd_domain", "class_accuracy"):
+            assert shown[key] == written[name][key] == committed[key], (name, key)
+        assert data["params"]["params.yaml"]["data"]["evaluate"]["seed"] == seeds[name]
+        assert yaml.safe_load(_git(work, "show", f"{rev}:params.yaml"))["evaluate"]["seed"] == seeds[name]
+    fds = [written[name]["fd_domain"] for name in revs]
+    assert len(set(fds)) == len(fds), "fresh seeds, fresh samples: each variant is measured anew"
+    # README's table: the changed param and the two metrics, a row per variant
+    table = _dvc(work, *EXP_TABLE, timeout=300)
+    header = next(ln for ln in table.splitlines() if "Experiment" in ln)
+    assert {"class_accuracy", "fd_domain", "evaluate.seed"} <= set(header.split())
+    for name, seed in EXPERIMENTS.items():
+        assert re.search(rf"\[{name}\].*\s{seed}\s", table), table
+
+
+def test_plots_show_renders_the_loss_curve_and_fd_vs_nfe(pipeline):
+    """`dvc plots show --json` and the page `dvc plots show` writes (dvc_plots/index.html): the training loss curve
+    (step, loss) and FD vs NFE (nfe, each sweep setting's mean fd_domain) carry exactly the points in reports/."""
+    work, _, _ = pipeline
+    try:
+        plots = {name: spec["content"] for name, (spec,) in _dvc_json(work, "plots", "show")["data"].items()
+                 if spec["type"] == "vega"}
+        _dvc(work, "plots", "show", timeout=300)
+        html = (work / "dvc_plots/index.html").read_text()
+    finally:
+        shutil.rmtree(work / "dvc_plots", ignore_errors=True)  # leave the workspace as the other tests expect it
+    rendered = {spec["title"]["text"]: spec for spec in _html_specs(html)}
+    loss = json.loads((work / "reports/train_diffusion_loss.json").read_text())
+    with open(work / "reports/sweep_summary.csv") as f:
+        settings = list(csv.DictReader(f))
+    expected = {"reports/train_diffusion_loss.json": ("step", "loss", [(r["step"], r["loss"]) for r in loss]),
+                "fd_vs_nfe": ("nfe", "fd_domain", [(float(s["nfe"]), float(s["fd_domain"])) for s in settings])}
+    assert len(loss) >= 2 and len(settings) >= 2
+    for name, (x, y, points) in expected.items():
+        for spec in (plots[name], rendered[name]):
+            assert spec["encoding"]["x"]["field"] == x
+            assert y in {enc["y"]["field"] for enc in _encodings(spec) if "y" in enc}
+            assert sorted((float(v[x]), float(v[y])) for v in spec["data"]["values"]) == sorted(points), name
+
+
+def _encodings(spec: dict):
+    """Every `encoding` of a vega-lite spec, layers included."""
+    if "encoding" in spec:
+        yield spec["encoding"]
+    for layer in spec.get("layer", []):
+        yield from _encodings(layer)
+
+
+def _html_specs(html: str) -> list[dict]:
+    """The vega-lite specs embedded in the page `dvc plots show` writes (`var spec = {...}`, one per plot)."""
+    decoder, at, specs = json.JSONDecoder(), 0, []
+    while (at := html.find("var spec = ", at)) >= 0:
+        spec, at = decoder.raw_decode(html, at + len("var spec = "))
+        specs.append(spec)
+    return specs
+
+
+def _finished_trials(work: Path) -> list[Path]:
+    return [p for p in work.glob("ray_results/sweep-*-sampling/*/result.json") if p.stat().st_size]
+
+
+def test_a_killed_sweep_resumes_its_finished_trials(pipeline, tmp_path):
+    """kill -9 of the sweep after some sampling trials have reported: the rerun restores the Tune run (the trials
+    Tune had recorded are not rerun), ends with the table of the unkilled sweep, and MLflow has the killed run
+    marked KILLED and the new one naming it."""
+    import time
+
+    work, _, _ = pipeline
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns(".git", "cache", "ray_results", "dvc_plots"))
+    cmd = [sys.executable, "-m", "pipeline.sweep", "--params", "params.yaml"]
+    first = subprocess.Popen(cmd, cwd=copy, env=_env(copy), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while len(_finished_trials(copy)) < 2:
+            assert first.poll() is None, "the sweep ended before two sampling trials had reported"
+            assert time.time() < deadline, "no two finished sampling trials in 10 minutes"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, 9)
+        first.wait()
+    staged = {p: {p.stat().st_mtime_ns} for p in copy.glob("ray_results/sweep-*/samples/*.npz")}
+
+    rerun = subprocess.Popen(cmd, cwd=copy, env=_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    while rerun.poll() is None:  # each trial that runs writes its samples anew: watch them until the sweep ends
+        for path, seen in staged.items():
+            with contextlib.suppress(FileNotFoundError):  # the finished sweep removes its staging folder
+                seen.add(path.stat().st_mtime_ns)
+        time.sleep(0.05)
+    out = rerun.stdout.read()
+    assert rerun.returncode == 0, out[-3000:]
+    kept = re.search(r"resuming the interrupted Tune run sweep-\w+-sampling/ \((\d+) of (\d+) trials", out)
+    assert kept and 1 <= int(kept[1]) < int(kept[2]), out[-3000:]
+    untouched = [path for path, seen in staged.items() if len(seen) == 1]
+    assert len(untouched) >= int(kept[1]), "a trial Tune had recorded was run again"
+    assert not list(copy.glob("ray_results/sweep-*")), "the finished sweep leaves no Tune run behind"
+
+    def table(path: Path) -> list[tuple]:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        keys = [k for k in rows[0] if not k.endswith("seconds")]
+        return sorted(tuple(r[k] for k in keys) for r in rows if r["axis"] == "sampling")
+
+    assert table(copy / "reports/sweep.csv") == table(work / "reports/sweep.csv")
+    with sqlite3.connect(copy / "mlflow.db") as db:
+        sweeps = dict(db.execute("SELECT run_uuid, status FROM runs WHERE name = 'sweep'"))
+        link = dict(db.execute("SELECT run_uuid, value FROM tags WHERE key = 'continues_run'"))
+    killed = [r for r, status in sweeps.items() if status == "KILLED"]
+    assert len(killed) == 1 and list(link.values()) == killed
+    assert sweeps[next(iter(link))] == "FINISHED" and "RUNNING" not in sweeps.values()
