@@ -4,8 +4,9 @@
 
 Sets already in the JSON are kept (a rerun measures only what is missing); `--only-set K --out F` runs one set
 per process (merge the files' lists by hand). RUN_DIR is a repo checkout after `dvc repro` (models/<name>/,
-models/feature_net/, data/reference/). Every point is CFG at evaluate's scale, bf16 + channels_last (as
-evaluate), seed set k = seeds base + k * num .. (disjoint from the sweep's and evaluate's). Writes
+models/feature_net/, data/reference/). Every point is CFG at evaluate's scale, channels_last, bf16 where the CPU
+computes it natively (`bf16="auto"`, as evaluate), seed set k = seeds base + k * num .. (disjoint from the
+sweep's and evaluate's). Writes
 RUN_DIR/reports/sampler_study.json after every point (a crash keeps what was measured) and prints a table:
 fd_domain mean +- std over the sets, class_accuracy, NFE per sample.
 """
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     from diffusion_core.evaluation import sample_metrics
     from diffusion_core.generation import generate
     from diffusion_core.io import atomic_write_json
+    from diffusion_core.precision import bf16_is_fast
     from diffusion_core.pretrained import load_diffusion_dir
 
     out_path, results, ref, extractor = study_context(args.run, args.out, "sampler_study.json")
@@ -80,10 +82,10 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 o = generate(bundle, args.num, sampler=p[0], steps=p[1], spacing=p[2], options=p[3],
                              guidance_kind="cfg", scale=args.scale, seed=args.seed + k * args.num, batch_size=250,
-                             bf16=True, channels_last=True)
+                             bf16="auto", channels_last=True)
                 m = sample_metrics(o["images"], o["labels"], ref, extractor)
                 rows.append({"set": k, "fd_domain": m["fd_domain"], "kd_domain": m["kd_domain"],
-                             "class_accuracy": m["class_accuracy"], "nfe": o["nfe"],
+                             "class_accuracy": m["class_accuracy"], "nfe": o["nfe"], "bf16": bf16_is_fast("cpu"),
                              "seconds": round(time.perf_counter() - t0, 1)})
                 atomic_write_json(out_path, results)
                 print(f"{name} {_key(p)} set {k}: fd_domain {m['fd_domain']:.3f} acc {m['class_accuracy']:.3f} "

@@ -128,8 +128,8 @@ def _check_classifier(bundle: DiffusionBundle, clf: ClassifierBundle) -> None:
     if theirs is None:
         raise SamplingError("the classifier's config.json has no 'diffusion' block, so its timesteps cannot be "
                             "matched to the model's: retrain it with train_classifier")
-    for key in ("schedule", "num_timesteps"):
-        if mine.get(key) != theirs.get(key):
+    for key in ("schedule", "num_timesteps", "logsnr_shift"):
+        if mine.get(key, 0.0) != theirs.get(key, 0.0):
             raise SamplingError(f"classifier was trained for diffusion {key}={theirs.get(key)!r} but the model uses "
                                 f"{mine.get(key)!r}: use a classifier trained with the same schedule")
     cfg = clf.config["model"]

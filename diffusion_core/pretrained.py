@@ -3,7 +3,7 @@
 `config.json` of `models/diffusion/` (written by `save_diffusion_dir`)::
 
     {"model": {...U-Net/MLP config...},
-     "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "parameterization": "eps",
+     "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "logsnr_shift": 0.0, "parameterization": "eps",
                    "variance": "fixed_small", "loss": "simple", "min_snr_gamma": null},
      "data": {"space": "pixel" | "latent", "shape": [C, H, W], "num_classes": 10 | null,
               "class_names": [...], "dataset": "mnist5k", "kind": "image" | "points",
@@ -35,6 +35,7 @@ def diffusion_spec(schedule: Any, diffusion: Any, formulation_options: dict | No
     `formulation_options`: the resolved options of the parameterization (edm: sigma_data measured on the data).
     """
     return {"schedule": schedule.name, "num_timesteps": int(schedule.num_timesteps),
+            "logsnr_shift": float(getattr(schedule, "logsnr_shift", 0.0)),
             "parameterization": diffusion.parameterization, "variance": diffusion.variance,
             "loss": diffusion.loss, "min_snr_gamma": diffusion.min_snr_gamma,
             "formulation_options": dict(formulation_options or {})}
@@ -43,7 +44,7 @@ def diffusion_spec(schedule: Any, diffusion: Any, formulation_options: dict | No
 def build_diffusion(spec: dict) -> GaussianDiffusion:
     """GaussianDiffusion from a `diffusion` block (see module doc)."""
     try:
-        sched = NoiseSchedule.from_name(spec["schedule"], int(spec["num_timesteps"]))
+        sched = NoiseSchedule.from_name(spec["schedule"], int(spec["num_timesteps"]), spec.get("logsnr_shift", 0.0))
         return GaussianDiffusion(sched, spec["parameterization"], spec["variance"], spec.get("loss", "simple"),
                                  spec.get("min_snr_gamma"), formulation_options=spec.get("formulation_options") or {})
     except KeyError as e:

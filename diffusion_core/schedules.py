@@ -52,6 +52,16 @@ def sigmoid_betas(num_timesteps: int, start: float = -3.0, end: float = 3.0, tau
     return betas_from_alpha_bar(alpha_bar, num_timesteps, max_beta)
 
 
+def shift_logsnr(betas: torch.Tensor, shift: float, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas whose log-SNR is the given schedule's plus `shift` at every step (Hoogeboom et al. 2023, sec. 3.1;
+    Chen 2023): alpha_bar' = sigmoid(logit(alpha_bar) + shift). shift > 0: less noise at every t (small images
+    and latents lose their information later); shift < 0: more noise. Betas capped at max_beta as cosine's are."""
+    ab = torch.cumprod(1.0 - betas.to(torch.float64), 0)
+    ab_new = torch.sigmoid(torch.logit(ab) + float(shift))
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ab_new[:-1]])
+    return (1.0 - ab_new / prev).clamp(min=1e-12, max=max_beta)
+
+
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "leading") -> torch.Tensor:
     """Kept timesteps (ascending, int64) for `steps` sampling steps, as diffusers' `timestep_spacing` defines them."""
     if not 1 <= steps <= num_timesteps:
@@ -93,8 +103,9 @@ class NoiseSchedule:
         object.__setattr__(self, "timesteps", self.timesteps.to(torch.int64))
 
     @classmethod
-    def from_name(cls, name: str, num_timesteps: int = 1000) -> "NoiseSchedule":
-        """Build `linear`, `cosine` or `sigmoid` with `num_timesteps` steps."""
+    def from_name(cls, name: str, num_timesteps: int = 1000, logsnr_shift: float = 0.0) -> "NoiseSchedule":
+        """Build `linear`, `cosine` or `sigmoid` with `num_timesteps` steps, its log-SNR shifted by
+        `logsnr_shift` (`shift_logsnr`; 0 leaves the schedule as published)."""
         makers = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
         if name not in makers:
             raise ValueError(f"unknown schedule {name!r}; accepted: {', '.join(SCHEDULES)}")
@@ -103,7 +114,12 @@ class NoiseSchedule:
         if name == "linear" and int(num_timesteps) <= 20:
             raise ValueError(f"the linear schedule needs num_timesteps > 20 (its last beta is 20/T and must stay "
                              f"below 1), got {num_timesteps}; use cosine or sigmoid for fewer steps")
-        return cls(makers[name](int(num_timesteps)), torch.arange(int(num_timesteps)), name)
+        betas = makers[name](int(num_timesteps))
+        if not math.isfinite(float(logsnr_shift)):
+            raise ValueError(f"logsnr_shift must be a finite number, got {logsnr_shift}")
+        if float(logsnr_shift) != 0.0:
+            betas, name = shift_logsnr(betas, logsnr_shift), f"{name}{float(logsnr_shift):+g}"
+        return cls(betas, torch.arange(int(num_timesteps)), name)
 
     @property
     def num_timesteps(self) -> int:

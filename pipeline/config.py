@@ -110,6 +110,7 @@ class DataConfig(Section):
 class ScheduleConfig(Section):
     name: Literal["linear", "cosine", "sigmoid"] = "cosine"
     num_timesteps: Annotated[int, Field(ge=2)] = 1000
+    logsnr_shift: float = 0.0  # added to the schedule's log-SNR at every t (> 0: less noise); README measures it
 
 
 @register_section("diffusion")

@@ -114,3 +114,36 @@ def test_bad_names_are_refused():
         NoiseSchedule.from_name("cosinus", 100)
     with pytest.raises(ValueError, match="accepted: leading, trailing, linspace"):
         spaced_timesteps(100, 10, "middle")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("shift", [2.0, -1.0, math.log(64) - math.log(8)])
+def test_logsnr_shift_adds_the_shift_to_log_snr_at_every_step(name, shift):
+    base, shifted = NoiseSchedule.from_name(name, 1000), NoiseSchedule.from_name(name, 1000, logsnr_shift=shift)
+    # log SNR = log(alpha_bar / (1 - alpha_bar)), computed independently of shift_logsnr's logit; cosine's last
+    # step is capped (beta <= 0.999) in both, so compare all but the end
+    lsnr = lambda ab: torch.log(ab) - torch.log1p(-ab)  # noqa: E731
+    diff = lsnr(shifted.alphas_cumprod) - lsnr(base.alphas_cumprod)
+    assert torch.allclose(diff[:-5], torch.full_like(diff[:-5], shift), atol=1e-8)
+    assert shifted.name == f"{name}{shift:+g}" and bool(((shifted.betas > 0) & (shifted.betas < 1)).all())
+
+
+def test_logsnr_shift_survives_the_model_folder_spec():
+    from types import SimpleNamespace
+
+    from diffusion_core.pretrained import build_diffusion, diffusion_spec
+
+    sched = SimpleNamespace(name="cosine", num_timesteps=1000, logsnr_shift=1.5)
+    diff = SimpleNamespace(parameterization="v", variance="fixed_small", loss="simple", min_snr_gamma=None)
+    spec = diffusion_spec(sched, diff)
+    assert spec["logsnr_shift"] == 1.5
+    expected = NoiseSchedule.from_name("cosine", 1000, logsnr_shift=1.5).alphas_cumprod
+    assert torch.equal(build_diffusion(spec).schedule.alphas_cumprod, expected)
+    del spec["logsnr_shift"]  # folders written before the option: the published schedule
+    assert torch.equal(build_diffusion(spec).schedule.alphas_cumprod,
+                       NoiseSchedule.from_name("cosine", 1000).alphas_cumprod)
+
+
+def test_a_non_finite_logsnr_shift_is_refused():
+    with pytest.raises(ValueError, match="logsnr_shift"):
+        NoiseSchedule.from_name("cosine", 100, logsnr_shift=float("nan"))

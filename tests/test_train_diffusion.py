@@ -361,6 +361,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_ports() -> list[str]:
+    """Free ports for a head's agents: Ray's defaults (dashboard agent 52365, metrics, runtime env agent) are
+    fixed, so a head started while another test's local Ray holds them lost its job agent ("No available agent")."""
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port")
+    return [f"--{flag}={_free_port()}" for flag in flags]
+
+
 @pytest.mark.slow
 def test_ray_job_submit_against_local_head(prepared, tmp_path):
     job_dir = _workdir(prepared, tmp_path / "job")
@@ -374,7 +382,7 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
     env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                             f"--temp-dir={temp_dir}", "--disable-usage-stats", *_node_ports()],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -453,7 +461,7 @@ def test_local_run_starts_its_own_ray_beside_a_ray_start_cluster(prepared, tmp_p
     env = {**_env(), "RAY_TMPDIR": tmp}  # the head's address file and the stage's lookup both live under tmp/ray
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={_free_port()}", "--num-cpus=1", "--include-dashboard=false",
-                             f"--temp-dir={tmp}/ray", "--disable-usage-stats"],
+                             f"--temp-dir={tmp}/ray", "--disable-usage-stats", *_node_ports()],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
