@@ -327,6 +327,16 @@ class SweepTrainingConfig(Section):
     nll_samples: NonNegInt = 64  # test images for nll_bpd at the end of a trial (pixel models); 0: skip
     grace_period: PosInt = 1  # reports before ASHA may stop a trial
     reduction_factor: Annotated[int, Field(ge=2)] = 2
+    # sampling blocks crossed with every training setting that finishes (ASHA-pruned ones are not): the same
+    # samplers judge every formulation/schedule on the same trained models (reports/sweep_training_x_sampling.csv)
+    samplers: Annotated[tuple["SweepGridConfig", ...], BeforeValidator(_list_to_tuple)] = ()
+
+    @model_validator(mode="after")
+    def _no_classifier_guidance(self):
+        if any("classifier" in block.guidance for block in self.samplers):
+            raise ValueError("sweep.training.samplers: guidance 'classifier' would need a classifier trained for "
+                             "each short run; use cfg or none")
+        return self
 
 
 class SweepGridConfig(Section):
@@ -346,6 +356,9 @@ class SweepGridConfig(Section):
     def _options_exist(self):
         _check_sampler_options(self.samplers, self.options, "sweep.sampling options")
         return self
+
+
+SweepTrainingConfig.model_rebuild()  # its `samplers` blocks are SweepGridConfig, defined after it
 
 
 class SweepSelectConfig(Section):

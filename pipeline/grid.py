@@ -62,6 +62,25 @@ def setting_name(trial: dict) -> str:
     return f"{trial['sampler']}-{trial['steps']}{eta}{grid}{opts}-{g}-n{trial['num_samples']}"
 
 
+CROSS_AXIS = "training_x_sampling"  # sweep.csv's axis of a short-trained model under one sampling setting
+
+
+def cross_rows(train_row: dict, cross_json: str | None) -> list[dict]:
+    """Trial rows of a finished training trial's `sweep.training.samplers` points (reported as JSON, a list of
+    metrics in the order of the cross trials it ran; `train_row` holds them as `cross`): each named
+    `<training trial>/<sampling trial>`, setting `<training setting>/<sampling setting>`; none if it was pruned."""
+    if not cross_json or train_row.get("status") != "completed":
+        return []
+    points = json.loads(cross_json)
+    if len(points) != len(train_row["cross"]):
+        raise ValueError(f"{train_row['trial']}: {len(points)} sampler points reported for {len(train_row['cross'])}")
+    keep = ("schedule", "parameterization", "train_steps", "loss")
+    return [{**{k: train_row.get(k) for k in keep}, **sub, **metrics, "axis": CROSS_AXIS, "status": "completed",
+             "training": train_row["setting"], "trial": f"{train_row['trial']}/{trial_name(sub)}",
+             "setting": f"{train_row['setting']}/{setting_name(sub)}"}
+            for sub, metrics in zip(train_row["cross"], points)]
+
+
 def trial_name(trial: dict) -> str:
     """`setting_name` plus the seed set, e.g. `ddim-20-eta0-cfg2-n250-s1`."""
     return setting_name(trial) + (f"-s{trial['seed_set']}" if "seed_set" in trial else "")
@@ -116,4 +135,5 @@ class Stopwatch:
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
-__all__ = ["Stopwatch", "sampling_trials", "setting_name", "short_training", "trial_name", "trial_seed"]
+__all__ = ["CROSS_AXIS", "Stopwatch", "cross_rows", "sampling_trials", "setting_name", "short_training", "trial_name",
+           "trial_seed"]

@@ -26,6 +26,8 @@ AVERAGED = ("fd_domain", "kd_domain", "precision_domain", "recall_domain", "clas
 SUMMARY_COLUMNS = ("setting", *SETTING_KEYS, "seed_sets", "nfe", "fd_domain", "fd_domain_std", "fd_domain_min",
                    "fd_domain_max", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "wall_seconds",
                    "trials")
+TRAINING_KEYS = ("training", "schedule", "parameterization", "train_steps")
+CROSS_COLUMNS = ("setting", *TRAINING_KEYS, *SUMMARY_COLUMNS[1:])
 
 
 def _ok(v: Any) -> bool:
@@ -76,17 +78,18 @@ def reference_setting(rows: Iterable[dict]) -> tuple | None:
     return max(counts, key=counts.get) if counts else None
 
 
-def summarize(rows: Sequence[dict]) -> list[dict]:
-    """One row per sampling setting (its trials differ only by seed set): metrics averaged over the seed sets,
-    fd_domain's sample standard deviation (None for one set), min and max; in first-seen order."""
+def summarize(rows: Sequence[dict], axis: str = "sampling") -> list[dict]:
+    """One row per setting of `axis` (its trials differ only by seed set): metrics averaged over the seed sets,
+    fd_domain's sample standard deviation (None for one set), min and max; in first-seen order. Rows of the
+    training x sampling axis keep their training setting, schedule and parameterization (CROSS_COLUMNS)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r.get("axis", "sampling") == "sampling":
+        if r.get("axis", "sampling") == axis:
             groups.setdefault(r["setting"], []).append(r)
     out = []
     for name, rs in groups.items():
-        row = {"setting": name, **{k: rs[0].get(k) for k in SETTING_KEYS}, "seed_sets": len(rs),
-               "trials": ";".join(r["trial"] for r in rs)}
+        row = {"setting": name, **{k: rs[0].get(k) for k in (*SETTING_KEYS, *TRAINING_KEYS) if k in rs[0]},
+               "seed_sets": len(rs), "trials": ";".join(r["trial"] for r in rs)}
         for k in AVERAGED:
             vals = [r[k] for r in rs if _ok(r.get(k))]
             row[k] = sum(vals) / len(vals) if vals else None
@@ -227,6 +230,33 @@ def plot_precision_recall(rows: Sequence[dict], path: str | os.PathLike) -> None
     _save(fig, path)
 
 
+def plot_training_x_sampling(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """fd_domain of each short-trained model (a marker colour per training setting) under each sampling setting of
+    sweep.training.samplers (x axis, with its NFE), mean +- one std over the seed sets: which formulation or schedule
+    lets which sampler work. `rows` are `summarize(rows, CROSS_AXIS)`'s setting rows; an empty plot says so."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    rows = [r for r in rows if _ok(r.get("fd_domain"))]
+    samplings = list(dict.fromkeys(r["setting"].split("/", 1)[1] for r in rows))
+    trainings = list(dict.fromkeys(r["training"] for r in rows))
+    width = 0.8 / max(1, len(trainings))
+    for j, training in enumerate(trainings):
+        pts = [(samplings.index(r["setting"].split("/", 1)[1]), r) for r in rows if r["training"] == training]
+        ax.errorbar([i - 0.4 + width * (j + 0.5) for i, _ in pts], [r["fd_domain"] for _, r in pts],
+                    yerr=[r.get("fd_domain_std") or 0.0 for _, r in pts], fmt="o", capsize=3, label=training)
+    nfe = {r["setting"].split("/", 1)[1]: r["nfe"] for r in rows}
+    ax.set_xticks(range(len(samplings)))
+    ax.set_xticklabels([f"{s}\n{nfe[s]:.0f} NFE" for s in samplings], fontsize=7, rotation=20)
+    sets = max((r.get("seed_sets") or 1 for r in rows), default=1)
+    ax.set(ylabel="fd_domain (lower is better)",
+           title=f"short trainings x samplers: mean +- std over up to {sets} seed set(s)" if rows else
+           "no finished training trial was crossed with samplers (sweep.training.samplers empty, or all pruned)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def plot_training(history: dict[str, list[dict]], path: str | os.PathLike) -> None:
     """Validation fd_domain against training step, one line per training trial (pruned trials end early)."""
     plt = _figure()
@@ -242,5 +272,6 @@ def plot_training(history: dict[str, list[dict]], path: str | os.PathLike) -> No
     _save(fig, path)
 
 
-__all__ = ["SUMMARY_COLUMNS", "SWEEP_COLUMNS", "converged_reference", "plot_fd_vs_nfe", "plot_guidance",
-           "plot_precision_recall", "plot_training", "reference_setting", "select_setting", "summarize", "write_csv"]
+__all__ = ["CROSS_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_COLUMNS", "converged_reference", "plot_fd_vs_nfe",
+           "plot_guidance", "plot_precision_recall", "plot_training", "plot_training_x_sampling", "reference_setting",
+           "select_setting", "summarize", "write_csv"]

@@ -9,6 +9,8 @@ driver from Tune's results so SQLite has one writer):
   one worker): a TorchTrainer nested in a Tune trial would need its own worker group per trial (2 more processes
   and ~10 s of start-up each on a 2-core machine) and could not report to ASHA before it finished. Every
   `eval_every` steps the trial samples `eval_samples` images and reports fd_domain, so ASHA stops the worse ones.
+  A trial that finishes then samples every setting of `sweep.training.samplers` (same seeds as the sampling
+  grid): samplers x formulation/schedule on the same trained models, reports/sweep_training_x_sampling.csv.
 - sampling-time axes (`sweep.sampling` blocks): sampler x steps x grid x eta x guidance x scale on
   models/diffusion, each setting `seed_sets` trials of `num_samples` samples; seed set k uses seeds
   seed + k*n .. seed + (k+1)*n - 1 (sample i of set k is the same noise in every trial). reports/sweep_summary.csv
@@ -32,7 +34,7 @@ import numpy as np
 from diffusion_core.evaluation import DOMAIN, load_reference, reference_path
 from diffusion_core.io import atomic_write_json, atomic_write_text
 from pipeline.config import load_params, validate_params
-from pipeline.grid import sampling_trials, setting_name, trial_name, trial_seed
+from pipeline.grid import CROSS_AXIS, cross_rows, sampling_trials, setting_name, trial_name, trial_seed
 
 from ._stage import run_stage
 
@@ -42,6 +44,7 @@ MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER = "models/diffusion", "models/classi
     "models/autoencoder"
 REFERENCE, CSV, SUMMARY, PLOTS, METRICS = Path("data/reference"), Path("reports/sweep.csv"), \
     Path("reports/sweep_summary.csv"), Path("reports/sweep"), Path("metrics/sweep.json")
+CROSS_SUMMARY = Path("reports/sweep_training_x_sampling.csv")  # one row per (training setting, sampling setting)
 METRIC_KEYS = ("fd_domain", "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy",
                "nll_bpd", "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "nfe", "wall_seconds")
 
@@ -127,10 +130,29 @@ def training_trial(config: dict) -> None:
                    "step": step}
         if step >= tc.steps and x_test is not None:
             metrics.update(nll_on_test(bundle, x_test, y_test, tc.nll_samples, seed=sw.seed))
+        if step >= tc.steps and config["cross"]:  # the finished model under every sampler of training.samplers
+            metrics["cross_json"] = json.dumps([_cross_point(bundle, sub, config, num_classes is not None, ref, ext)
+                                                for sub in config["cross"]])
         tune.report({**metrics, "guidance": guidance, "wall_seconds": watch.seconds})
 
     short_training(td, schedule, diffusion, data, data_block, decoder, steps=tc.steps, batch_size=tc.batch_size,
                    eval_every=tc.eval_every, on_eval=on_eval)
+
+
+def _cross_point(bundle, sub: dict, config: dict, conditional: bool, ref, ext) -> dict:
+    """One sample set of a short-trained model at sampling setting `sub` (sweep.training.samplers): its metrics."""
+    from diffusion_core.evaluation import sample_metrics
+    from diffusion_core.generation import generate
+    from pipeline.grid import Stopwatch
+
+    watch = Stopwatch()
+    guidance = sub["guidance"] if conditional else "none"
+    out = generate(bundle, sub["num_samples"], sampler=sub["sampler"], steps=sub["steps"], eta=sub["eta"],
+                   options=sub.get("options"), guidance_kind=guidance, scale=1.0 if sub["scale"] is None else
+                   sub["scale"], seed=trial_seed(sub, config["seed"]), batch_size=config["batch_size"],
+                   spacing=sub["spacing"], bf16=config["bf16"], channels_last=config["channels_last"])
+    return {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"],
+            "wall_seconds": watch.seconds}
 
 
 def trial_progress(desc: str, total: int):
@@ -290,6 +312,7 @@ def _run(args) -> None:
     T = json.loads((Path(MODEL) / "config.json").read_text())["diffusion"]["num_timesteps"]
     trials = sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing, sw.seed_sets)
     train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
+    cross = sampling_trials(tc.samplers, sw.num_samples, params.schedule.num_timesteps, sw.spacing, sw.seed_sets)
     if not reference_path(REFERENCE, DOMAIN).is_file():
         load_reference(REFERENCE, DOMAIN)  # raises the one-line "run reference_stats" error
     # a name fixed by the params and inputs: a sweep killed part-way is finished by the next one (Tune's restore)
@@ -303,7 +326,7 @@ def _run(args) -> None:
     common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
               "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples,
               "bf16": sw.bf16, "channels_last": sw.channels_last, "staging": str(staging),
-              "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
+              "params": json.loads(json.dumps(params.to_dict(*SECTIONS))), "cross": cross}
     t0 = time.perf_counter()
     init_ray()
     rows, histories = [], {}
@@ -324,18 +347,24 @@ def _run(args) -> None:
                            guidance=result.metrics.get("guidance", tc.eval_guidance), scale=tc.eval_scale)
                 rows.append(row)
                 histories[row["trial"]] = hist
+                rows += cross_rows({**row, "cross": cross}, result.metrics.get("cross_json"))
         if trials:
             rows += [_row(r, "sampling")[0] for r in _tune(sampling_trial, trials, common, sw, f"{name}-sampling")]
         # grid order, whatever order Tune hands results back in (a restored run's differs): same table and plots
-        order = {trial_name(t): i for i, t in enumerate([*train_trials, *trials])}
-        rows.sort(key=lambda r: (r["axis"] != "training", order.get(r["trial"], len(order))))
+        order = {trial_name(t): i for i, t in enumerate([*train_trials, *cross, *trials])}
+        axes = {"training": 0, CROSS_AXIS: 1, "sampling": 2}
+        rows.sort(key=lambda r: (axes[r["axis"]], *(order.get(part, len(order)) for part in r["trial"].split("/"))))
         histories = {k: histories[k] for k in sorted(histories, key=lambda k: order.get(k, len(order)))}
         sampled = [r for r in rows if r["axis"] == "sampling"]
         settings = reports.summarize(sampled)
+        crossed = reports.summarize(rows, axis=CROSS_AXIS)
         reports.write_csv(CSV, rows)
         reports.write_csv(SUMMARY, settings, reports.SUMMARY_COLUMNS)
+        reports.write_csv(CROSS_SUMMARY, crossed, reports.CROSS_COLUMNS)
         plots = {"fd_vs_nfe": PLOTS / "fd_vs_nfe.png", "guidance": PLOTS / "guidance.png",
-                 "precision_recall": PLOTS / "precision_recall.png", "training": PLOTS / "training.png"}
+                 "precision_recall": PLOTS / "precision_recall.png", "training": PLOTS / "training.png",
+                 "training_x_sampling": PLOTS / "training_x_sampling.png"}
+        reports.plot_training_x_sampling(crossed, plots["training_x_sampling"])
         reports.plot_fd_vs_nfe(settings, plots["fd_vs_nfe"])
         reports.plot_guidance(settings, plots["guidance"])
         reports.plot_precision_recall([*settings, *(r for r in rows if r["axis"] == "training")],
@@ -351,7 +380,8 @@ def _run(args) -> None:
                    "num_pruned": sum(r["status"] == "pruned" for r in rows),
                    "wall_seconds": round(time.perf_counter() - t0, 1), "best": best,
                    "selected": _selected(settings, sw), "reference": _brief(reference) if reference else None,
-                   "best_training": _brief(min(trained, key=lambda r: r["fd_domain"])) if trained else None}
+                   "best_training": _brief(min(trained, key=lambda r: r["fd_domain"])) if trained else None,
+                   "training_x_sampling": [{**_brief(r), "training": r["training"]} for r in crossed]}
         atomic_write_json(METRICS, summary)
         for row in rows:  # one nested run per trial, under this sweep run
             with start_run(f"{STAGE}/{row['trial']}", {"trial": {k: row[k] for k in row if k not in METRIC_KEYS}},
@@ -360,12 +390,12 @@ def _run(args) -> None:
                                  "seed_set": str(row.get("seed_set", ""))}) as child:
                 for point in histories.get(row["trial"], []):
                     child.log_metrics({k: point.get(k) for k in ("fd_domain", "loss")}, step=int(point["step"]))
-                child.log_metrics({k: row[k] for k in METRIC_KEYS if isinstance(row[k], (int, float))})
+                child.log_metrics({k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float))})
         run.log_metrics({"num_trials": summary["num_trials"], "wall_seconds": summary["wall_seconds"]})
         if summary["selected"]:
             run.log_metrics({f"selected_{k}": summary["selected"][k] for k in ("fd_domain", "fd_domain_std", "nfe")
                              if k in summary["selected"]})
-        for p in [CSV, SUMMARY, *plots.values(), *grids.values()]:
+        for p in [CSV, SUMMARY, CROSS_SUMMARY, *plots.values(), *grids.values()]:
             run.log_artifact(p, "sweep")
     shutil.rmtree(staging.parent, ignore_errors=True)
     for sub in ("training", "sampling"):

@@ -130,10 +130,20 @@ def test_sweep_outputs(pipeline):
     trials = sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing, sw.seed_sets)
     n_sampling = len(trials)
     n_training = len(sw.training.schedules) * len(sw.training.parameterizations)
+    cross = sampling_trials(sw.training.samplers, sw.num_samples, T, sw.spacing, sw.seed_sets)
     with open(work / "reports/sweep.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == n_sampling + n_training
+    finished = [r["setting"] for r in rows if r["axis"] == "training" and r["status"] == "completed"]
+    assert finished and cross, "tiny's sweep crosses at least one finished short training with samplers"
+    assert len(rows) == n_sampling + n_training + len(finished) * len(cross)
     assert sum(r["axis"] == "training" for r in rows) == n_training
+    # every finished training under every sampler of sweep.training.samplers, summarized per pair
+    crossed = [r for r in rows if r["axis"] == "training_x_sampling"]
+    assert sorted({r["setting"].split("/")[0] for r in crossed}) == sorted(finished)
+    with open(work / "reports/sweep_training_x_sampling.csv") as f:
+        pairs = {r["setting"]: r for r in csv.DictReader(f)}
+    assert set(pairs) == {r["setting"] for r in crossed}
+    assert {p["sampler"] for p in pairs.values()} == {t["sampler"] for t in cross}
     for r in rows:
         assert float(r["fd_domain"]) >= 0 and float(r["nfe"]) > 0 and float(r["wall_seconds"]) > 0
         assert 0 <= float(r["precision_domain"]) <= 1 and 0 <= float(r["recall_domain"]) <= 1
@@ -142,7 +152,7 @@ def test_sweep_outputs(pipeline):
         if r["axis"] == "training" and r["status"] == "completed":
             # tiny is a class-conditional pixel model trained with label dropout: both bounds, each its own name
             assert float(r["nll_bpd_given_class"]) > 0 and float(r["nll_bpd"]) > 0
-    for name in ("fd_vs_nfe", "guidance", "precision_recall", "training"):
+    for name in ("fd_vs_nfe", "guidance", "precision_recall", "training", "training_x_sampling"):
         _png_ok(work / "reports/sweep" / f"{name}.png")
     samplers = {r["sampler"] for r in rows if r["axis"] == "sampling"}
     grids = list((work / "reports/sweep").glob("grid_*.png"))

@@ -11,8 +11,9 @@ from PIL import Image
 from diffusion_core.evaluation import load_reference, reference_path, sample_metrics
 from diffusion_core.metrics.errors import MetricsError
 from pipeline.config import validate_params
-from pipeline.grid import sampling_trials, setting_name, trial_name, trial_seed
+from pipeline.grid import CROSS_AXIS, cross_rows, sampling_trials, setting_name, trial_name, trial_seed
 from pipeline.reports import (
+    CROSS_COLUMNS,
     SUMMARY_COLUMNS,
     SWEEP_COLUMNS,
     converged_reference,
@@ -20,6 +21,7 @@ from pipeline.reports import (
     plot_guidance,
     plot_precision_recall,
     plot_training,
+    plot_training_x_sampling,
     reference_setting,
     select_setting,
     summarize,
@@ -187,6 +189,49 @@ def test_summary_means_spreads_and_the_selection_rule(tmp_path):
     plot_fd_vs_nfe(s, tmp_path / "fd.png")
     with Image.open(tmp_path / "fd.png") as im:
         im.load()
+
+
+def test_training_axis_is_crossed_with_samplers(tmp_path):
+    """Each finished short training x each sweep.training.samplers point (seed sets included) is one row named by
+    both; a pruned training has none; the summary averages over seed sets per (training, sampler) pair."""
+    sw = validate_params({"sweep": {"seed_sets": 2, "num_samples": 100, "training": {"samplers": [
+        {"samplers": ["ddim"], "steps": [20], "scales": [1.5]},
+        {"samplers": ["dpmpp2m"], "steps": [10], "scales": [1.5], "spacings": ["logsnr"], "seed_sets": 1}]}}},
+        ["sweep"]).sweep
+    cross = sampling_trials(sw.training.samplers, sw.num_samples, 1000, sw.spacing, sw.seed_sets)
+    assert [(t["sampler"], t["seed_set"]) for t in cross] == [("ddim", 0), ("ddim", 1), ("dpmpp2m", 0)]
+    rows = []
+    for param, fds in (("eps", [3.0, 5.0, 9.0]), ("v", [1.0, 1.5, 0.8])):
+        train = {"trial": f"train-cosine-{param}", "setting": f"train-cosine-{param}", "axis": "training",
+                 "status": "completed", "schedule": "cosine", "parameterization": param, "train_steps": 150,
+                 "cross": cross}
+        points = [{"fd_domain": fd, "nfe": 2.0 * t["steps"], "class_accuracy": 0.9} for fd, t in zip(fds, cross)]
+        rows += cross_rows(train, json.dumps(points))
+    assert cross_rows({**train, "status": "pruned"}, json.dumps(points)) == []  # pruned: never crossed
+    with pytest.raises(ValueError, match="2 sampler points reported for 3"):
+        cross_rows(train, json.dumps(points[:2]))
+    assert {r["axis"] for r in rows} == {CROSS_AXIS} and len({r["trial"] for r in rows}) == 6
+    assert rows[0]["trial"] == "train-cosine-eps/ddim-20-eta0-cfg1.5-n100-s0"
+    settings = {r["setting"]: r for r in summarize(rows, axis=CROSS_AXIS)}
+    eps_ddim = settings["train-cosine-eps/ddim-20-eta0-cfg1.5-n100"]
+    assert eps_ddim["fd_domain"] == pytest.approx(4.0) and eps_ddim["seed_sets"] == 2
+    assert (eps_ddim["training"], eps_ddim["parameterization"]) == ("train-cosine-eps", "eps")
+    assert settings["train-cosine-v/dpmpp2m-10-logsnr-cfg1.5-n100"]["fd_domain"] == pytest.approx(0.8)
+    assert summarize(rows) == []  # the sampling axis' summary does not take them
+    write_csv(tmp_path / "x.csv", list(settings.values()), CROSS_COLUMNS)
+    with open(tmp_path / "x.csv") as f:
+        assert [r["parameterization"] for r in csv.DictReader(f)] == ["eps", "eps", "v", "v"]
+    plot_training_x_sampling(list(settings.values()), tmp_path / "x.png")
+    plot_training_x_sampling([], tmp_path / "none.png")
+    for name in ("x.png", "none.png"):
+        with Image.open(tmp_path / name) as im:
+            im.load()
+
+
+def test_classifier_guidance_is_refused_for_the_training_axis():
+    with pytest.raises(ValueError, match="classifier"):
+        validate_params({"sweep": {"training": {"samplers": [{"samplers": ["ddim"], "steps": [5],
+                                                               "guidance": ["classifier"]}]}}}, ["sweep"])
 
 
 def test_evaluate_takes_the_sweeps_selection_on_fresh_seeds(tmp_path):
