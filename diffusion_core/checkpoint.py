@@ -24,6 +24,7 @@ from torch import nn
 
 from .io import OutputError, atomic_path, atomic_write_json, exchange_paths
 from .models import EMA, build_model, unwrap_model
+from .storage import local_model_path
 
 MODEL_FILE, EMA_FILE, CONFIG_FILE, TRAINING_STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", \
     "training_state.pt"
@@ -169,8 +170,11 @@ def verify_checksum(path: str | os.PathLike, config: dict, name: str) -> None:
 
 def load_model_dir(path: str | os.PathLike, use_ema: bool = True,
                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode with the EMA weights when present and use_ema, else the raw weights; its config.json)."""
-    path = Path(path)
+    """(model in eval mode with the EMA weights when present and use_ema, else the raw weights; its config.json).
+
+    `path` may be a storage URL (s3://...) or a folder published to a local root: its latest version is loaded,
+    fetched into the local cache first for a URL (diffusion_core.storage)."""
+    path = local_model_path(path)
     config = read_config(path)
     name = EMA_FILE if use_ema and EMA_FILE in config.get("checksums", {}) else MODEL_FILE
     verify_checksum(path, config, name)

@@ -27,6 +27,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_model_dir, save_model_dir
 from .diffusion import GaussianDiffusion
 from .schedules import NoiseSchedule
+from .storage import find_beside, is_url, local_model_path
 
 
 def diffusion_spec(schedule: Any, diffusion: Any, formulation_options: dict | None = None) -> dict:
@@ -105,8 +106,11 @@ def load_diffusion_dir(path: str | os.PathLike, use_ema: bool = True, map_locati
     """Load a diffusion model folder; latent models get their autoencoder's decoder automatically.
 
     The autoencoder path in config.json is resolved as written, then relative to the model folder's parent
-    chain; `autoencoder` overrides it.
+    chain (for a storage URL: on the same store, e.g. s3://b/run/models/autoencoder beside
+    s3://b/run/models/diffusion); `autoencoder` (a folder or URL) overrides it.
     """
+    url = os.fspath(path) if is_url(path) else None
+    path = local_model_path(path)
     model, config = load_model_dir(path, use_ema=use_ema, map_location=map_location)
     for key in ("diffusion", "data"):
         if key not in config:
@@ -116,6 +120,10 @@ def load_diffusion_dir(path: str | os.PathLike, use_ema: bool = True, map_locati
     decoder = None
     if config["data"].get("space") == "latent":
         latent = config.get("latent") or {}
+        if url and not autoencoder and latent.get("autoencoder"):
+            autoencoder = find_beside(url, latent["autoencoder"])
+        if autoencoder:
+            autoencoder = local_model_path(autoencoder)
         ae_path = Path(autoencoder) if autoencoder else _resolve(Path(path), latent.get("autoencoder"))
         if ae_path is None or not (ae_path / "config.json").exists():
             raise CheckpointError(f"latent model {path} needs its autoencoder (config says "

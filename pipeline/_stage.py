@@ -15,15 +15,41 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from diffusion_core.checkpoint import CheckpointError
     from diffusion_core.data.errors import DataError
     from diffusion_core.io import OutputError
+    from diffusion_core.storage import StorageError
     from diffusion_core.training import NumericalError  # NaN/inf loss (names the step)
     from pipeline.config import ConfigError
     from pipeline.tracking import TrackingError
 
     errors: list[type[BaseException]] = [ConfigError, DataError, OutputError, TrackingError, CheckpointError,
-                                         NumericalError, OSError, ValueError]
+                                         NumericalError, StorageError, OSError, ValueError]
     from pipeline._ray import RayError  # Ray unreachable or a worker failed (imports no ray itself)
 
     return (*errors, RayError)
+
+
+STORAGE_ENV = "DIFFUSION_STORAGE_ROOT"  # overrides project.storage_root (a cluster job's environment sets it)
+
+
+def storage_root(project) -> str | None:
+    """The shared storage root model folders are published under: $DIFFUSION_STORAGE_ROOT, else
+    project.storage_root; None: the DVC workspace only."""
+    return os.environ.get(STORAGE_ENV) or getattr(project, "storage_root", None) or None
+
+
+def publish_model(folder: str | os.PathLike, project) -> str | None:
+    """Publish a finished model folder as <storage root>/<folder> (a new version, its LATEST pointer written last:
+    diffusion_core.storage) and say where; None without a storage root. `diffusion sample --model URL` reads it."""
+    root = storage_root(project)
+    if not root:
+        return None
+    from pathlib import Path
+
+    from diffusion_core.storage import join, publish_dir
+
+    url = join(root, Path(folder).as_posix())
+    version = publish_dir(folder, url)
+    print(f"published {folder}/ to {url} (version {version})", flush=True)
+    return url
 
 
 def one_line(e: BaseException) -> str:

@@ -60,7 +60,8 @@ def _add_sample(sub) -> None:
                "DIR/seed-%06d.png per sample, DIR/samples.npz (images uint8 N x H x W x C, labels, seeds, nfe) and "
                "DIR/grid.png.",
         formatter_class=_HelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR", help="diffusion model folder (e.g. models/diffusion)")
+    p.add_argument("--model", required=True, metavar="DIR", help="diffusion model folder (e.g. models/diffusion) "
+                   "or its URL on shared storage (s3://bucket/run/models/diffusion; fetched into the local cache)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (see the list below)")
     p.add_argument("--steps", type=int, default=50, metavar="N",
                    help="grid points (1..T of the model); NFE per sample is printed (heun: 2N-1, cfg doubles)")

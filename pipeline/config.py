@@ -79,6 +79,9 @@ class ProjectConfig(Section):
     name: str = Field("diffusion", min_length=1)
     experiment: str = Field("diffusion", min_length=1)  # MLflow experiment every stage logs into
     seed: NonNegInt = 0
+    # shared storage (s3://bucket/prefix, any fsspec URL, or a path) every trained model folder is published under
+    # as <root>/models/<name>; null: the DVC workspace only. Env DIFFUSION_STORAGE_ROOT overrides it.
+    storage_root: str | None = None
 
 
 @register_section("tracking")

@@ -28,7 +28,7 @@ from pipeline.config import ConfigError, load_params
 from pipeline.provenance import data_checksums, model_files, provenance
 from pipeline.tracking import start_run
 
-from ._stage import run_stage
+from ._stage import publish_model, run_stage
 
 STAGE = "train_autoencoder"
 SHARDS, MODEL_DIR = "data/shards", "models/autoencoder"
@@ -97,6 +97,7 @@ def _run(args) -> None:
         save_model_dir(MODEL_DIR, model, {"data": data_info, "train": cfg.model_dump(mode="json")},
                        extra_files=model_files(prov, f"Autoencoder: {meta['dataset']}", what))
         atomic_write_json(METRICS, metrics)
+        publish_model(MODEL_DIR, params.project)
         if run.active:
             from pipeline.mlflow_models import log_model_folder
 

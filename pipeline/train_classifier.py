@@ -31,7 +31,7 @@ from pipeline.provenance import data_checksums, input_model, model_files, proven
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import report, run_torch_trainer, worker_context
-from ._stage import run_stage
+from ._stage import publish_model, run_stage
 
 STAGE = "train_classifier"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
@@ -99,6 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
                        extra_files=model_files(prov, f"Noisy classifier: {meta['dataset']}", what))
         atomic_write_json(METRICS, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k not in ("steps", "num_workers")})
+        publish_model(OUT, params.project)
         if run.active:
             from pipeline.mlflow_models import log_model_folder
 

@@ -38,7 +38,7 @@ from pipeline.provenance import data_checksums, input_model, model_files, proven
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import latest_ray_checkpoint, report, run_torch_trainer, worker_context
-from ._stage import run_stage
+from ._stage import publish_model, run_stage
 
 STAGE = "train_diffusion"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
@@ -149,6 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
         atomic_write_json(WORKERS, workers)
         atomic_write_json(METRICS, metrics)
         run.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        publish_model(OUT, params.project)
         if run.active:
             from pipeline.mlflow_models import log_model_folder
 

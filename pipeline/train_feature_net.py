@@ -22,7 +22,7 @@ from pipeline.config import load_params
 from pipeline.provenance import data_checksums, model_files, provenance
 from pipeline.tracking import start_run
 
-from ._stage import run_stage
+from ._stage import publish_model, run_stage
 
 STAGE = "train_feature_net"
 SECTIONS = ("project", "tracking", "data", STAGE)
@@ -68,6 +68,7 @@ def _run(args) -> None:
         save_model_dir(OUT, model, {"data": data_block, "feature_dim": cfg.feature_dim},
                        extra_files=model_files(prov, f"Feature net: {meta['dataset']}", what))
         atomic_write_json(METRICS, metrics)
+        publish_model(OUT, params.project)
         if run.active:
             from pipeline.mlflow_models import log_model_folder
 

@@ -1,0 +1,185 @@
+"""Model folders on shared storage (diffusion_core.storage) against a real S3-compatible server on 127.0.0.1
+(moto's server mode) and a local root: publish, load by URL, versions and the pointer, a publish killed midway,
+the CLI's --model URL, and a training stage publishing under project.storage_root."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core.checkpoint import load_model_dir
+from diffusion_core.pretrained import load_diffusion_dir
+from diffusion_core.storage import POINTER, StorageError, fetch_dir, latest_version, publish_dir
+
+from .tiny_models import make_diffusion_dir, make_latent_dir
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3 endpoint on 127.0.0.1 (moto's threaded server) for the module; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """A fresh bucket on the server, credentials and endpoint in the environment as a user sets them; the model
+    cache in tmp_path. Yields the bucket's URL."""
+    import uuid
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server, "DIFFUSION_CACHE": str(tmp_path / "cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    return f"s3://{bucket}"
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    model, _ = load_model_dir(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_publish_then_load_by_url_is_bitwise_the_folder(where, s3, tmp_path):
+    root = s3 if where == "s3" else str(tmp_path / "shared")
+    local = make_diffusion_dir(tmp_path / "m", num_classes=3)
+    url = f"{root}/run1/models/diffusion"
+    version = publish_dir(local, url)
+    assert latest_version(url) == version
+    assert _same(_weights(url), _weights(local))
+    fetched = fetch_dir(url)
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert load_diffusion_dir(url).config == load_diffusion_dir(local).config
+
+
+def test_republish_moves_the_pointer_and_keeps_one_previous_version(s3, tmp_path):
+    import s3fs
+
+    url = f"{s3}/models/diffusion"
+    first = make_diffusion_dir(tmp_path / "a", seed=0)
+    second = make_diffusion_dir(tmp_path / "b", seed=1)
+    v1 = publish_dir(first, url)
+    assert _same(_weights(url), _weights(first))
+    v2 = publish_dir(second, url)
+    v3 = publish_dir(second, url)
+    assert len({v1, v2, v3}) == 3 and latest_version(url) == v3
+    assert _same(_weights(url), _weights(second))  # the cache is keyed by version: the new one is fetched
+    listed = {p.rsplit("/", 1)[1] for p in s3fs.S3FileSystem().ls(url.removeprefix("s3://"))}
+    assert listed == {POINTER, v2, v3}, "the version before the newest stays for readers that just resolved it"
+
+
+def test_a_publish_killed_midway_leaves_the_previous_model(s3, tmp_path, monkeypatch):
+    import s3fs
+
+    url = f"{s3}/models/diffusion"
+    good = make_diffusion_dir(tmp_path / "good", seed=0)
+    publish_dir(good, url)
+    calls = {"n": 0}
+    real_put = s3fs.S3FileSystem._put_file
+
+    async def dying_put(self, lpath, rpath, *a, **k):  # the connection drops at the second file of the new version
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("connection reset by peer")
+        return await real_put(self, lpath, rpath, *a, **k)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", dying_put)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec binds the sync wrappers when an instance is made
+    with pytest.raises(StorageError, match=r"cannot publish to s3://.*connection reset"):
+        publish_dir(make_diffusion_dir(tmp_path / "new", seed=5), url)
+    assert calls["n"] == 2
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert _same(_weights(url), _weights(good)), "readers still get the last complete version"
+    v = publish_dir(good, url)  # the next publish removes the orphan of the killed one
+    listed = {p.rsplit("/", 1)[1] for p in s3fs.S3FileSystem().ls(url.removeprefix("s3://"))}
+    assert len(listed) == 3 and v in listed  # LATEST, the new version, the previous complete one
+
+
+def test_latent_model_finds_its_autoencoder_beside_it_on_the_store(s3, tmp_path):
+    local = make_latent_dir(tmp_path / "models")
+    publish_dir(local.parent / "autoencoder", f"{s3}/run/models/autoencoder")
+    publish_dir(local, f"{s3}/run/models/diffusion")
+    shutil.rmtree(tmp_path / "models")  # nothing left on this machine: both must come from the store
+    bundle = load_diffusion_dir(f"{s3}/run/models/diffusion")
+    assert bundle.decoder is not None
+    z = torch.randn(1, *bundle.config["data"]["shape"], generator=torch.Generator().manual_seed(0))
+    assert bundle.decoder(z).shape == (1, 1, 8, 8)
+
+
+def test_missing_or_unreadable_urls_give_one_line_errors(s3, tmp_path, monkeypatch):
+    with pytest.raises(StorageError, match=r"s3://.*/nowhere holds no model .*LATEST"):
+        load_model_dir(f"{s3}/nowhere")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(StorageError, match=r"cannot read s3://.*AWS_ENDPOINT_URL"):
+        latest_version(f"{s3}/models/diffusion")
+    with pytest.raises(StorageError, match="not a model folder"):
+        publish_dir(tmp_path, f"{s3}/x")
+
+
+def test_cli_samples_from_a_url_as_from_the_folder(s3, tmp_path):
+    local = make_diffusion_dir(tmp_path / "m", num_classes=3)
+    url = f"{s3}/models/diffusion"
+    publish_dir(local, url)
+    import os
+
+    outs = {}
+    for name, model in (("url", url), ("local", str(local))):
+        out = tmp_path / name
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", model, "--num", "4",
+                              "--steps", "3", "--seed", "7", "--out", str(out), "--no-progress"],
+                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        with np.load(out / "samples.npz") as z:
+            outs[name] = z["images"]
+    assert np.array_equal(outs["url"], outs["local"])
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", f"{s3}/missing", "--num", "1",
+                          "--out", str(tmp_path / "x")], cwd=ROOT, env=os.environ.copy(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "holds no model" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_training_stage_publishes_under_the_storage_root(s3, prepared, tmp_path):
+    """DIFFUSION_STORAGE_ROOT (a cluster job's environment) set: the stage writes its folder to the DVC workspace as
+    before and publishes the same folder as <root>/models/feature_net, which loads by URL to the same weights."""
+    import os
+
+    from tests.stages import stage_env
+
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    env = {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/run"}
+    res = subprocess.run([sys.executable, "-m", "pipeline.train_feature_net", "--params", "tiny.yaml"], cwd=work,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    url = f"{s3}/run/models/feature_net"
+    assert f"published models/feature_net/ to {url} (version v-" in res.stdout
+    assert _same(_weights(url), _weights(work / "models" / "feature_net"))
+    fetched = fetch_dir(url)
+    assert (fetched / "provenance.json").read_bytes() == (work / "models/feature_net/provenance.json").read_bytes()
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in (fetched / "provenance.json").read_text()
