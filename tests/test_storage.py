@@ -183,3 +183,100 @@ def test_a_training_stage_publishes_under_the_storage_root(s3, prepared, tmp_pat
     fetched = fetch_dir(url)
     assert (fetched / "provenance.json").read_bytes() == (work / "models/feature_net/provenance.json").read_bytes()
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in (fetched / "provenance.json").read_text()
+
+
+@pytest.mark.slow
+def test_dvc_remote_on_the_store_brings_a_runs_outputs_to_another_checkout(s3, tmp_path):
+    """README's cluster walkthrough: the job's checkout pushes its DVC outputs to a remote on the same store, the
+    user's checkout of the same commit pulls them: byte-identical files, no copy by hand."""
+    from tests.stages import stage_env
+
+    env = {**stage_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(cwd, *cmd):
+        res = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{cmd}: {res.stdout[-1500:]}{res.stderr[-1500:]}"
+        return res.stdout
+
+    job = tmp_path / "job"
+    job.mkdir()
+    run(job, "git", "init", "-q")
+    run(job, "dvc", "init", "-q")
+    (job / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: python -c \"import os; os.makedirs('models/m', exist_ok=True); "
+        "open('models/m/w.bin', 'wb').write(os.urandom(4096))\"\n    outs:\n      - models/m\n")
+    run(job, "dvc", "repro", "-q")
+    run(job, "dvc", "remote", "add", "-d", "store", f"{s3}/dvc")  # endpoint and keys: the environment's
+    run(job, "git", "add", "-A")
+    run(job, "git", "commit", "-qm", "run")
+    run(job, "dvc", "push", "-q")
+    user = tmp_path / "user"
+    run(tmp_path, "git", "clone", "-q", str(job), str(user))
+    assert not (user / "models/m").exists()
+    run(user, "dvc", "pull", "-q")
+    assert (user / "models/m/w.bin").read_bytes() == (job / "models/m/w.bin").read_bytes()
+
+
+@pytest.mark.slow
+def test_team_mlflow_server_keeps_artifacts_on_the_store(s3, prepared, tmp_path):
+    """README's team set-up: `mlflow server` with a SQL backend and --artifacts-destination on the object store;
+    a stage logs its run and model through it, the model's files land in the bucket, and a client elsewhere loads
+    the model back through the server."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    import s3fs
+    import yaml
+
+    from tests.stages import stage_env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{server_dir}/mlflow.db",
+                               "--artifacts-destination", f"{s3}/mlflow"], cwd=server_dir, env=stage_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
+                time.sleep(1)
+        work = tmp_path / "work"
+        shutil.copytree(prepared, work)
+        raw = yaml.safe_load((work / "tiny.yaml").read_text())
+        raw["tracking"]["enabled"] = True
+        (work / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        # the stage's machine knows the server only; the bucket's credentials stay with the server
+        env = {k: v for k, v in stage_env().items() if not k.startswith("AWS_")}
+        res = subprocess.run([sys.executable, "-m", "pipeline.train_feature_net", "--params", "tiny.yaml"],
+                             cwd=work, env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        stored = s3fs.S3FileSystem().find(f"{s3.removeprefix('s3://')}/mlflow")
+        assert any(p.endswith("/model.safetensors") for p in stored), stored[:20]
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name(raw["project"]["experiment"]).experiment_id])
+        assert [r.info.run_name for r in runs] == ["train_feature_net"] and runs[0].info.status == "FINISHED"
+        mlflow.set_tracking_uri(uri)
+        try:
+            model = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model")
+        finally:
+            mlflow.set_tracking_uri(None)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        assert model.metadata.run_id == runs[0].info.run_id
+    finally:
+        os.killpg(server.pid, __import__("signal").SIGTERM)
+        server.wait(30)
