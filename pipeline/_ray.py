@@ -137,6 +137,24 @@ def _quiet_train_reports() -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
+def remove_run(storage_path: str | os.PathLike, name: str) -> None:
+    """Delete Ray's folder of run `name` under `storage_path` (a path or a storage URL); missing is fine."""
+    from diffusion_core.storage import is_url
+
+    if not is_url(storage_path):
+        import shutil
+
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(storage_path))
+    try:
+        fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
+    except FileNotFoundError:
+        pass
+
+
 def worker_context() -> tuple[int, int]:
     """(world rank, world size) inside a Ray Train worker, else (0, 1)."""
     if os.environ.get("_PIPELINE_IN_RAY_TRAIN") == "1":
@@ -231,7 +249,13 @@ def run_torch_trainer(train_loop_per_worker: Callable[[dict], Any], loop_config:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    error_file = Path(storage_path) / name / "errors" / f"{uuid.uuid4().hex}.json"
+    from diffusion_core.storage import is_url
+
+    remote = is_url(storage_path)  # s3://...: Ray persists checkpoints there (pyarrow reads AWS_* from the env)
+    # the non-retryable error hand-over is a local file (the driver reads it after fit): beside a local storage
+    # path, else under ./ray_results
+    local = Path("ray_results" if remote else storage_path).resolve()
+    error_file = local / name / "errors" / f"{uuid.uuid4().hex}.json"
     config["_error_file"] = str(error_file)
     resources = {"CPU": int(scaling.cpus_per_worker), **({"GPU": 1} if scaling.use_gpu else {})}
     trainer = TorchTrainer(
@@ -239,7 +263,7 @@ def run_torch_trainer(train_loop_per_worker: Callable[[dict], Any], loop_config:
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=int(scaling.num_workers), use_gpu=bool(scaling.use_gpu),
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=name, storage_path=str(storage_path) if remote else str(local),
                              failure_config=FailureConfig(max_failures=int(scaling.max_failures)),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                              logging_config=LoggingConfig(log_level="WARNING")),

@@ -20,6 +20,7 @@ from diffusion_core.data import DataError, read_meta
 from diffusion_core.io import OutputError, atomic_write_json
 from diffusion_core.models import unwrap_model
 from diffusion_core.pretrained import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
+from diffusion_core.storage import join
 from diffusion_core.training import (
     DiffusionTrainer,
     LoopHooks,
@@ -37,8 +38,8 @@ from pipeline.config import ConfigError, load_params, params_hash, validate_para
 from pipeline.provenance import data_checksums, input_model, model_files, provenance, registered_name
 from pipeline.tracking import TrackingError, start_run
 
-from ._ray import latest_ray_checkpoint, report, run_torch_trainer, worker_context
-from ._stage import publish_model, run_stage
+from ._ray import latest_ray_checkpoint, remove_run, report, run_torch_trainer, worker_context
+from ._stage import publish_model, run_stage, storage_root
 
 STAGE = "train_diffusion"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
@@ -96,6 +97,9 @@ def train_loop_per_worker(config: dict) -> None:
             newest = max(candidates, key=lambda c: read_config(c)["training_step"])
             continues = read_config(newest).get("mlflow_run_id")  # the run that wrote it: named by this one
             trainer.load_checkpoint(newest)
+            if rank == 0 and from_ray is not None and newest == Path(from_ray):
+                print(f"{STAGE}: workers restarted by Ray; resuming from its checkpoint at step {trainer.step} "
+                      f"({config['ray_storage']})", flush=True)
     local_batch = cfg.batch_size // world
     decoder = None
 
@@ -198,14 +202,17 @@ def _run(args) -> None:
     if last is not None:
         step = int(last.name.split("-")[1])
         print(f"{STAGE}: resuming from {last} (step {step} of {cfg.steps})", flush=True)
+    # Ray's copies of the checkpoints (what a restarted worker group resumes from, on any node): on the storage
+    # root when there is one, else beside the workspace
+    root = storage_root(params.project)
+    storage = join(root, "ray_results") if root else Path("ray_results").resolve()
     config = {"params": json.loads(json.dumps(params.to_dict(*SECTIONS))), "root": str(Path.cwd().resolve()),
-              "run_key": run_key}
+              "run_key": run_key, "ray_storage": str(storage)}
     # a fresh Ray run name each time: resuming is ours (from checkpoints/), not Ray's restore-by-name
     name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    storage = Path("ray_results").resolve()
     run_torch_trainer(train_loop_per_worker, config, cfg.scaling, name, storage, keep_checkpoints=cfg.keep_checkpoints,
                       no_retry=(NumericalError,), reraise=EXPECTED)
-    shutil.rmtree(storage / name, ignore_errors=True)  # Ray's copies of checkpoints/ (kept only after a failure)
+    remove_run(storage, name)  # kept only after a failure
     print(f"{STAGE}: wrote {OUT}/ and {METRICS}: {METRICS.read_text().strip()}")
 
 

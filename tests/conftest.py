@@ -40,3 +40,33 @@ def prepared(tmp_path_factory) -> Path:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 endpoint on 127.0.0.1 (moto's threaded server, in this test process) for the session; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """A fresh bucket on the server, credentials and endpoint in the environment as a user sets them; the model
+    cache in tmp_path. Yields the bucket's URL."""
+    import uuid
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server, "DIFFUSION_CACHE": str(tmp_path / "cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    return f"s3://{bucket}"
