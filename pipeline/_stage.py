@@ -36,6 +36,16 @@ def storage_root(project) -> str | None:
     return os.environ.get(STORAGE_ENV) or getattr(project, "storage_root", None) or None
 
 
+def worker_params(params, sections) -> dict:
+    """`params`' sections as JSON for Ray workers, project.storage_root resolved here on the driver: a worker on
+    another node does not see the driver's environment (DIFFUSION_STORAGE_ROOT)."""
+    import json
+
+    out = json.loads(json.dumps(params.to_dict(*sections)))
+    out["project"]["storage_root"] = storage_root(params.project)
+    return out
+
+
 def publish_model(folder: str | os.PathLike, project) -> str | None:
     """Publish a finished model folder as <storage root>/<folder> (a new version, its LATEST pointer written last:
     diffusion_core.storage) and say where; None without a storage root. `diffusion sample --model URL` reads it."""

@@ -31,7 +31,7 @@ from pipeline.provenance import data_checksums, input_model, model_files, proven
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import report, run_torch_trainer, worker_context
-from ._stage import publish_model, run_stage
+from ._stage import publish_model, run_stage, worker_params
 
 STAGE = "train_classifier"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
@@ -114,7 +114,7 @@ def _run(args) -> None:
                           f"{params.train_diffusion.space!r}: the classifier must see what the diffusion model "
                           f"samples; set both to the same space")
     _source(cfg.space)  # fail here, before Ray starts, if the shards are missing
-    config = {"params": json.loads(json.dumps(params.to_dict(*SECTIONS))), "root": str(Path.cwd().resolve())}
+    config = {"params": worker_params(params, SECTIONS), "root": str(Path.cwd().resolve())}
     name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     storage = Path("ray_results").resolve()
     run_torch_trainer(train_loop_per_worker, config, cfg.scaling, name, storage, no_retry=(NumericalError,),

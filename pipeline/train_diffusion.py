@@ -6,7 +6,6 @@ Resumes from the last good `checkpoints/train_diffusion/step-%08d/`; a lost work
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -39,7 +38,7 @@ from pipeline.provenance import data_checksums, input_model, model_files, proven
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import latest_ray_checkpoint, remove_run, report, run_torch_trainer, worker_context
-from ._stage import publish_model, run_stage, storage_root
+from ._stage import publish_model, run_stage, storage_root, worker_params
 
 STAGE = "train_diffusion"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
@@ -206,7 +205,7 @@ def _run(args) -> None:
     # root when there is one, else beside the workspace
     root = storage_root(params.project)
     storage = join(root, "ray_results") if root else Path("ray_results").resolve()
-    config = {"params": json.loads(json.dumps(params.to_dict(*SECTIONS))), "root": str(Path.cwd().resolve()),
+    config = {"params": worker_params(params, SECTIONS), "root": str(Path.cwd().resolve()),
               "run_key": run_key, "ray_storage": str(storage)}
     # a fresh Ray run name each time: resuming is ours (from checkpoints/), not Ray's restore-by-name
     name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

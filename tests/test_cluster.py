@@ -20,7 +20,7 @@ import torch
 
 from diffusion_core.checkpoint import load_model_dir
 
-from .stages import stage_env
+from .stages import ROOT, stage_env
 from .test_train_diffusion import _cmd, _steps, _wait_for, _workdir
 
 pytestmark = pytest.mark.slow
@@ -83,4 +83,61 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
     killed, _ = load_model_dir(f"{s3}/killed/models/diffusion")
     unkilled, _ = load_model_dir(f"{s3}/clean/models/diffusion")
     a, b = killed.state_dict(), unkilled.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_node_cluster_a_node_lost_mid_run_resumes_on_a_new_node(s3, prepared, tmp_path):
+    """Two Ray nodes on this machine (tests/ray_cluster.py: a head and a second raylet, 1 CPU each, so the two
+    Train workers land one per node; token authentication on). The second node is killed mid-run (its raylet and
+    workers, no graceful stop) and a third joins, as an autoscaler would bring one: the run goes on inside the same
+    stage from the checkpoint on the store, ends at its step count with one loss curve, and its model is bitwise
+    the model of the same run on one node without the kill."""
+    import secrets
+
+    token = secrets.token_hex(16)
+    ray_env = {**stage_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    train = {"steps": 80, "checkpoint_every": 10, "log_every": 5, "sample_every": 0}
+    cluster = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster"], cwd=ROOT, env=ray_env, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+
+    def tell(cmd: str) -> None:
+        cluster.stdin.write(cmd + "\n")
+        cluster.stdin.flush()
+        assert cluster.stdout.readline().strip() == "ok", f"the test cluster failed at {cmd!r}"
+
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address, "the test cluster did not start"
+        cwd = _workdir(prepared, tmp_path / "two", **train)
+        env = {**ray_env, "DIFFUSION_STORAGE_ROOT": f"{s3}/two", "RAY_ADDRESS": address}
+        proc, lines = _stage(cwd, env)
+        try:
+            store = f"{s3.removeprefix('s3://')}/two/ray_results"
+            _wait_for(lambda: len(_ray_checkpoints(store)) >= 2, proc, "two Ray checkpoints on the store")
+            on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
+            tell("kill")  # the node is gone: its raylet and the worker on it
+            shutil.rmtree(cwd / "checkpoints", ignore_errors=True)  # ... and what its disk held
+            tell("add")  # a replacement joins; the group is placed again across both nodes
+            assert proc.wait(timeout=500) == 0, "".join(lines)[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        try:
+            tell("stop")
+            cluster.wait(60)
+        except Exception:  # noqa: BLE001 - a cluster that already died
+            os.killpg(cluster.pid, signal.SIGKILL)
+    resumed = [ln for ln in lines if "workers restarted by Ray; resuming from its checkpoint at step" in ln]
+    assert len(resumed) == 1 and int(resumed[0].split("at step ")[1].split()[0]) >= on_store, \
+        "".join(ln for ln in lines if "TrainController" not in ln)[-4000:]
+    assert _steps(cwd) == list(range(5, 81, 5))
+
+    clean = _workdir(prepared, tmp_path / "clean", **train)
+    proc, lines = _stage(clean, {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/clean"})
+    assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+    two, _ = load_model_dir(f"{s3}/two/models/diffusion")
+    one, _ = load_model_dir(f"{s3}/clean/models/diffusion")
+    a, b = two.state_dict(), one.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
