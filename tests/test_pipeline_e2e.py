@@ -214,6 +214,19 @@ def test_second_repro_is_a_no_op(pipeline):
     assert "up to date" in out.lower()
 
 
+def test_no_absolute_path_of_this_machine_in_models_or_checkpoints(pipeline):
+    """Model folders and checkpoints travel (object storage, another node, a colleague's checkout): no byte of them
+    names the folder the pipeline ran in, nor this user's home."""
+    import os
+
+    work, _, _ = pipeline
+    needles = {str(work).encode(), str(work.resolve()).encode(), os.path.expanduser("~").encode() + b"/"}
+    files = [f for d in ("models", "checkpoints") for f in (work / d).rglob("*") if f.is_file()]
+    assert len([f for f in files if f.name == "config.json"]) >= 5  # the four model folders and checkpoints
+    baked = sorted(str(f.relative_to(work)) for f in files if any(n in f.read_bytes() for n in needles))
+    assert baked == []
+
+
 def test_no_secrets_in_the_store_or_the_output(pipeline):
     """Every stage ran with fake secrets in its environment (Ray workers inherit it): none reached the MLflow store
     (any run's params, tags, any byte of mlflow.db, any artifact) or dvc's output."""
