@@ -45,6 +45,18 @@ def _ray_checkpoints(bucket_path: str) -> list[str]:
         return []
 
 
+def _assert_same_model_as_unkilled(prepared, tmp_path, s3: str, train: dict, url: str) -> None:
+    """The same training on one node without a kill, published to <bucket>/clean: the user's side pulls both
+    models back by URL, and the killed run's is the unkilled run's, bit for bit."""
+    clean = _workdir(prepared, tmp_path / "clean", **train)
+    proc, lines = _stage(clean, {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/clean"})
+    assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+    killed, _ = load_model_dir(url)
+    unkilled, _ = load_model_dir(f"{s3}/clean/models/diffusion")
+    a, b = killed.state_dict(), unkilled.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled(s3, prepared, tmp_path):
     import psutil
 
@@ -76,14 +88,7 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
     assert _steps(cwd) == list(range(5, 81, 5))  # one loss curve: nothing repeated, nothing missing
     assert f"published models/diffusion/ to {s3}/killed/models/diffusion" in out
 
-    clean = _workdir(prepared, tmp_path / "clean", **train)
-    proc, lines = _stage(clean, {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/clean"})
-    assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
-    # the user's side: both models pulled back by URL, the killed run's is the unkilled run's, bit for bit
-    killed, _ = load_model_dir(f"{s3}/killed/models/diffusion")
-    unkilled, _ = load_model_dir(f"{s3}/clean/models/diffusion")
-    a, b = killed.state_dict(), unkilled.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/killed/models/diffusion")
 
 
 def test_two_node_cluster_a_node_lost_mid_run_resumes_on_a_new_node(s3, prepared, tmp_path):
@@ -134,10 +139,4 @@ def test_two_node_cluster_a_node_lost_mid_run_resumes_on_a_new_node(s3, prepared
         "".join(ln for ln in lines if "TrainController" not in ln)[-4000:]
     assert _steps(cwd) == list(range(5, 81, 5))
 
-    clean = _workdir(prepared, tmp_path / "clean", **train)
-    proc, lines = _stage(clean, {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/clean"})
-    assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
-    two, _ = load_model_dir(f"{s3}/two/models/diffusion")
-    one, _ = load_model_dir(f"{s3}/clean/models/diffusion")
-    a, b = two.state_dict(), one.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/two/models/diffusion")
