@@ -248,6 +248,13 @@ def plot_training_x_sampling(rows: Sequence[dict], path: str | os.PathLike) -> N
     ax.set_xticks(range(len(samplings)))
     ax.set_xticklabels([f"{s}\n{nfe[s]:.0f} NFE" for s in samplings], fontsize=7, rotation=20)
     sets = max((r.get("seed_sets") or 1 for r in rows), default=1)
+    fds = [r["fd_domain"] for r in rows if r["fd_domain"] > 0]
+    if fds and max(fds) > 5 * min(fds):  # an untrained formulation next to a good one: both stay readable
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.set_yscale("log")
+        for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_fmt(FormatStrFormatter("%g"))
     ax.set(ylabel="fd_domain (lower is better)",
            title=f"short trainings x samplers: mean +- std over up to {sets} seed set(s)" if rows else
            "no finished training trial was crossed with samplers (sweep.training.samplers empty, or all pruned)")
