@@ -2,8 +2,9 @@
 
 Ray Train persists its checkpoints under <root>/ray_results, so a worker group restarted after a lost worker
 resumes from the store, not from a disk only the dead worker's node could read; the finished model is published
-as <root>/models/diffusion and is bitwise the model of the same run without the kill. Still one Ray node here:
-the 2-node version of this test (`ray start --head` plus a second `ray start --address`) is not built yet.
+as <root>/models/diffusion and is bitwise the model of the same run without the kill. Two versions: one Ray
+node losing a worker, and a 2-node cluster (tests/ray_cluster.py, Ray's own test cluster) losing its second node,
+with the stage as a driver joining it through RAY_ADDRESS (not yet through `ray job submit`).
 """
 
 from __future__ import annotations

@@ -369,32 +369,59 @@ def _node_ports() -> list[str]:
     return [f"--{flag}={_free_port()}" for flag in flags]
 
 
+def _start_head(make_args, env: dict, temp_dir: str, timeout: float, attempts: int = 3) -> subprocess.Popen:
+    """`ray start --head --block`, retried with fresh ports when the head exits before it is ready: a port picked
+    free can be taken by another test's Ray before the head binds it (CI saw a head exit 1 at once). make_args()
+    gives the arguments and a readiness check for fresh ports; the head's output is quoted when every try failed."""
+    log = Path(temp_dir) / "head.log"
+    for _ in range(attempts):
+        args, ready = make_args()
+        with open(log, "w") as out:
+            head = subprocess.Popen(["ray", "start", "--head", "--block", *args], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while head.poll() is None and time.time() < deadline:
+            if ready():
+                return head
+            time.sleep(0.5)
+        if head.poll() is None:  # neither ready nor exited in time: no retry would help
+            _stop_head(head, temp_dir, remove=False)
+            break
+        _kill_session_leftovers(temp_dir)
+    pytest.fail(f"ray start --head did not come up; its last output:\n{log.read_text()[-3000:]}")
+
+
 @pytest.mark.slow
 def test_ray_job_submit_against_local_head(prepared, tmp_path):
     job_dir = _workdir(prepared, tmp_path / "job")
     for pkg in ("diffusion_core", "pipeline"):  # the working dir ray uploads holds the code, as the repo root does
         shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    port, dash = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     # as the README: Ray's token authentication on (the README generates ~/.ray/auth_token; here the token comes
     # from the environment, which Ray reads first, so the test leaves the home folder alone)
     token = secrets.token_hex(16)
     env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats", *_node_ports()],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
+
+    def head_args():
+        nonlocal port, dash
+        port, dash = _free_port(), _free_port()
+
+        def ready() -> bool:
+            req = urllib.request.Request(f"http://127.0.0.1:{dash}/api/version",
+                                         headers={"Authorization": f"Bearer {token}"})
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{dash}/api/version",
-                                             headers={"Authorization": f"Bearer {token}"})
                 urllib.request.urlopen(req, timeout=2)
-                break
+                return True
             except OSError:
-                assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
-                time.sleep(1)
+                return False
+
+        return ["--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                *_node_ports()], ready
+
+    port = dash = 0
+    head = _start_head(head_args, env, temp_dir, timeout=180)
+    try:
         deadline = time.time() + 300  # on a busy machine the job agent comes up minutes after the dashboard
         while True:  # the dashboard answers before its job agent is up ("No available agent"): retry
             res = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
@@ -416,7 +443,7 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         _stop_head(head, temp_dir)
 
 
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+def _stop_head(head: subprocess.Popen, temp_dir: str, remove: bool = True) -> None:
     """Stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes `ray start`
     stop its processes on SIGTERM; whatever is left in our session folder is killed by pid."""
     head.send_signal(signal.SIGTERM)
@@ -426,7 +453,8 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
     _kill_session_leftovers(temp_dir)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    if remove:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _pids_naming(temp_dir: str) -> set[int]:
@@ -459,15 +487,16 @@ def test_local_run_starts_its_own_ray_beside_a_ray_start_cluster(prepared, tmp_p
     work = _workdir(prepared, tmp_path / "w", steps=4, checkpoint_every=2, log_every=2)
     tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**_env(), "RAY_TMPDIR": tmp}  # the head's address file and the stage's lookup both live under tmp/ray
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={_free_port()}", "--num-cpus=1", "--include-dashboard=false",
-                             f"--temp-dir={tmp}/ray", "--disable-usage-stats", *_node_ports()],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head_args = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false",
+                 f"--temp-dir={tmp}/ray", "--disable-usage-stats"]
+    address_file = Path(tmp) / "ray" / "ray_current_cluster"
+
+    def fresh_args():
+        address_file.unlink(missing_ok=True)  # a failed try's file must not pass for the next head's
+        return [*head_args, f"--port={_free_port()}", *_node_ports()], address_file.exists
+
+    head = _start_head(fresh_args, env, tmp, timeout=120)
     try:
-        deadline = time.time() + 120
-        while not os.path.exists(f"{tmp}/ray/ray_current_cluster"):
-            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
-            time.sleep(0.5)
         res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=work,
                              env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
