@@ -30,7 +30,24 @@ PAIRS = [
     ("Heun", "HeunDiscreteScheduler", {}, 10, "heun", None),
     ("UniPC (bh2)", "UniPCMultistepScheduler", {"solver_order": 2, "final_sigmas_type": "zero"}, 10, None, None),
     ("Heun, start guarded", None, {}, 10, "heun", -5.1),  # ours only: diffusers' Heun has no start guard
+    # ours on diffusers' guarded grid (below): traces the DPM-Solver++ rows' gap to the grid, not the solver
+    ("DPM-Solver++(2M), diffusers' guarded grid", None, {}, 10, "dpmpp2m", -5.1),
+    ("DPM-Solver++(3M), diffusers' guarded grid", None, {}, 10, "dpmpp3m", -5.1),
 ]
+DIFFUSERS_GRID = "diffusers' guarded grid"
+
+
+def diffusers_guarded_trailing(schedule, steps, spacing="trailing", lambda_min=None):
+    """diffusers' DPMSolverMultistep `trailing` grid under `lambda_min_clipped`: `steps` points spaced evenly over
+    the guarded range [0, top]. Ours (`grids.grid_timesteps`) spaces them over [0, T-1] and moves the first down
+    to top: 995, 899, 799, .., 99 against diffusers' 995, 895, 795, .., 95 on the default cosine model."""
+    import numpy as np
+    import torch
+
+    lam = 0.5 * torch.log(schedule.snr)
+    last = int(torch.nonzero(lam >= lambda_min).flatten().max()) + 1
+    t = np.arange(last, 0, -last / steps).round().astype(np.int64) - 1
+    return torch.as_tensor(sorted(set(t.tolist())), dtype=torch.int64)
 PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
@@ -82,7 +99,7 @@ def main(argv=None) -> int:
         chunks = []
         for lo in range(0, len(seeds), batch):
             s, y = seeds[lo:lo + batch], torch.as_tensor(labels[lo:lo + batch])
-            with torch.no_grad():
+            with torch.no_grad(), _grid(label):
                 if kind == "ours":
                     x0 = sample(d, guided, (len(s), *bundle.shape), sampler=ours, steps=steps, spacing="trailing",
                                 seeds=s, y=y, clip_denoised=not bundle.is_latent, lambda_min=lam)
@@ -124,6 +141,16 @@ def main(argv=None) -> int:
     fast.restore()
     print(table(results))
     return 0
+
+
+def _grid(label: str):
+    """Ours on diffusers' guarded grid for the rows that say so; the project's own grid otherwise."""
+    import contextlib
+    from unittest import mock
+
+    if DIFFUSERS_GRID not in label:
+        return contextlib.nullcontext()
+    return mock.patch("diffusion_core.samplers.common.grid_timesteps", diffusers_guarded_trailing)
 
 
 def table(results: dict) -> str:

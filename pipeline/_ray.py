@@ -126,6 +126,37 @@ def quiet_worker_logging() -> None:
         previous(args)
 
     threading.excepthook = excepthook
+    install_sigterm_redelivery()
+
+
+def install_sigterm_redelivery() -> None:
+    """Make a SIGTERM that lands inside a weakref callback or __del__ still end the process.
+
+    Ray's workers turn SIGTERM into SystemExit; raised inside such a callback, Python ignores it ("Exception ignored
+    in: <function WeakSet...>" and a traceback on the console, seen when the sweep's Ray stopped its trial actors)
+    and the worker lives on until Ray kills it. This hook sends the signal again 50 ms later from a thread (sent
+    at once, it would be handled inside the hook, and ignored again), so it is handled outside the callback and the
+    worker exits as Ray asked, quietly; every other unraisable exception goes to the old hook.
+    """
+    import signal
+    import sys
+    import threading
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        tb, from_sigterm = unraisable.exc_traceback, False
+        while tb is not None and not from_sigterm:
+            from_sigterm = tb.tb_frame.f_code.co_name == "sigterm_handler"
+            tb = tb.tb_next
+        if isinstance(unraisable.exc_value, SystemExit) and from_sigterm:
+            resend = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            resend.daemon = True
+            resend.start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _quiet_train_reports() -> None:

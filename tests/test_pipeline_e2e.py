@@ -253,7 +253,8 @@ def test_console_is_quiet(pipeline):
     repeated = sorted({ln for ln in from_ray if from_ray.count(ln) > 1})
     at = lines.index(repeated[0]) if repeated else 0
     assert not repeated, f"said more than once: {repeated[:3]}; around the first:\n" + "\n".join(lines[at - 15:at + 5])
-    assert not [ln for ln in lines if "Traceback (most recent call last)" in ln], "a traceback on the console"
+    tb = next((i for i, ln in enumerate(lines) if "Traceback (most recent call last)" in ln), None)
+    assert tb is None, "a traceback on the console:\n" + "\n".join(lines[max(tb - 3, 0):tb + 20])
 
 
 # README's experiments: each variant takes fresh evaluate seeds (clear of the sweep's), so only `evaluate` reruns
