@@ -38,15 +38,15 @@ DIFFUSERS_GRID = "diffusers' guarded grid"
 
 
 def diffusers_guarded_trailing(schedule, steps, spacing="trailing", lambda_min=None):
-    """diffusers' DPMSolverMultistep `trailing` grid under `lambda_min_clipped`: `steps` points spaced evenly over
-    the guarded range [0, top]. Ours (`grids.grid_timesteps`) spaces them over [0, T-1] and moves the first down
-    to top: 995, 899, 799, .., 99 against diffusers' 995, 895, 795, .., 95 on the default cosine model."""
+    """diffusers' DPMSolverMultistep `trailing` grid under `lambda_min_clipped`: T/steps apart, counted down from the
+    last timestep the guard keeps (995, 895, .., 95 on the default cosine model). Ours (`grids.grid_timesteps`)
+    spaces T/steps apart from T-1 and moves the steps above the guard down to it: 995, 899, 799, .., 99."""
     import numpy as np
     import torch
 
     lam = 0.5 * torch.log(schedule.snr)
     last = int(torch.nonzero(lam >= lambda_min).flatten().max()) + 1
-    t = np.arange(last, 0, -last / steps).round().astype(np.int64) - 1
+    t = np.arange(last, 0, -schedule.num_timesteps / steps).round().astype(np.int64) - 1
     return torch.as_tensor(sorted(set(t.tolist())), dtype=torch.int64)
 PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 

@@ -3,18 +3,21 @@
 Ray Train persists its checkpoints under <root>/ray_results, so a worker group restarted after a lost worker
 resumes from the store, not from a disk only the dead worker's node could read; the finished model is published
 as <root>/models/diffusion and is bitwise the model of the same run without the kill. Two versions: one Ray
-node losing a worker, and a 2-node cluster (tests/ray_cluster.py, Ray's own test cluster) losing its second node,
-with the stage as a driver joining it through RAY_ADDRESS (not yet through `ray job submit`).
+node losing a worker, and a 2-node cluster (tests/ray_cluster.py, Ray's own test cluster, token authentication
+on) losing its second node, with the stage submitted by `ray job submit`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,52 +95,113 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
     _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/killed/models/diffusion")
 
 
-def test_two_node_cluster_a_node_lost_mid_run_resumes_on_a_new_node(s3, prepared, tmp_path):
-    """Two Ray nodes on this machine (tests/ray_cluster.py: a head and a second raylet, 1 CPU each, so the two
-    Train workers land one per node; token authentication on). The second node is killed mid-run (its raylet and
-    workers, no graceful stop) and a third joins, as an autoscaler would bring one: the run goes on inside the same
-    stage from the checkpoint on the store, ends at its step count with one loss curve, and its model is bitwise
-    the model of the same run on one node without the kill."""
+def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_new_node(s3, prepared, tmp_path):
+    """Two Ray nodes on this machine (tests/ray_cluster.py: a head with its dashboard and a second raylet, 1 CPU
+    each, so the two Train workers land one per node; token authentication on), the stage submitted with
+    `ray job submit` as README's cluster walkthrough does. The second node is killed mid-run (its raylet and
+    workers, no graceful stop) and a third joins, as an autoscaler would bring one: the job goes on from the
+    checkpoint on the store, ends at its step count with one loss curve, and the model the user pulls back by URL
+    is bitwise the model of the same run on one node without the kill."""
     import secrets
+
+    from .test_train_diffusion import _free_port
 
     token = secrets.token_hex(16)
     ray_env = {**stage_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    train = {"steps": 80, "checkpoint_every": 10, "log_every": 5, "sample_every": 0}
-    cluster = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster"], cwd=ROOT, env=ray_env, text=True,
+    train = {"steps": 160, "checkpoint_every": 10, "log_every": 5, "sample_every": 0}
+    dash = _free_port()
+    cluster = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", "--dashboard-port", str(dash),
+                                "--agent-port", str(_free_port())], cwd=ROOT, env=ray_env, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                start_new_session=True)
+    api = f"http://127.0.0.1:{dash}"
 
     def tell(cmd: str) -> None:
         cluster.stdin.write(cmd + "\n")
         cluster.stdin.flush()
         assert cluster.stdout.readline().strip() == "ok", f"the test cluster failed at {cmd!r}"
 
+    def ray_job(command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["ray", "job", command, "--address", api, *args], cwd=job_dir, env=ray_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    job_dir = _workdir(prepared, tmp_path / "two", **train)
+    for pkg in ("diffusion_core", "pipeline"):  # the working dir ray uploads holds the code, as the repo root does
+        shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    job_id = f"two-node-{secrets.token_hex(4)}"
     try:
-        address = cluster.stdout.readline().strip()
-        assert address, "the test cluster did not start"
-        cwd = _workdir(prepared, tmp_path / "two", **train)
-        env = {**ray_env, "DIFFUSION_STORAGE_ROOT": f"{s3}/two", "RAY_ADDRESS": address}
-        proc, lines = _stage(cwd, env)
-        try:
-            store = f"{s3.removeprefix('s3://')}/two/ray_results"
-            _wait_for(lambda: len(_ray_checkpoints(store)) >= 2, proc, "two Ray checkpoints on the store")
-            on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
-            tell("kill")  # the node is gone: its raylet and the worker on it
-            shutil.rmtree(cwd / "checkpoints", ignore_errors=True)  # ... and what its disk held
-            tell("add")  # a replacement joins; the group is placed again across both nodes
-            assert proc.wait(timeout=500) == 0, "".join(lines)[-3000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        assert cluster.stdout.readline().strip(), "the test cluster did not start"
+        _wait_for_dashboard(api, token)
+        env_vars = json.dumps({"env_vars": {"DIFFUSION_STORAGE_ROOT": f"{s3}/two"}})
+        # the stage, then its loss curve onto the job's log: the job's outputs stay in its working dir on the head
+        entry = ("echo JOBDIR $PWD && python -m pipeline.train_diffusion --params tiny.yaml --debug && "
+                 "python -c \"import json; print('CURVE', json.dumps(json.load(open("
+                 "'reports/train_diffusion_loss.json'))))\"")
+        deadline = time.time() + 300  # the dashboard answers before its job agent is up ("No available agent")
+        while True:
+            res = ray_job("submit", "--no-wait", "--submission-id", job_id, "--working-dir", ".",
+                          "--runtime-env-json", env_vars, "--", "bash", "-c", entry)
+            if res.returncode == 0 or "No available agent" not in res.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        store = f"{s3.removeprefix('s3://')}/two/ray_results"
+        _wait_until(lambda: len(_ray_checkpoints(store)) >= 2, lambda: _job_status(ray_job, job_id),
+                    "two Ray checkpoints on the store", logs=lambda: ray_job("logs", job_id).stdout)
+        on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
+        job_copy = next(ln for ln in ray_job("logs", job_id).stdout.splitlines() if ln.startswith("JOBDIR "))
+        tell("kill")  # the node is gone: its raylet and the worker on it
+        # ... and the job's working dir is on the head's disk, which a worker on another machine cannot read
+        shutil.rmtree(Path(job_copy.removeprefix("JOBDIR ")) / "checkpoints", ignore_errors=True)
+        tell("add")  # a replacement joins; the group is placed again across both nodes
+        _wait_until(lambda: _job_status(ray_job, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), lambda: "RUNNING",
+                    "the end of the job", timeout=500)
+        logs = ray_job("logs", job_id).stdout
+        assert _job_status(ray_job, job_id) == "SUCCEEDED", logs[-3000:]
     finally:
         try:
             tell("stop")
             cluster.wait(60)
         except Exception:  # noqa: BLE001 - a cluster that already died
             os.killpg(cluster.pid, signal.SIGKILL)
+    lines = logs.splitlines()
     resumed = [ln for ln in lines if "workers restarted by Ray; resuming from its checkpoint at step" in ln]
     assert len(resumed) == 1 and int(resumed[0].split("at step ")[1].split()[0]) >= on_store, \
-        "".join(ln for ln in lines if "TrainController" not in ln)[-4000:]
-    assert _steps(cwd) == list(range(5, 81, 5))
+        "\n".join(ln for ln in logs.split("\nCURVE ")[0].splitlines() if "TrainController" not in ln)[-4000:]
+    curve = json.loads(next(ln for ln in lines if ln.startswith("CURVE ")).removeprefix("CURVE "))
+    assert [h["step"] for h in curve] == list(range(5, 161, 5))  # one loss curve: nothing repeated, nothing missing
+    assert f"published models/diffusion/ to {s3}/two/models/diffusion" in logs
 
     _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/two/models/diffusion")
+
+
+def _wait_for_dashboard(api: str, token: str, timeout: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{api}/api/version",
+                                                          headers={"Authorization": f"Bearer {token}"}), timeout=2)
+            return
+        except OSError:
+            assert time.time() < deadline, f"the test cluster's dashboard did not answer at {api}"
+            time.sleep(1)
+
+
+def _job_status(ray_job, job_id: str) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, from `ray job status`."""
+    res = ray_job("status", job_id)
+    out = (res.stdout + res.stderr).upper()  # "Status for job '...': RUNNING" (Ray's cli_logger picks the stream)
+    return next((w for w in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if w in out), "UNKNOWN")
+
+
+def _wait_until(cond, status, what: str, timeout: float = 240, logs=lambda: "") -> None:
+    """Poll cond until it holds; fail if the job ended first (asked every 3 s) or the time ran out."""
+    deadline, asked = time.time() + timeout, time.time()
+    while not cond():
+        if time.time() - asked > 3:
+            assert status() in ("PENDING", "RUNNING"), f"the job ended before {what}:\n{logs()[-3000:]}"
+            asked = time.time()
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
