@@ -383,7 +383,8 @@ def weights_sha256(module: nn.Module) -> str:
     for k, v in sorted(unwrap_model(module).state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a channels_last 1x1 conv weight counts as contiguous but keeps stride(-1) != 1
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

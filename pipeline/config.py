@@ -196,42 +196,44 @@ class ScalingSection(Section):
     use_ray: bool = True  # false: run the loop in-process (1 worker only; tests and benchmarks)
 
 
-def _check_batch_split(batch_size: int, scaling: "ScalingSection") -> None:
-    """The global batch must split evenly across Ray workers; in-process runs have exactly one worker."""
-    n = scaling.num_workers
-    if batch_size % n:
-        raise ValueError(f"batch_size {batch_size} must be divisible by scaling.num_workers {n} "
-                         f"(the global batch is split evenly across workers)")
-    if not scaling.use_ray and n != 1:
-        raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
+class RayTrainingSection(Section):
+    """What the two Ray Train stages share: data space, step budget, AdamW with linear warm-up and clipping, log
+    cadence, seed and scaling; each stage's section sets its own defaults. The global batch must split evenly
+    across Ray workers, and in-process runs have exactly one worker."""
 
-
-@register_section("train_diffusion")
-class TrainDiffusionConfig(Section):
     space: Literal["pixel", "latent"] = "latent"
-    conditional: bool = True
-    label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # classifier-free guidance: p(label -> null class)
     steps: PosInt = 1500
     batch_size: PosInt = 64  # global; split evenly across scaling.num_workers
     lr: PosFloat = 5e-4
     warmup_steps: NonNegInt = 100
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: PosFloat | None = 1.0
+    log_every: PosInt = 50
+    seed: NonNegInt = 0
+    scaling: ScalingSection = ScalingSection()
+
+    @model_validator(mode="after")
+    def _batch_splits_across_workers(self):
+        n = self.scaling.num_workers
+        if self.batch_size % n:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by scaling.num_workers {n} "
+                             f"(the global batch is split evenly across workers)")
+        if not self.scaling.use_ray and n != 1:
+            raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
+        return self
+
+
+@register_section("train_diffusion")
+class TrainDiffusionConfig(RayTrainingSection):
+    conditional: bool = True
+    label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # classifier-free guidance: p(label -> null class)
     ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.995
     bf16: Bf16Setting = "auto"  # autocast; auto: only on bf16 hardware (emulated bf16 trained 17x slower)
     channels_last: bool = False
     checkpoint_every: PosInt = 250
     keep_checkpoints: PosInt = 3
-    log_every: PosInt = 50
     sample_every: NonNegInt = 500  # 0: no sample grids
-    seed: NonNegInt = 0
     unet: UNetConfig = UNetConfig()
-    scaling: ScalingSection = ScalingSection()
-
-    @model_validator(mode="after")
-    def _batch_splits_across_workers(self):
-        _check_batch_split(self.batch_size, self.scaling)
-        return self
 
 
 
@@ -247,26 +249,16 @@ class NoisyClassifierNetConfig(Section):
 
 
 @register_section("train_classifier")
-class TrainClassifierConfig(Section):
-    """Noisy classifier p(y | x_t, t) for classifier guidance; noised with the shared `schedule`/`diffusion`."""
+class TrainClassifierConfig(RayTrainingSection):
+    """Noisy classifier p(y | x_t, t) for classifier guidance; noised with the shared `schedule`/`diffusion`.
+    `space` must equal train_diffusion.space (checked by the stage)."""
 
-    space: Literal["pixel", "latent"] = "latent"  # must equal train_diffusion.space (checked by the stage)
-    steps: PosInt = 1500
-    batch_size: PosInt = 128  # global; split evenly across scaling.num_workers
+    batch_size: PosInt = 128
     lr: PosFloat = 1e-3
-    warmup_steps: NonNegInt = 100
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
-    grad_clip: PosFloat | None = 1.0
     log_every: PosInt = 100
     eval_repeats: PosInt = 2  # noise draws per test sample and timestep quarter
-    seed: NonNegInt = 0
     classifier: NoisyClassifierNetConfig = NoisyClassifierNetConfig()
-    scaling: ScalingSection = ScalingSection()
-
-    @model_validator(mode="after")
-    def _batch_splits_across_workers(self):
-        _check_batch_split(self.batch_size, self.scaling)
-        return self
 
 
 @register_section("train_feature_net")

@@ -1,5 +1,6 @@
 """Checkpoints: round trips, checksums, missing folders, unsafe pickles, atomic step folders."""
 
+import copy
 import json
 import os
 import pickle
@@ -69,6 +70,20 @@ def test_channels_last_model_saves(tmp_path):
     save_model_dir(tmp_path / "cl", model.to(memory_format=torch.channels_last), {})
     loaded, _ = load_model_dir(tmp_path / "cl")
     torch.testing.assert_close(outputs(loaded), outputs(model), atol=1e-5, rtol=1e-4)
+
+
+def test_weights_hash_ignores_memory_format_and_sees_one_changed_value():
+    """train_diffusion's worker report hashes the weights: a channels_last model (its 1x1 skip convs keep a
+    stride(-1) != 1) hashes as the same weights in the default format, and one changed value changes the hash."""
+    from diffusion_core.training import weights_sha256
+
+    model, _ = trained_pair()
+    plain = weights_sha256(model)
+    assert weights_sha256(copy.deepcopy(model).to(memory_format=torch.channels_last)) == plain
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-3
+    assert weights_sha256(changed) != plain
 
 
 def test_corrupt_byte_is_a_checksum_error(tmp_path):
