@@ -11,7 +11,7 @@ import time
 import torch
 
 from diffusion_core.pretrained import build_diffusion
-from diffusion_core.training import DiffusionTrainer, build_denoiser
+from diffusion_core.training import DiffusionObjective, Trainer, build_denoiser
 from pipeline.config import TrainDiffusionConfig, UNetConfig
 
 
@@ -22,7 +22,7 @@ def measure(shape, unet: UNetConfig, batch: int, steps: int, bf16: bool = False,
                             "variance": "fixed_small"})
     torch.manual_seed(0)
     model = build_denoiser(unet, shape, 10, False)
-    tr = DiffusionTrainer(cfg, diff, model, "uniform", 10)
+    tr = Trainer(model, DiffusionObjective(diff, 10, cfg.label_dropout), "uniform", cfg.train_options())
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     tr.train_step(x, y)  # warm-up
     t0 = time.perf_counter()

@@ -8,7 +8,6 @@ x_t from `GaussianDiffusion.q_sample` (the forward process exists once), timeste
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,16 +16,10 @@ from torch import nn
 
 from .diffusion import GaussianDiffusion
 from .models import NoisyClassifier
-from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
 from .training import (
     NumericalError,
-    QuartileLoss,
-    RankData,
-    _distributed,
-    _gather,
     adamw,
     batch_indices,
-    lr_at,
     step_generator,
 )
 
@@ -80,21 +73,6 @@ def noisy_classifier_losses(classifier: Callable[..., torch.Tensor], diffusion: 
     x_t = diffusion.q_sample(x0, t, noise)
     logits = classifier(x_t, diffusion.model_timesteps(t))
     return {"loss": F.cross_entropy(logits.float(), y, reduction="none"), "logits": logits}
-
-
-def noisy_classifier_step(classifier: Callable[..., torch.Tensor], diffusion: GaussianDiffusion,
-                          timestep_sampler: UniformSampler, x0: torch.Tensor, y: torch.Tensor,
-                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """One training batch: t, w ~ timestep_sampler; x_t = q_sample(x0, t, eps); loss = mean(w * CE).
-
-    Returns {"loss" (scalar, importance-weighted so its expectation is the uniform-t loss), "losses" [B] per-sample
-    CE (what a loss-aware sampler records), "t" [B], "correct" [B] bool}. `generator` (CPU) draws t and eps.
-    """
-    t, weights = timestep_sampler.sample(x0.shape[0], generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    out = noisy_classifier_losses(classifier, diffusion, x0, y, t, noise)
-    return {"loss": (out["loss"] * weights).mean(), "losses": out["loss"].detach(), "t": t,
-            "correct": out["logits"].detach().argmax(dim=1) == y}
 
 
 @torch.no_grad()
@@ -195,75 +173,24 @@ def build_noisy_classifier(net_cfg: Any, data_shape: Sequence[int], num_classes:
                            dropout=net_cfg.dropout)
 
 
-class NoisyClassifierTrainer:
-    """Owns the classifier (DDP-wrapped when a process group is up), AdamW with linear warm-up, gradient
-    clipping and the diffusion's timestep sampler. Randomness per step is a function of (seed, rank, step).
-    """
+class NoisyClassifierObjective:
+    """The noisy classifier's objective for `training.Trainer`: cross-entropy of p(y | x_t, t) on x_t =
+    q_sample(x0, t, eps), the same forward process the diffusion model is trained on; logs train accuracy."""
 
-    def __init__(self, model: nn.Module, diffusion: GaussianDiffusion, timestep_sampler: str, *, lr: float,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, grad_clip: float | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu"):
-        self.diffusion, self.lr, self.warmup_steps, self.grad_clip, self.seed = (diffusion, lr, warmup_steps,
-                                                                                 grad_clip, seed)
-        self.device = torch.device(device)
-        self.rank, self.world_size = _distributed()
-        self.model = model.to(self.device)
-        self.ddp: nn.Module = self.model
-        if self.world_size > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.opt = adamw(self.model.parameters(), lr_at(0, lr, warmup_steps), weight_decay, self.device)
-        self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
-        self.quartiles = QuartileLoss(diffusion.num_timesteps)
-        self.step = 0
+    def __init__(self, diffusion: GaussianDiffusion):
+        self.diffusion = diffusion
 
-    def train_step(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One AdamW step on this rank's batch x0 [b, ...], y [b]; raises NumericalError on a NaN/inf loss."""
-        g = step_generator(self.seed, self.rank, self.step, stream=1)
-        torch.manual_seed(step_generator(self.seed, self.rank, self.step, stream=2).initial_seed())  # model dropout
-        lr = lr_at(self.step, self.lr, self.warmup_steps)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.ddp.train()
-        out = noisy_classifier_step(self.ddp, self.diffusion, self.sampler, x0.to(self.device), y.to(self.device), g)
-        if not torch.isfinite(out["loss"]):
-            raise NumericalError(f"classifier loss is {out['loss'].item()} at step {self.step + 1}; lower lr")
-        self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if self.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        t, losses = out["t"], out["losses"]
-        if isinstance(self.sampler, LossAwareSampler):  # every rank records every rank's losses: same history
-            t, losses = _gather(t), _gather(losses)
-            self.sampler.update(t, losses)
-        self.quartiles.update(t, losses)
-        self.step += 1
-        return {"loss": out["loss"].item(), "train_accuracy": out["correct"].float().mean().item(), "lr": lr}
+    def timestep_probs(self) -> None:
+        return None
+
+    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
+        y = y.to(x0.device)
+        out = noisy_classifier_losses(net, self.diffusion, x0, y, t, noise)
+        return out["loss"], {"train_accuracy": out["logits"].detach().argmax(dim=1) == y}
 
 
-def train_noisy_classifier(trainer: NoisyClassifierTrainer, data: RankData, total_steps: int, local_batch: int, *,
-                           log_every: int, log_fn: LogFn | None = None) -> dict[str, float]:
-    """Steps trainer.step+1 .. total_steps on this rank's data; log_fn(step, {"loss", "loss_q0".., "train_accuracy",
-    "lr", "samples_per_second"}) every log_every steps and at the end; returns the last window's stats."""
-    n, last = len(data.y), {}
-    t0, acc_sum, acc_n = time.perf_counter(), 0.0, 0
-    window_start = trainer.step
-    while trainer.step < total_steps:
-        idx = batch_indices(n, local_batch, trainer.step, trainer.seed, trainer.rank)
-        stats = trainer.train_step(data.x[idx], data.y[idx])
-        acc_sum, acc_n = acc_sum + stats["train_accuracy"], acc_n + 1
-        if trainer.step % log_every == 0 or trainer.step == total_steps:
-            now = time.perf_counter()
-            seen = (trainer.step - window_start) * local_batch * trainer.world_size
-            last = {**trainer.quartiles.pop(), "train_accuracy": acc_sum / acc_n, "lr": stats["lr"],
-                    "samples_per_second": seen / max(now - t0, 1e-9)}
-            if log_fn is not None:
-                log_fn(trainer.step, last)
-            t0, acc_sum, acc_n, window_start = now, 0.0, 0, trainer.step
-    return last
-
-
-__all__ = ["build_noisy_classifier", "NoisyClassifierTrainer", "train_noisy_classifier", "classification_accuracy",
-           "evaluate_noisy_classifier", "noisy_classifier_losses", "noisy_classifier_step", "quarter_key",
+__all__ = ["build_noisy_classifier", "NoisyClassifierObjective", "classification_accuracy",
+           "evaluate_noisy_classifier", "noisy_classifier_losses", "quarter_key",
            "random_shift", "timestep_quarters", "train_feature_net", "warmup_cosine"]

@@ -1,6 +1,7 @@
-"""Diffusion training, one optimizer step at a time: model/diffusion/timestep sampler from params sections, AdamW
-with linear warm-up and gradient clipping, bf16 autocast, classifier-free label dropout, EMA, NaN/inf checks,
-per-timestep-quartile losses (as improved-diffusion logs them), checkpoints with exact resume.
+"""Training, one optimizer step at a time: one `Trainer` for any objective (`DiffusionObjective` here, the noisy
+classifier's in classifiers.py) with AdamW, linear warm-up and gradient clipping, bf16 autocast, EMA, NaN/inf
+checks, per-timestep-quartile losses (as improved-diffusion logs them), checkpoints with exact resume; the
+diffusion objective adds classifier-free label dropout.
 
 Engine-free: no ray, no mlflow. `torch.distributed` is used only when a process group is initialized (DDP
 wrapping, gathering (t, loss) so every rank's loss-aware sampler keeps the same history, rank-0 checkpoints).
@@ -222,6 +223,7 @@ class StepStats:
     grad_norm: float
     t: torch.Tensor = field(repr=False)  # global timesteps of this step
     losses: torch.Tensor = field(repr=False)  # global per-sample weighted losses
+    extras: dict[str, float] = field(default_factory=dict)  # this rank's means of the objective's extras
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -243,102 +245,146 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class DiffusionTrainer:
-    """Owns model (DDP-wrapped when distributed), EMA, AdamW, timestep sampler and step counter.
+@dataclass(frozen=True)
+class TrainOptions:
+    """Typed options of `Trainer` (the pipeline builds them from its params section: `train_options()`)."""
 
-    cfg: the `train_diffusion` section (lr, warmup_steps, weight_decay, grad_clip, ema_decay, bf16, channels_last,
-    label_dropout, seed). num_classes: None for unconditional; index num_classes is the null class.
+    lr: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    ema_decay: float | None = None  # None: no EMA copy
+    bf16: bool | str = False  # autocast of the network; "auto": only where the device computes bf16 natively
+    channels_last: bool = False  # U-Net inputs and weights in channels_last
+    loss_name: str = "loss"  # how a NaN error names the loss ("classifier loss")
+    fix_hint: str = "lower the learning rate or enable grad_clip"  # what a NaN error tells the user to do
+
+
+class DiffusionObjective:
+    """The denoising loss of `diffusion` (its parameterization's target and weight) on x_t = q_sample(x0, t, eps),
+    with classifier-free label dropout (num_classes: None for unconditional; index num_classes is the null class).
+    The network runs under the trainer's autocast; the losses are computed in float32."""
+
+    def __init__(self, diffusion: GaussianDiffusion, num_classes: int | None, label_dropout: float = 0.0):
+        self.diffusion, self.num_classes, self.label_dropout = diffusion, num_classes, label_dropout
+
+    def timestep_probs(self) -> torch.Tensor | None:
+        return self.diffusion.formulation.timestep_probs(self.diffusion)
+
+    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.diffusion
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError("a class-conditional model needs labels y")
+            y = cfg_label_dropout(y.to(x0.device), self.num_classes, self.label_dropout, generator=g)
+        else:
+            y = None
+        x_t = d.q_sample(x0, t, noise)
+        out = net(d.formulation.model_input(d, x_t, t), d.model_timesteps(t), y)
+        return d.losses_from_output(out.float(), x0, x_t, t, noise)["loss"], {}
+
+
+class Trainer:
+    """One training loop's state for any objective: the model (DDP-wrapped when a process group is up), its EMA,
+    AdamW with linear warm-up and gradient clipping, bf16 autocast, the timestep sampler and the step counter;
+    NaN/inf checks on the loss and the gradient norm; checkpoints with exact resume.
+
+    An objective has `diffusion` (its forward process: the timestep range), `timestep_probs()` (None: uniform) and
+    `objective(net, x0, y, t, generator)` -> per-sample losses [b] and extra per-sample tensors to average in the
+    logs (e.g. {"train_accuracy": correct}); it draws its noise from `generator` after the trainer drew t, and
+    calls `net` (the model under the trainer's autocast and DDP). Distillation would be one more such class.
     """
 
-    def __init__(self, cfg: Any, diffusion: GaussianDiffusion, model: nn.Module, timestep_sampler: str,
-                 num_classes: int | None, device: str | torch.device = "cpu"):
-        self.cfg, self.diffusion, self.num_classes = cfg, diffusion, num_classes
+    def __init__(self, model: nn.Module, objective: Callable, timestep_sampler: str, options: TrainOptions,
+                 device: str | torch.device = "cpu"):
+        self.objective, self.options = objective, options
         self.device = torch.device(device)
         self.rank, self.world_size = _distributed()
         self.model = model.to(self.device)
-        self.channels_last = bool(cfg.channels_last) and isinstance(model, UNet)
+        self.channels_last = options.channels_last and isinstance(model, UNet)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp: nn.Module = self.model
         if self.world_size > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.ema = EMA(self.model, cfg.ema_decay)
-        self.opt = adamw(self.model.parameters(), lr_at(0, cfg.lr, cfg.warmup_steps), cfg.weight_decay, self.device)
-        self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps,
-                                                             diffusion.formulation.timestep_probs(diffusion))
-        self.quartiles = QuartileLoss(diffusion.num_timesteps)
-        self.bf16 = resolve_bf16(cfg.bf16, self.device)  # "auto": only where the device computes bf16 natively
+        self.ema = EMA(self.model, options.ema_decay) if options.ema_decay is not None else None
+        self.opt = adamw(self.model.parameters(), lr_at(0, options.lr, options.warmup_steps), options.weight_decay,
+                         self.device)
+        T = objective.diffusion.num_timesteps
+        self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, T, objective.timestep_probs())
+        self.quartiles = QuartileLoss(T)
+        self.bf16 = resolve_bf16(options.bf16, self.device)
         self.step = 0
         self.samples_seen = 0
         self.train_seconds = 0.0  # time spent in train_step, summed over resumes
         self.history: list[dict[str, float]] = []  # logged points of the loss curve, carried across resumes
 
+    def _net(self, *inputs):
+        """The (DDP) model under the trainer's autocast, its image input in channels_last where set."""
+        x, *rest = inputs
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.ddp(x, *rest)
+
     # ---- one optimizer step
     def train_step(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> StepStats:
         """One AdamW step on this rank's batch x0 [b, ...] (labels y [b]); raises NumericalError on NaN/inf."""
-        cfg, d = self.cfg, self.diffusion
-        g = step_generator(cfg.seed, self.rank, self.step, stream=1)
-        torch.manual_seed(_mix(cfg.seed, self.rank, self.step, 2))  # model dropout, reproducible per step
+        o = self.options
+        g = step_generator(o.seed, self.rank, self.step, stream=1)
+        torch.manual_seed(_mix(o.seed, self.rank, self.step, 2))  # model dropout, reproducible per step
         x0 = x0.to(self.device, torch.float32)
         b = x0.shape[0]
         t, weights = self.sampler.sample(b, generator=g, device=self.device)
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
-        if self.num_classes is not None:
-            if y is None:
-                raise ValueError("a class-conditional model needs labels y")
-            y = cfg_label_dropout(y.to(self.device), self.num_classes, cfg.label_dropout, generator=g)
-        else:
-            y = None
-        x_t = d.q_sample(x0, t, noise)
-        net_in = d.formulation.model_input(d, x_t, t)
-        if self.channels_last:
-            net_in = net_in.contiguous(memory_format=torch.channels_last)
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.ddp(net_in, d.model_timesteps(t), y)
-        losses = d.losses_from_output(out.float(), x0, x_t, t, noise)["loss"]  # float32 losses
+        losses, extras = self.objective(self._net, x0, y, t, g)
         weighted = losses * weights
-        loss = weighted.mean()
         # gather before backward: every rank sees the same global loss, so all stop at the same step on NaN
-        all_t = _gather(t)
-        all_w = _gather(weighted.detach().float())
+        all_t, all_w = _gather(t), _gather(weighted.detach().float())
         global_loss = float(all_w.mean())
         step_no = self.step + 1
-        if not math.isfinite(global_loss):
-            raise NumericalError(f"loss is {global_loss} at step {step_no}: training stopped, the last good "
-                                 f"checkpoint is kept; lower train_diffusion.lr or enable grad_clip")
+        self._check_finite(o.loss_name, global_loss, step_no)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        weighted.mean().backward()
+        clip = o.grad_clip if o.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if not math.isfinite(grad_norm):
-            raise NumericalError(f"gradient norm is {grad_norm} at step {step_no}: training stopped, the last good "
-                                 f"checkpoint is kept; lower train_diffusion.lr or enable grad_clip")
-        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps)
+        self._check_finite("gradient norm", grad_norm, step_no)
+        lr = lr_at(self.step, o.lr, o.warmup_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        self.ema.update(self.model)
+        if self.ema is not None:
+            self.ema.update(self.model)
         if isinstance(self.sampler, LossAwareSampler):
             self.sampler.update(all_t, _gather(losses.detach().float()))  # same history on every rank
         self.quartiles.update(all_t, all_w)
         self.step = step_no
         self.samples_seen += b * self.world_size
-        return StepStats(self.step, global_loss, lr, grad_norm, all_t, all_w)
+        return StepStats(self.step, global_loss, lr, grad_norm, all_t, all_w,
+                         {k: float(v.float().mean()) for k, v in extras.items()})
+
+    def _check_finite(self, what: str, value: float, step: int) -> None:
+        if not math.isfinite(value):
+            raise NumericalError(f"{what} is {value} at step {step}: training stopped, the last good checkpoint is "
+                                 f"kept; {self.options.fix_hint}")
 
     # ---- state
     def state_dict(self) -> dict[str, Any]:
         """Training state for `training_state.pt` (tensors and plain values only: weights_only loading)."""
+        ema = {"decay": self.ema.decay, "num_updates": self.ema.num_updates} if self.ema is not None else None
         return {"step": self.step, "samples_seen": self.samples_seen, "optimizer": self.opt.state_dict(),
-                "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates},
-                "timestep_sampler": self.sampler.state_dict(), "rng": capture_rng_state(),
-                "history": [dict(h) for h in self.history], "seed": int(self.cfg.seed), "world_size": self.world_size,
-                "train_seconds": float(self.train_seconds)}
+                "ema": ema, "timestep_sampler": self.sampler.state_dict(), "rng": capture_rng_state(),
+                "history": [dict(h) for h in self.history], "seed": int(self.options.seed),
+                "world_size": self.world_size, "train_seconds": float(self.train_seconds)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.opt.load_state_dict(state["optimizer"])
-        self.ema.decay, self.ema.num_updates = float(state["ema"]["decay"]), int(state["ema"]["num_updates"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.decay, self.ema.num_updates = float(state["ema"]["decay"]), int(state["ema"]["num_updates"])
         self.sampler.load_state_dict(state["timestep_sampler"])
         restore_rng_state(state["rng"])
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
@@ -358,7 +404,7 @@ class DiffusionTrainer:
                                   f"other sizes); delete {path.parent} to start over or restore the params")
         tensors = load_file(str(path / MODEL_FILE), device=str(self.device))
         self.model.load_state_dict(tensors)
-        if (path / EMA_FILE).exists():
+        if self.ema is not None and (path / EMA_FILE).exists():
             self.ema.module.load_state_dict(load_file(str(path / EMA_FILE), device=str(self.device)))
         self.load_state_dict(load_training_state(path / TRAINING_STATE_FILE, map_location=self.device))
         return config
@@ -395,38 +441,42 @@ def weights_sha256(module: nn.Module) -> str:
 class LoopHooks:
     """Callbacks of `train_loop`; each gets the trainer. log: every log_every steps with the window's stats."""
 
-    log: Callable[[DiffusionTrainer, dict[str, float]], None] | None = None
-    checkpoint: Callable[[DiffusionTrainer], None] | None = None  # every checkpoint_every steps and at the end
-    sample: Callable[[DiffusionTrainer], None] | None = None  # every sample_every steps (and at the end)
+    log: Callable[[Trainer, dict[str, float]], None] | None = None
+    checkpoint: Callable[[Trainer], None] | None = None  # every checkpoint_every steps and at the end
+    sample: Callable[[Trainer], None] | None = None  # every sample_every steps (and at the end)
 
 
-def train_loop(trainer: DiffusionTrainer, data: RankData, total_steps: int, local_batch: int, *,
-               log_every: int, checkpoint_every: int, sample_every: int = 0,
+def train_loop(trainer: Trainer, data: RankData, total_steps: int, local_batch: int, *,
+               log_every: int, checkpoint_every: int = 0, sample_every: int = 0,
                hooks: LoopHooks | None = None) -> dict[str, float]:
-    """Run steps trainer.step+1 .. total_steps on this rank's data; returns the last logged window's stats."""
+    """Run steps trainer.step+1 .. total_steps on this rank's data; returns the last logged window's stats:
+    {"loss", "loss_q0".., "lr", "grad_norm", "samples_per_second"} and the window means of the objective's
+    extras. checkpoint_every 0: the checkpoint hook runs at the end only."""
     hooks = hooks or LoopHooks()
-    cfg = trainer.cfg
     window_t0, window_samples, last = time.perf_counter(), 0, {}
+    extras: dict[str, list[float]] = {}
     n = len(data.keys)
     while trainer.step < total_steps:
-        idx = batch_indices(n, local_batch, trainer.step, cfg.seed, trainer.rank)
+        idx = batch_indices(n, local_batch, trainer.step, trainer.options.seed, trainer.rank)
         t0 = time.perf_counter()
-        stats = trainer.train_step(data.x[idx], data.y[idx] if trainer.num_classes is not None else None)
+        stats = trainer.train_step(data.x[idx], data.y[idx])
         trainer.train_seconds += time.perf_counter() - t0
         window_samples += local_batch * trainer.world_size
+        for k, v in stats.extras.items():
+            extras.setdefault(k, []).append(v)
         s = stats.step
         if s % log_every == 0 or s == total_steps:
             now = time.perf_counter()
-            last = {**trainer.quartiles.pop(), "lr": stats.lr, "grad_norm": stats.grad_norm,
-                    "samples_per_second": window_samples / max(now - window_t0, 1e-9)}
+            last = {**trainer.quartiles.pop(), **{k: sum(v) / len(v) for k, v in extras.items()}, "lr": stats.lr,
+                    "grad_norm": stats.grad_norm, "samples_per_second": window_samples / max(now - window_t0, 1e-9)}
             trainer.history.append({"step": s, **{k: v for k, v in last.items() if k.startswith("loss")},
                                     "lr": stats.lr})
-            window_t0, window_samples = now, 0
+            window_t0, window_samples, extras = now, 0, {}
             if hooks.log:
                 hooks.log(trainer, last)
         if hooks.sample and sample_every and s % sample_every == 0 and s != total_steps:
             hooks.sample(trainer)
-        if hooks.checkpoint and (s % checkpoint_every == 0 or s == total_steps):
+        if hooks.checkpoint and ((checkpoint_every and s % checkpoint_every == 0) or s == total_steps):
             hooks.checkpoint(trainer)
     return last
 
@@ -455,8 +505,9 @@ def sample_preview(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple[
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-__all__ = ["DiffusionTrainer", "LoopHooks", "NumericalError", "QuartileLoss", "RankData", "StepStats",
+__all__ = ["DiffusionObjective", "LoopHooks", "NumericalError", "QuartileLoss", "RankData", "StepStats",
            "batch_indices", "build_denoiser", "build_diffusion_from_params", "capture_rng_state", "data_std",
            "formulation_options", "load_rank_data",
-           "lr_at", "prune_checkpoints", "restore_rng_state", "sample_preview", "step_generator", "train_loop",
+           "lr_at", "prune_checkpoints", "restore_rng_state", "sample_preview", "step_generator", "TrainOptions",
+           "Trainer", "train_loop",
            "weights_sha256"]

@@ -222,6 +222,13 @@ class RayTrainingSection(Section):
             raise ValueError(f"scaling.use_ray: false runs in-process and needs scaling.num_workers: 1, got {n}")
         return self
 
+    def train_options(self, **more: Any):
+        """The library trainer's typed options (`diffusion_core.training.TrainOptions`) from this section."""
+        from diffusion_core.training import TrainOptions
+
+        return TrainOptions(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+                            grad_clip=self.grad_clip, seed=self.seed, **more)
+
 
 @register_section("train_diffusion")
 class TrainDiffusionConfig(RayTrainingSection):
@@ -234,6 +241,10 @@ class TrainDiffusionConfig(RayTrainingSection):
     keep_checkpoints: PosInt = 3
     sample_every: NonNegInt = 500  # 0: no sample grids
     unet: UNetConfig = UNetConfig()
+
+    def train_options(self, **more: Any):
+        return super().train_options(ema_decay=self.ema_decay, bf16=self.bf16, channels_last=self.channels_last,
+                                     fix_hint="lower train_diffusion.lr or enable grad_clip", **more)
 
 
 

@@ -93,15 +93,16 @@ def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, 
                    decoder: Callable | None, *, steps: int, batch_size: int, eval_every: int,
                    on_eval: Callable[[int, DiffusionBundle, float | None], None],
                    device: str = "cpu") -> DiffusionBundle:
-    """Train a fresh denoiser for `steps` steps with `DiffusionTrainer` (one process) on `data` (a RankData);
+    """Train a fresh denoiser for `steps` steps with the library's `Trainer` (one process) on `data` (a RankData);
     every `eval_every` steps and at the end call `on_eval(step, bundle, loss)`.
 
     The bundle wraps the raw weights, not the EMA: at a few hundred steps an EMA of decay 0.995 is still half the
     initialisation, which would rank schedules by how fast the EMA warms up rather than by what they learnt.
     """
     from diffusion_core.training import (
-        DiffusionTrainer,
+        DiffusionObjective,
         LoopHooks,
+        Trainer,
         build_denoiser,
         build_diffusion_from_params,
         train_loop,
@@ -112,7 +113,8 @@ def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, 
     shape, num_classes = tuple(data_block["shape"]), data_block["num_classes"]
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.unet, shape, num_classes, diffusion.learn_sigma)
-    trainer = DiffusionTrainer(cfg, diffusion, model, diffusion_cfg.timestep_sampler, num_classes, device)
+    objective = DiffusionObjective(diffusion, num_classes, cfg.label_dropout)
+    trainer = Trainer(model, objective, diffusion_cfg.timestep_sampler, cfg.train_options(), device)
     config = {"diffusion": diffusion_spec(schedule_cfg, diffusion_cfg), "data": data_block}
     bundle = DiffusionBundle(trainer.model, diffusion, config, decoder)
 

@@ -5,7 +5,7 @@ Two Tune runs under one MLflow run `sweep`, one nested MLflow run per trial (par
 driver from Tune's results so SQLite has one writer):
 - training-time axis (`sweep.training`): schedule x parameterization, each trial a short training run from scratch
   with train_diffusion's settings otherwise. The loop runs in-process inside the Tune function trainable (the
-  library's `DiffusionTrainer` + `train_loop`, the same code each Ray Train worker of train_diffusion runs, with
+  library's `Trainer` + `train_loop`, the same code each Ray Train worker of train_diffusion runs, with
   one worker): a TorchTrainer nested in a Tune trial would need its own worker group per trial (2 more processes
   and ~10 s of start-up each on a 2-core machine) and could not report to ASHA before it finished. Every
   `eval_every` steps the trial samples `eval_samples` images and reports fd_domain, so ASHA stops the worse ones.

@@ -16,16 +16,18 @@ from pathlib import Path
 import torch
 
 from diffusion_core.checkpoint import CheckpointError, save_model_dir
-from diffusion_core.classifiers import (
-    NoisyClassifierTrainer,
-    build_noisy_classifier,
-    evaluate_noisy_classifier,
-    train_noisy_classifier,
-)
+from diffusion_core.classifiers import NoisyClassifierObjective, build_noisy_classifier, evaluate_noisy_classifier
 from diffusion_core.data import DataError, load_split, read_meta
 from diffusion_core.io import OutputError, atomic_write_json
 from diffusion_core.pretrained import diffusion_spec
-from diffusion_core.training import NumericalError, build_diffusion_from_params, load_rank_data
+from diffusion_core.training import (
+    LoopHooks,
+    NumericalError,
+    Trainer,
+    build_diffusion_from_params,
+    load_rank_data,
+    train_loop,
+)
 from pipeline.config import ConfigError, load_params, validate_params
 from pipeline.provenance import data_checksums, input_model, model_files, provenance
 from pipeline.tracking import TrackingError, start_run
@@ -60,20 +62,19 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_noisy_classifier(cfg.classifier, meta["sample_shape"], int(meta["num_classes"]))
     device = f"cuda:{torch.cuda.current_device()}" if cfg.scaling.use_gpu else "cpu"
-    trainer = NoisyClassifierTrainer(model, diffusion, params.diffusion.timestep_sampler, lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                                     grad_clip=cfg.grad_clip, seed=cfg.seed, device=device)
+    options = cfg.train_options(loss_name="classifier loss", fix_hint="lower train_classifier.lr")
+    trainer = Trainer(model, NoisyClassifierObjective(diffusion), params.diffusion.timestep_sampler, options, device)
     with start_run(STAGE, params.to_dict("project", *SECTIONS[2:]), params.tracking, rank=rank,
                    experiment=params.project.experiment, root=config["root"]) as run:
-        def log(step: int, m: dict) -> None:
-            run.log_metrics(m, step=step)
+        def log(tr: Trainer, m: dict) -> None:
+            run.log_metrics(m, step=tr.step)
             if rank == 0:
-                print(f"{STAGE}: step {step}/{cfg.steps} loss {m.get('loss', float('nan')):.4f} train acc "
+                print(f"{STAGE}: step {tr.step}/{cfg.steps} loss {m.get('loss', float('nan')):.4f} train acc "
                       f"{m['train_accuracy']:.3f} lr {m['lr']:.2e} {m['samples_per_second']:.0f} samples/s", flush=True)
 
         t0 = time.perf_counter()
-        last = train_noisy_classifier(trainer, data, cfg.steps, cfg.batch_size // world, log_every=cfg.log_every,
-                                      log_fn=log)
+        last = train_loop(trainer, data, cfg.steps, cfg.batch_size // world, log_every=cfg.log_every,
+                          hooks=LoopHooks(log=log))
         seconds = time.perf_counter() - t0
         report({"step": trainer.step, "loss": last.get("loss")})
         if rank != 0:

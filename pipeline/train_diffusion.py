@@ -21,9 +21,10 @@ from diffusion_core.models import unwrap_model
 from diffusion_core.pretrained import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
 from diffusion_core.storage import join
 from diffusion_core.training import (
-    DiffusionTrainer,
+    DiffusionObjective,
     LoopHooks,
     NumericalError,
+    Trainer,
     build_denoiser,
     build_diffusion_from_params,
     data_std,
@@ -81,7 +82,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_denoiser(cfg.unet, shape, num_classes, diffusion.learn_sigma)
     device = f"cuda:{torch.cuda.current_device()}" if cfg.scaling.use_gpu else "cpu"
-    trainer = DiffusionTrainer(cfg, diffusion, model, params.diffusion.timestep_sampler, num_classes, device)
+    objective = DiffusionObjective(diffusion, num_classes, cfg.label_dropout)
+    trainer = Trainer(model, objective, params.diffusion.timestep_sampler, cfg.train_options(), device)
     spec = diffusion_spec(params.schedule, params.diffusion, diffusion.formulation_options)
     data_block = {"space": cfg.space, "shape": list(shape), "num_classes": num_classes, "dataset": meta["dataset"],
                   "class_names": meta.get("class_names"), "kind": "points" if meta["kind"] == "points" else "image",
@@ -104,13 +106,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     with start_run(STAGE, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), params.tracking, rank=rank,
                    experiment=params.project.experiment, root=config["root"], continues=continues) as run:
-        def log(tr: DiffusionTrainer, m: dict) -> None:
+        def log(tr: Trainer, m: dict) -> None:
             run.log_metrics(m, step=tr.step)
             if rank == 0:
                 print(f"{STAGE}: step {tr.step}/{cfg.steps} loss {m.get('loss', float('nan')):.4f} "
                       f"lr {m['lr']:.2e} {m['samples_per_second']:.0f} samples/s", flush=True)
 
-        def sample(tr: DiffusionTrainer) -> None:
+        def sample(tr: Trainer) -> None:
             nonlocal decoder
             if rank != 0 or not run.active:
                 return
@@ -123,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
                 run.log_image(image_grid(grid, nrow=10, scale=max(1, 56 // grid.shape[1])),
                               f"samples/step-{tr.step:08d}.png")
 
-        def checkpoint(tr: DiffusionTrainer) -> None:
+        def checkpoint(tr: Trainer) -> None:
             path = None
             if rank == 0:
                 path = tr.save_checkpoint(CKPT_ROOT, {**extra, "training_step": tr.step, "mlflow_run_id": run.run_id})
@@ -162,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
               f"samples/s -> {OUT}/", flush=True)
 
 
-def _model_files(params, run, metrics: dict, trainer: DiffusionTrainer, shard_dir: Path, latent: dict | None) -> dict:
+def _model_files(params, run, metrics: dict, trainer: Trainer, shard_dir: Path, latent: dict | None) -> dict:
     """README.md and provenance.json of models/diffusion (pipeline/provenance.py)."""
     cfg, model = params.train_diffusion, trainer.model
     inputs = {AUTOENCODER: input_model(AUTOENCODER)} if latent else None

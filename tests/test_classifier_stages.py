@@ -13,9 +13,8 @@ import yaml
 
 from diffusion_core.checkpoint import load_model_dir
 from diffusion_core.classifiers import (
-    NoisyClassifierTrainer,
+    NoisyClassifierObjective,
     evaluate_noisy_classifier,
-    noisy_classifier_step,
     quarter_key,
     random_shift,
     timestep_quarters,
@@ -25,6 +24,7 @@ from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.models import NoisyClassifier
 from diffusion_core.resample import LossAwareSampler, UniformSampler
 from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.training import Trainer, TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -62,16 +62,18 @@ def test_classifier_step_is_cross_entropy_on_q_sample():
     d = _diffusion()
     x0, y = torch.rand(16, 1, 4, 4) * 2 - 1, torch.randint(0, 3, (16,))
     clf = Recorder(16)
-    out = noisy_classifier_step(clf, d, UniformSampler(1000), x0, y, torch.Generator().manual_seed(7))
-    # replay the same draws: t from the timestep sampler first, then eps, both from the generator
     g = torch.Generator().manual_seed(7)
+    t, _ = UniformSampler(1000).sample(16, generator=g)  # the trainer draws t first, the objective then eps
+    losses, extras = NoisyClassifierObjective(d)(clf, x0, y, t, g)
+    g = torch.Generator().manual_seed(7)  # replay the same draws
     t, _ = UniformSampler(1000).sample(16, generator=g)
     eps = torch.randn(x0.shape, generator=g)
     x_t, t_model = clf.seen[0]
     torch.testing.assert_close(x_t, d.q_sample(x0, t, eps))
-    assert torch.equal(t_model, d.model_timesteps(t)) and torch.equal(out["t"], t)
-    expected = torch.nn.functional.cross_entropy(clf.lin(x_t.flatten(1)), y)
-    torch.testing.assert_close(out["loss"], expected)
+    assert torch.equal(t_model, d.model_timesteps(t))
+    logits = clf.lin(x_t.flatten(1))
+    torch.testing.assert_close(losses, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+    assert torch.equal(extras["train_accuracy"], logits.argmax(1) == y)
 
 
 @pytest.mark.parametrize("t, lo, hi", [(0, 0.0, 0.05), (999, 0.99, 1.01)])
@@ -80,8 +82,8 @@ def test_classifier_input_noise_grows_with_t(t, lo, hi):
     d = _diffusion()
     x0 = torch.rand(256, 1, 8, 8) * 2 - 1
     clf = Recorder(64)
-    noisy_classifier_step(clf, d, FixedT(1000, t), x0, torch.zeros(256, dtype=torch.long),
-                          torch.Generator().manual_seed(0))
+    NoisyClassifierObjective(d)(clf, x0, torch.zeros(256, dtype=torch.long), torch.full((256,), t),
+                                torch.Generator().manual_seed(0))
     x_t = clf.seen[0][0]
     noise_std = (x_t - d.schedule.alphas_cumprod[t].sqrt().float() * x0).std().item()
     assert lo <= noise_std <= hi
@@ -97,10 +99,17 @@ def test_importance_weights_and_loss_aware_history():
             t, _ = super().sample(batch_size, generator, device)
             return t, torch.full((batch_size,), 2.0)
 
+    import copy
+
     clf = Recorder(16)
-    out = noisy_classifier_step(clf, d, Weighted(20), x0, y, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(out["loss"], 2.0 * out["losses"].mean())
-    trainer = NoisyClassifierTrainer(Recorder(16), d, "loss_aware", lr=1e-2, seed=0)
+    trainer = Trainer(clf, NoisyClassifierObjective(d), "uniform", TrainOptions(lr=1e-2))
+    trainer.sampler = Weighted(20)
+    before = copy.deepcopy(clf.lin)
+    stats = trainer.train_step(x0, y)
+    ce = torch.nn.functional.cross_entropy(before(clf.seen[0][0].flatten(1)), y, reduction="none")
+    torch.testing.assert_close(stats.losses, 2.0 * ce)  # the step's loss is mean(w * CE)
+    assert stats.loss == pytest.approx(float(2.0 * ce.mean()))
+    trainer = Trainer(Recorder(16), NoisyClassifierObjective(d), "loss_aware", TrainOptions(lr=1e-2))
     assert isinstance(trainer.sampler, LossAwareSampler)
     trainer.train_step(x0, y)
     assert int(trainer.sampler.counts.sum()) == 8 and trainer.step == 1
@@ -250,16 +259,16 @@ def test_train_classifier_non_finite_loss_stops_at_that_step_and_keeps_the_model
     (cwd / "metrics" / "train_classifier.json").unlink()
     capsys.readouterr()
 
-    real, calls = classifiers.noisy_classifier_step, {"n": 0}
+    real, calls = classifiers.NoisyClassifierObjective.__call__, {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
-        out = real(*a, **k)
+        losses, extras = real(*a, **k)
         if calls["n"] == 5:
-            out["loss"] = out["loss"] * float(bad)  # the loss of step 5 only
-        return out
+            losses = losses * float(bad)  # the losses of step 5 only
+        return losses, extras
 
-    monkeypatch.setattr(classifiers, "noisy_classifier_step", poisoned)
+    monkeypatch.setattr(classifiers.NoisyClassifierObjective, "__call__", poisoned)
     assert train_classifier.main(["--params", "b.yaml"]) == 2
     assert calls["n"] == 5  # no step after the bad one
     err = capsys.readouterr().err
