@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_core.evaluation import DOMAIN, load_reference, reference_path
+from diffusion_core.evaluation import DOMAIN, load_reference
 from diffusion_core.io import atomic_write_json, atomic_write_text
 from pipeline.config import load_params, validate_params
 from pipeline.grid import CROSS_AXIS, cross_rows, sampling_trials, setting_name, trial_name, trial_seed
@@ -302,101 +302,36 @@ def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str,
 
 
 def _run(args) -> None:
-    from pipeline import reports
     from pipeline.tracking import start_run
 
     from ._ray import init_ray
 
     params = load_params(args.params, sections=SECTIONS)
-    sw, tc = params.sweep, params.sweep.training
-    T = json.loads((Path(MODEL) / "config.json").read_text())["diffusion"]["num_timesteps"]
-    trials = sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing, sw.seed_sets)
-    train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
-    cross = sampling_trials(tc.samplers, sw.num_samples, params.schedule.num_timesteps, sw.spacing, sw.seed_sets)
-    if not reference_path(REFERENCE, DOMAIN).is_file():
-        load_reference(REFERENCE, DOMAIN)  # raises the one-line "run reference_stats" error
-    # a name fixed by the params and inputs: a sweep killed part-way is finished by the next one (Tune's restore)
-    name = f"{STAGE}-{_sweep_key(params)[:12]}"
-    for stale in Path("ray_results").glob(f"{STAGE}-*"):
-        if not stale.name.startswith(name):
-            shutil.rmtree(stale, ignore_errors=True)  # an interrupted sweep of other params or inputs
-    staging = Path("ray_results").resolve() / name / "samples"
-    staging.mkdir(parents=True, exist_ok=True)
+    sw = params.sweep
+    train_trials, cross, trials = _grid_trials(params)
+    load_reference(REFERENCE, DOMAIN)  # the one-line "run reference_stats" error when it is missing
+    name, staging = _staging(params)
     previous_run = staging.parent / "mlflow_run_id"  # the MLflow run of the interrupted sweep, if any
     common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
-              "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples,
-              "bf16": sw.bf16, "channels_last": sw.channels_last, "staging": str(staging),
-              "params": json.loads(json.dumps(params.to_dict(*SECTIONS))), "cross": cross}
+              "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples, "bf16": sw.bf16,
+              "channels_last": sw.channels_last, "staging": str(staging), "cross": cross,
+              "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
     t0 = time.perf_counter()
     init_ray()
-    rows, histories = [], {}
     with start_run(STAGE, params.to_dict("project", "schedule", "diffusion", STAGE), params.tracking,
                    experiment=params.project.experiment,
                    continues=previous_run.read_text() if previous_run.is_file() else None) as run:
         if run.run_id:
             atomic_write_text(previous_run, run.run_id)
-        if train_trials:
-            from ray.tune.schedulers import ASHAScheduler
-
-            max_reports = math.ceil(tc.steps / tc.eval_every)
-            asha = ASHAScheduler(metric="fd_domain", mode="min", time_attr="training_iteration", max_t=max_reports,
-                                 grace_period=min(tc.grace_period, max_reports), reduction_factor=tc.reduction_factor)
-            for result in _tune(training_trial, train_trials, common, sw, f"{name}-training", asha):
-                row, hist = _row(result, "training", max_reports)
-                row.update(sampler=tc.eval_sampler, steps=tc.eval_steps, eta=0.0, num_samples=tc.eval_samples,
-                           guidance=result.metrics.get("guidance", tc.eval_guidance), scale=tc.eval_scale)
-                rows.append(row)
-                histories[row["trial"]] = hist
-                rows += cross_rows({**row, "cross": cross}, result.metrics.get("cross_json"))
-        if trials:
-            rows += [_row(r, "sampling")[0] for r in _tune(sampling_trial, trials, common, sw, f"{name}-sampling")]
-        # grid order, whatever order Tune hands results back in (a restored run's differs): same table and plots
-        order = {trial_name(t): i for i, t in enumerate([*train_trials, *cross, *trials])}
-        axes = {"training": 0, CROSS_AXIS: 1, "sampling": 2}
-        rows.sort(key=lambda r: (axes[r["axis"]], *(order.get(part, len(order)) for part in r["trial"].split("/"))))
-        histories = {k: histories[k] for k in sorted(histories, key=lambda k: order.get(k, len(order)))}
-        sampled = [r for r in rows if r["axis"] == "sampling"]
-        settings = reports.summarize(sampled)
-        crossed = reports.summarize(rows, axis=CROSS_AXIS)
-        reports.write_csv(CSV, rows)
-        reports.write_csv(SUMMARY, settings, reports.SUMMARY_COLUMNS)
-        reports.write_csv(CROSS_SUMMARY, crossed, reports.CROSS_COLUMNS)
-        plots = {"fd_vs_nfe": PLOTS / "fd_vs_nfe.png", "guidance": PLOTS / "guidance.png",
-                 "precision_recall": PLOTS / "precision_recall.png", "training": PLOTS / "training.png",
-                 "training_x_sampling": PLOTS / "training_x_sampling.png"}
-        reports.plot_training_x_sampling(crossed, plots["training_x_sampling"])
-        reports.plot_fd_vs_nfe(settings, plots["fd_vs_nfe"])
-        reports.plot_guidance(settings, plots["guidance"])
-        reports.plot_precision_recall([*settings, *(r for r in rows if r["axis"] == "training")],
-                                      plots["precision_recall"])
-        reports.plot_training(histories, plots["training"])
-        grids = _grids(sampled, staging, sw.grid_nfe) if sampled else {}
-        at_n = [r for r in settings if r["num_samples"] == sw.num_samples and r["fd_domain"] is not None]
-        best = {s: _brief(min((r for r in at_n if r["sampler"] == s), key=lambda r: r["fd_domain"]))
-                for s in sorted({r["sampler"] for r in at_n})}
-        trained = [r for r in rows if r["axis"] == "training" and r["fd_domain"] is not None]
-        reference = reports.converged_reference(settings)
-        summary = {"num_trials": len(rows), "num_settings": len(settings),
-                   "num_pruned": sum(r["status"] == "pruned" for r in rows),
-                   "wall_seconds": round(time.perf_counter() - t0, 1), "best": best,
-                   "selected": _selected(settings, sw), "reference": _brief(reference) if reference else None,
-                   "best_training": _brief(min(trained, key=lambda r: r["fd_domain"])) if trained else None,
-                   "training_x_sampling": [{**_brief(r), "training": r["training"]} for r in crossed]}
-        atomic_write_json(METRICS, summary)
-        for row in rows:  # one nested run per trial, under this sweep run
-            with start_run(f"{STAGE}/{row['trial']}", {"trial": {k: row[k] for k in row if k not in METRIC_KEYS}},
-                           params.tracking, experiment=params.project.experiment, nested=True,
-                           tags={"sweep_axis": row["axis"], "status": row["status"], "setting": row["setting"],
-                                 "seed_set": str(row.get("seed_set", ""))}) as child:
-                for point in histories.get(row["trial"], []):
-                    child.log_metrics({k: point.get(k) for k in ("fd_domain", "loss")}, step=int(point["step"]))
-                child.log_metrics({k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float))})
+        rows, histories = _trials(train_trials, trials, cross, common, sw, name)
+        summary, artifacts = _reports(rows, histories, sw, staging, t0)
+        _log_trials(rows, histories, params)
         run.log_metrics({"num_trials": summary["num_trials"], "wall_seconds": summary["wall_seconds"]})
         if summary["selected"]:
             run.log_metrics({f"selected_{k}": summary["selected"][k] for k in ("fd_domain", "fd_domain_std", "nfe")
                              if k in summary["selected"]})
-        for p in [CSV, SUMMARY, CROSS_SUMMARY, *plots.values(), *grids.values()]:
-            run.log_artifact(p, "sweep")
+        for path in artifacts:
+            run.log_artifact(path, "sweep")
     shutil.rmtree(staging.parent, ignore_errors=True)
     for sub in ("training", "sampling"):
         shutil.rmtree(Path("ray_results") / f"{name}-{sub}", ignore_errors=True)
@@ -405,6 +340,101 @@ def _run(args) -> None:
               f"{sel['nfe']:.0f} NFE)" if sel else "; no setting passes sweep.select")
     print(f"{STAGE}: {len(rows)} trials ({summary['num_pruned']} pruned) in {summary['wall_seconds']} s -> {CSV}, "
           f"{SUMMARY}, {PLOTS}/, {METRICS}{picked}")
+
+
+def _grid_trials(params) -> tuple[list, list, list]:
+    """(training trials, the sampling settings each is crossed with, sampling trials of models/diffusion)."""
+    sw, tc = params.sweep, params.sweep.training
+    T = json.loads((Path(MODEL) / "config.json").read_text())["diffusion"]["num_timesteps"]
+    train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
+    cross = sampling_trials(tc.samplers, sw.num_samples, params.schedule.num_timesteps, sw.spacing, sw.seed_sets)
+    return train_trials, cross, sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing, sw.seed_sets)
+
+
+def _staging(params) -> tuple[str, Path]:
+    """(Tune run name, staging folder for sample grids). The name is fixed by the params and inputs, so a sweep
+    killed part-way is finished by the next one (Tune's restore); an interrupted sweep of other params is removed."""
+    name = f"{STAGE}-{_sweep_key(params)[:12]}"
+    for stale in Path("ray_results").glob(f"{STAGE}-*"):
+        if not stale.name.startswith(name):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path("ray_results").resolve() / name / "samples"
+    staging.mkdir(parents=True, exist_ok=True)
+    return name, staging
+
+
+def _trials(train_trials: list, trials: list, cross: list, common: dict, sw, name: str) -> tuple[list, dict]:
+    """Run the training axis (ASHA-pruned, each crossed with `cross`) and the sampling axis; rows in grid order
+    (whatever order Tune hands results back in: a restored run's differs), and the training curves."""
+    tc, rows, histories = sw.training, [], {}
+    if train_trials:
+        from ray.tune.schedulers import ASHAScheduler
+
+        max_reports = math.ceil(tc.steps / tc.eval_every)
+        asha = ASHAScheduler(metric="fd_domain", mode="min", time_attr="training_iteration", max_t=max_reports,
+                             grace_period=min(tc.grace_period, max_reports), reduction_factor=tc.reduction_factor)
+        for result in _tune(training_trial, train_trials, common, sw, f"{name}-training", asha):
+            row, hist = _row(result, "training", max_reports)
+            row.update(sampler=tc.eval_sampler, steps=tc.eval_steps, eta=0.0, num_samples=tc.eval_samples,
+                       guidance=result.metrics.get("guidance", tc.eval_guidance), scale=tc.eval_scale)
+            rows.append(row)
+            histories[row["trial"]] = hist
+            rows += cross_rows({**row, "cross": cross}, result.metrics.get("cross_json"))
+    if trials:
+        rows += [_row(r, "sampling")[0] for r in _tune(sampling_trial, trials, common, sw, f"{name}-sampling")]
+    order = {trial_name(t): i for i, t in enumerate([*train_trials, *cross, *trials])}
+    axes = {"training": 0, CROSS_AXIS: 1, "sampling": 2}
+    rows.sort(key=lambda r: (axes[r["axis"]], *(order.get(part, len(order)) for part in r["trial"].split("/"))))
+    return rows, {k: histories[k] for k in sorted(histories, key=lambda k: order.get(k, len(order)))}
+
+
+def _reports(rows: list, histories: dict, sw, staging: Path, t0: float) -> tuple[dict, list[Path]]:
+    """Write the CSVs, plots, sample grids and metrics/sweep.json (wall time since t0); returns (that summary,
+    files to log)."""
+    from pipeline import reports
+
+    sampled = [r for r in rows if r["axis"] == "sampling"]
+    settings = reports.summarize(sampled)
+    crossed = reports.summarize(rows, axis=CROSS_AXIS)
+    reports.write_csv(CSV, rows)
+    reports.write_csv(SUMMARY, settings, reports.SUMMARY_COLUMNS)
+    reports.write_csv(CROSS_SUMMARY, crossed, reports.CROSS_COLUMNS)
+    plots = {name: PLOTS / f"{name}.png" for name in ("fd_vs_nfe", "guidance", "precision_recall", "training",
+                                                      "training_x_sampling")}
+    reports.plot_training_x_sampling(crossed, plots["training_x_sampling"])
+    reports.plot_fd_vs_nfe(settings, plots["fd_vs_nfe"])
+    reports.plot_guidance(settings, plots["guidance"])
+    reports.plot_precision_recall([*settings, *(r for r in rows if r["axis"] == "training")],
+                                  plots["precision_recall"])
+    reports.plot_training(histories, plots["training"])
+    grids = _grids(sampled, staging, sw.grid_nfe) if sampled else {}
+    at_n = [r for r in settings if r["num_samples"] == sw.num_samples and r["fd_domain"] is not None]
+    best = {s: _brief(min((r for r in at_n if r["sampler"] == s), key=lambda r: r["fd_domain"]))
+            for s in sorted({r["sampler"] for r in at_n})}
+    trained = [r for r in rows if r["axis"] == "training" and r["fd_domain"] is not None]
+    reference = reports.converged_reference(settings)
+    summary = {"num_trials": len(rows), "num_settings": len(settings),
+               "num_pruned": sum(r["status"] == "pruned" for r in rows),
+               "wall_seconds": round(time.perf_counter() - t0, 1), "best": best,
+               "selected": _selected(settings, sw), "reference": _brief(reference) if reference else None,
+               "best_training": _brief(min(trained, key=lambda r: r["fd_domain"])) if trained else None,
+               "training_x_sampling": [{**_brief(r), "training": r["training"]} for r in crossed]}
+    atomic_write_json(METRICS, summary)
+    return summary, [CSV, SUMMARY, CROSS_SUMMARY, *plots.values(), *grids.values()]
+
+
+def _log_trials(rows: list, histories: dict, params) -> None:
+    """One nested MLflow run per trial, under the sweep's run: its settings, metrics and training curve."""
+    from pipeline.tracking import start_run
+
+    for row in rows:
+        with start_run(f"{STAGE}/{row['trial']}", {"trial": {k: row[k] for k in row if k not in METRIC_KEYS}},
+                       params.tracking, experiment=params.project.experiment, nested=True,
+                       tags={"sweep_axis": row["axis"], "status": row["status"], "setting": row["setting"],
+                             "seed_set": str(row.get("seed_set", ""))}) as child:
+            for point in histories.get(row["trial"], []):
+                child.log_metrics({k: point.get(k) for k in ("fd_domain", "loss")}, step=int(point["step"]))
+            child.log_metrics({k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float))})
 
 
 def main(argv=None) -> int:
