@@ -89,79 +89,103 @@ def train_loop_per_worker(config: dict) -> None:
                   "class_names": meta.get("class_names"), "kind": "points" if meta["kind"] == "points" else "image",
                   "label_dropout": cfg.label_dropout if num_classes is not None else 0.0}
     extra = {"diffusion": spec, "data": data_block, "latent": latent, "run_key": config["run_key"]}
-    ray_ckpt = latest_ray_checkpoint()  # set after FailureConfig restarted the workers (the one to use off-node)
+    continues = _resume(trainer, config, rank)
+    with start_run(STAGE, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), params.tracking, rank=rank,
+                   experiment=params.project.experiment, root=config["root"], continues=continues) as run:
+        hooks = _hooks(run, trainer, cfg, extra, latent, device)
+        train_loop(trainer, data, cfg.steps, cfg.batch_size // world, log_every=cfg.log_every,
+                   checkpoint_every=cfg.checkpoint_every, sample_every=cfg.sample_every, hooks=hooks)
+        workers = _workers_report(trainer, data, rank, world)
+        if rank == 0:
+            hooks.sample(trainer)
+            _finish(params, run, trainer, spec, data_block, latent, shard_dir, workers)
+
+
+def _resume(trainer: Trainer, config: dict, rank: int) -> str | None:
+    """Load the newest checkpoint of this run_key, Ray's (set after FailureConfig restarted the workers: the one
+    to use off-node) or the local one; returns the MLflow run id of the run that wrote it (None: from scratch)."""
+    ray_ckpt = latest_ray_checkpoint()
     with ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None) as from_ray:
         candidates = [Path(c) for c in (from_ray, find_last_good_checkpoint(CKPT_ROOT)) if c is not None]
         candidates = [c for c in candidates if read_config(c).get("run_key") == config["run_key"]]
-        continues = None
-        if candidates:
-            newest = max(candidates, key=lambda c: read_config(c)["training_step"])
-            continues = read_config(newest).get("mlflow_run_id")  # the run that wrote it: named by this one
-            trainer.load_checkpoint(newest)
-            if rank == 0 and from_ray is not None and newest == Path(from_ray):
-                print(f"{STAGE}: workers restarted by Ray; resuming from its checkpoint at step {trainer.step} "
-                      f"({config['ray_storage']})", flush=True)
-    local_batch = cfg.batch_size // world
+        if not candidates:
+            return None
+        newest = max(candidates, key=lambda c: read_config(c)["training_step"])
+        trainer.load_checkpoint(newest)
+        if rank == 0 and from_ray is not None and newest == Path(from_ray):
+            print(f"{STAGE}: workers restarted by Ray; resuming from its checkpoint at step {trainer.step} "
+                  f"({config['ray_storage']})", flush=True)
+        return read_config(newest).get("mlflow_run_id")
+
+
+def _hooks(run, trainer: Trainer, cfg, extra: dict, latent: dict | None, device: str) -> LoopHooks:
+    """The loop's hooks: log (MLflow; rank 0 prints), preview grids (rank 0, tracking on), checkpoints (rank 0
+    writes, every rank reports to Ray)."""
+    rank, diffusion = trainer.rank, trainer.objective.diffusion
+    shape, num_classes = tuple(extra["data"]["shape"]), extra["data"]["num_classes"]
     decoder = None
 
-    with start_run(STAGE, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), params.tracking, rank=rank,
-                   experiment=params.project.experiment, root=config["root"], continues=continues) as run:
-        def log(tr: Trainer, m: dict) -> None:
-            run.log_metrics(m, step=tr.step)
-            if rank == 0:
-                print(f"{STAGE}: step {tr.step}/{cfg.steps} loss {m.get('loss', float('nan')):.4f} "
-                      f"lr {m['lr']:.2e} {m['samples_per_second']:.0f} samples/s", flush=True)
+    def log(tr: Trainer, m: dict) -> None:
+        run.log_metrics(m, step=tr.step)
+        if rank == 0:
+            print(f"{STAGE}: step {tr.step}/{cfg.steps} loss {m.get('loss', float('nan')):.4f} "
+                  f"lr {m['lr']:.2e} {m['samples_per_second']:.0f} samples/s", flush=True)
 
-        def sample(tr: Trainer) -> None:
-            nonlocal decoder
-            if rank != 0 or not run.active:
-                return
-            if latent and decoder is None:
-                decoder = load_autoencoder_decoder(AUTOENCODER, latent["scale_factor"], device)
-            if len(shape) == 3:
-                grid = sample_preview(tr.ema.module, diffusion, shape, num_classes, decoder, seed=cfg.seed,
-                                      clip_denoised=latent is None)
-                from diffusion_core.data.preview import image_grid
-                run.log_image(image_grid(grid, nrow=10, scale=max(1, 56 // grid.shape[1])),
-                              f"samples/step-{tr.step:08d}.png")
-
-        def checkpoint(tr: Trainer) -> None:
-            path = None
-            if rank == 0:
-                path = tr.save_checkpoint(CKPT_ROOT, {**extra, "training_step": tr.step, "mlflow_run_id": run.run_id})
-                prune_checkpoints(CKPT_ROOT, cfg.keep_checkpoints)
-            report({"step": tr.step, "loss": tr.history[-1]["loss"] if tr.history else None}, path)
-
-        train_loop(trainer, data, cfg.steps, local_batch, log_every=cfg.log_every,
-                   checkpoint_every=cfg.checkpoint_every, sample_every=cfg.sample_every,
-                   hooks=LoopHooks(log=log, sample=sample, checkpoint=checkpoint))
-        workers = [{"rank": rank, "num_samples": len(data.keys), "keys": data.keys,
-                    "weights_sha256": weights_sha256(trainer.model)}]
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, workers[0])
-            workers = gathered
-        if rank != 0:
+    def sample(tr: Trainer) -> None:
+        nonlocal decoder
+        if rank != 0 or not run.active or len(shape) != 3:
             return
-        sample(trainer)
-        final_loss = trainer.history[-1]["loss"] if trainer.history else None
-        metrics = {"final_loss": final_loss, "steps": trainer.step, "samples_seen": trainer.samples_seen,
-                   "wall_seconds": round(trainer.train_seconds, 2),
-                   "samples_per_second": round(trainer.samples_seen / max(trainer.train_seconds, 1e-9), 1)}
-        save_diffusion_dir(OUT, trainer.model, trainer.ema, spec, data_block, latent,
-                           extra_files=_model_files(params, run, metrics, trainer, shard_dir, latent))
-        atomic_write_json(CURVE, trainer.history)
-        atomic_write_json(WORKERS, workers)
-        atomic_write_json(METRICS, metrics)
-        run.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        publish_model(OUT, params.project)
-        if run.active:
-            from pipeline.mlflow_models import log_model_folder
+        if latent and decoder is None:
+            decoder = load_autoencoder_decoder(AUTOENCODER, latent["scale_factor"], device)
+        grid = sample_preview(tr.ema.module, diffusion, shape, num_classes, decoder, seed=cfg.seed,
+                              clip_denoised=latent is None)
+        from diffusion_core.data.preview import image_grid
 
-            log_model_folder(run, OUT, diffusion=True, autoencoder=AUTOENCODER if latent else None,
-                             register_as=registered_name(params.project.experiment))
-        print(f"{STAGE}: {trainer.step} steps, final loss {final_loss}, {metrics['samples_per_second']} "
-              f"samples/s -> {OUT}/", flush=True)
+        run.log_image(image_grid(grid, nrow=10, scale=max(1, 56 // grid.shape[1])), f"samples/step-{tr.step:08d}.png")
+
+    def checkpoint(tr: Trainer) -> None:
+        path = None
+        if rank == 0:
+            path = tr.save_checkpoint(CKPT_ROOT, {**extra, "training_step": tr.step, "mlflow_run_id": run.run_id})
+            prune_checkpoints(CKPT_ROOT, cfg.keep_checkpoints)
+        report({"step": tr.step, "loss": tr.history[-1]["loss"] if tr.history else None}, path)
+
+    return LoopHooks(log=log, sample=sample, checkpoint=checkpoint)
+
+
+def _workers_report(trainer: Trainer, data, rank: int, world: int) -> list[dict]:
+    """Every rank's sample count, sample keys and weights hash (gathered on every rank: a collective)."""
+    workers = [{"rank": rank, "num_samples": len(data.keys), "keys": data.keys,
+                "weights_sha256": weights_sha256(trainer.model)}]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, workers[0])
+        workers = gathered
+    return workers
+
+
+def _finish(params, run, trainer: Trainer, spec: dict, data_block: dict, latent: dict | None, shard_dir: Path,
+            workers: list[dict]) -> None:
+    """Rank 0 after the last step: the model folder, loss curve, workers report and metrics, then publishing
+    (storage root) and MLflow's model."""
+    final_loss = trainer.history[-1]["loss"] if trainer.history else None
+    metrics = {"final_loss": final_loss, "steps": trainer.step, "samples_seen": trainer.samples_seen,
+               "wall_seconds": round(trainer.train_seconds, 2),
+               "samples_per_second": round(trainer.samples_seen / max(trainer.train_seconds, 1e-9), 1)}
+    save_diffusion_dir(OUT, trainer.model, trainer.ema, spec, data_block, latent,
+                       extra_files=_model_files(params, run, metrics, trainer, shard_dir, latent))
+    atomic_write_json(CURVE, trainer.history)
+    atomic_write_json(WORKERS, workers)
+    atomic_write_json(METRICS, metrics)
+    run.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    publish_model(OUT, params.project)
+    if run.active:
+        from pipeline.mlflow_models import log_model_folder
+
+        log_model_folder(run, OUT, diffusion=True, autoencoder=AUTOENCODER if latent else None,
+                         register_as=registered_name(params.project.experiment))
+    print(f"{STAGE}: {trainer.step} steps, final loss {final_loss}, {metrics['samples_per_second']} "
+          f"samples/s -> {OUT}/", flush=True)
 
 
 def _model_files(params, run, metrics: dict, trainer: Trainer, shard_dir: Path, latent: dict | None) -> dict:
