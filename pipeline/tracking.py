@@ -280,6 +280,9 @@ def start_run(
     An exception inside the block marks the run FAILED (KeyboardInterrupt: KILLED) and propagates. Runs of
     `stage` that a dead process left RUNNING are marked KILLED first (`close_dead_runs`). continues: the id of the
     run this one resumes (e.g. from its checkpoint), tagged `continues_run`.
+
+    Over 40 lines on purpose: one generator must own the whole lifecycle (its try/finally ends the run with the
+    right status), and ten options take a dozen lines of signature.
     """
     rank = _detect_rank() if rank is None else rank
     enabled = getattr(cfg, "enabled", True) if cfg is not None else True
@@ -287,40 +290,19 @@ def start_run(
         yield NullRun()
         return
     _quiet_env()
-    uri = resolve_tracking_uri(cfg, root)
-    if uri.startswith(("http://", "https://")):
-        try:
-            check_server(uri)
-        except TrackingError as e:
-            if not getattr(cfg, "fallback_local", False):
-                raise
-            uri = local_store_uri(root)
-            print(f"warning: {e}; logging to {uri} instead (tracking.fallback_local)", file=sys.stderr)
+    uri = _reachable_uri(cfg, root)
     if experiment is None:
         project = params.get("project", {}) if isinstance(params, Mapping) else {}
         experiment = project.get("experiment") or project.get("name") or "Default"
-
     try:
         import mlflow
     except ImportError as e:  # pragma: no cover - mlflow is a declared dependency
         raise TrackingError(f"mlflow is not installed ({e}); "
                             "install the project or set tracking.enabled: false") from None
-
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would make every later run in this process
     # (tests, notebooks, sweeps over folders) follow this store: put the caller's environment back afterwards
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        exp_id = _experiment_id(mlflow, experiment, uri)
-        closed = close_dead_runs(mlflow, exp_id, stage)
-        run = mlflow.start_run(run_name=stage, experiment_id=exp_id, nested=nested)
-    except TrackingError:
-        _restore_env("MLFLOW_TRACKING_URI", env_before)
-        raise
-    except Exception as e:  # noqa: BLE001 - MlflowException, sqlalchemy, requests errors all mean the same
-        _restore_env("MLFLOW_TRACKING_URI", env_before)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"cannot open an MLflow run at {redact(uri)}: {msg}") from None
+    run, closed = _open_run(mlflow, uri, experiment, stage, nested, env_before)
     handle = MlflowRun(mlflow, run, uri)
     status = "FINISHED"
     try:
@@ -343,3 +325,35 @@ def start_run(
     finally:
         mlflow.end_run(status=status)
         _restore_env("MLFLOW_TRACKING_URI", env_before)
+
+
+def _reachable_uri(cfg: Any, root: str | os.PathLike | None) -> str:
+    """The tracking URI to log to: the one params or the environment name, or the local store when that server
+    does not answer and tracking.fallback_local is on (with a warning); else TrackingError."""
+    uri = resolve_tracking_uri(cfg, root)
+    if uri.startswith(("http://", "https://")):
+        try:
+            check_server(uri)
+        except TrackingError as e:
+            if not getattr(cfg, "fallback_local", False):
+                raise
+            uri = local_store_uri(root)
+            print(f"warning: {e}; logging to {uri} instead (tracking.fallback_local)", file=sys.stderr)
+    return uri
+
+
+def _open_run(mlflow, uri: str, experiment: str, stage: str, nested: bool, env_before: str | None):
+    """(the started run, ids of this stage's runs that a dead process left RUNNING and are now KILLED); any
+    failure puts MLFLOW_TRACKING_URI back and is one TrackingError naming the store."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp_id = _experiment_id(mlflow, experiment, uri)
+        closed = close_dead_runs(mlflow, exp_id, stage)
+        return mlflow.start_run(run_name=stage, experiment_id=exp_id, nested=nested), closed
+    except TrackingError:
+        _restore_env("MLFLOW_TRACKING_URI", env_before)
+        raise
+    except Exception as e:  # noqa: BLE001 - MlflowException, sqlalchemy, requests errors all mean the same
+        _restore_env("MLFLOW_TRACKING_URI", env_before)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(f"cannot open an MLflow run at {redact(uri)}: {msg}") from None
