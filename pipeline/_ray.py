@@ -267,19 +267,8 @@ def run_torch_trainer(train_loop_per_worker: Callable[[dict], Any], loop_config:
     config = {**loop_config, "_cpus_per_worker": int(scaling.cpus_per_worker),
               "_verbose": os.environ.get(VERBOSE_ENV) == "1"}
     if not getattr(scaling, "use_ray", True):
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(int(scaling.cpus_per_worker))
-        try:
-            train_loop_per_worker(config)
-        finally:
-            torch.set_num_threads(threads)
-        return None
+        return _run_in_process(train_loop_per_worker, config, int(scaling.cpus_per_worker))
     init_ray()
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from diffusion_core.storage import is_url
 
     remote = is_url(storage_path)  # s3://...: Ray persists checkpoints there (pyarrow reads AWS_* from the env)
@@ -288,30 +277,14 @@ def run_torch_trainer(train_loop_per_worker: Callable[[dict], Any], loop_config:
     local = Path("ray_results" if remote else storage_path).resolve()
     error_file = local / name / "errors" / f"{uuid.uuid4().hex}.json"
     config["_error_file"] = str(error_file)
-    resources = {"CPU": int(scaling.cpus_per_worker), **({"GPU": 1} if scaling.use_gpu else {})}
-    trainer = TorchTrainer(
-        functools.partial(_worker_entry, train_loop_per_worker, tuple(no_retry)),
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=int(scaling.num_workers), use_gpu=bool(scaling.use_gpu),
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(storage_path) if remote else str(local),
-                             failure_config=FailureConfig(max_failures=int(scaling.max_failures)),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    )
+    trainer = _torch_trainer(functools.partial(_worker_entry, train_loop_per_worker, tuple(no_retry)), config,
+                             scaling, name, str(storage_path) if remote else str(local), keep_checkpoints)
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends
-        cause = _root_cause(e)
-        if isinstance(cause, tuple(reraise) + tuple(no_retry)):
-            raise cause from None
-        raise RayError(f"{name} failed in a Ray worker: {type(cause).__name__}: {_one_line(cause)}") from None
-    error = getattr(result, "error", None)
-    if error is not None:
-        cause = _root_cause(error)
-        if isinstance(cause, tuple(reraise) + tuple(no_retry)):
-            raise cause
-        raise RayError(f"{name} failed in a Ray worker: {type(cause).__name__}: {_one_line(cause)}")
+        _raise_worker_error(e, name, (*reraise, *no_retry))
+    if getattr(result, "error", None) is not None:
+        _raise_worker_error(result.error, name, (*reraise, *no_retry))
     if error_file.exists():
         info = json.loads(error_file.read_text())
         error_file.unlink()
@@ -320,4 +293,44 @@ def run_torch_trainer(train_loop_per_worker: Callable[[dict], Any], loop_config:
                 raise cls(info["message"])
         raise RayError(f"{name} failed in a Ray worker: {info['type']}: {info['message']}")
     return result
+
+
+def _torch_trainer(entry: Callable[[dict], Any], config: dict, scaling: Any, name: str, storage: str,
+                   keep_checkpoints: int | None) -> Any:
+    """Ray's TorchTrainer: the scaling section's workers, CPUs and GPU per worker and restarts, checkpoints kept
+    under `storage`/`name`, Train's own logging at WARNING."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": int(scaling.cpus_per_worker), **({"GPU": 1} if scaling.use_gpu else {})}
+    return TorchTrainer(
+        entry,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=int(scaling.num_workers), use_gpu=bool(scaling.use_gpu),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=int(scaling.max_failures)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+
+
+def _run_in_process(loop: Callable[[dict], Any], config: dict, threads: int) -> None:
+    """scaling.use_ray false: the loop in this process as rank 0 of 1, with the worker's thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loop(config)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _raise_worker_error(e: BaseException, name: str, passthrough: tuple[type[BaseException], ...]) -> None:
+    """Raise the root cause of a failed run when it is one of `passthrough`, else one RayError line naming it."""
+    cause = _root_cause(e)
+    if isinstance(cause, passthrough):
+        raise cause from None
+    raise RayError(f"{name} failed in a Ray worker: {type(cause).__name__}: {_one_line(cause)}") from None
 
