@@ -56,56 +56,71 @@ def _run(args) -> None:
     x_test, _ = load_split(SHARDS, "test", meta=meta)
     torch.manual_seed(cfg.seed)
     model = build_autoencoder(cfg.autoencoder, image_size).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = batch_indices(len(x_train), cfg.batch_size, gen)
     with start_run(STAGE, params.to_dict("project", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
-        bar = tqdm(range(1, cfg.steps + 1), desc=STAGE, unit="step", mininterval=2.0, file=sys.stderr)
-        for step in bar:
-            loss, stats = autoencoder_loss(model, x_train[next(batches)], cfg.kl_weight, cfg.recon_loss, gen)
-            if not math.isfinite(stats["loss"]):
-                raise NumericalError(f"autoencoder loss is {stats['loss']} at step {step}: training stopped, "
-                                     f"{MODEL_DIR} is left as it was; lower train_autoencoder.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                test = evaluate_autoencoder(model, x_test)
-                run.log_metrics({**{f"train_{k}": v for k, v in stats.items()},
-                                 **{f"test_{k}": v for k, v in test.items()}}, step=step)
-                pairs = reconstruction_pairs(model, x_test, GRID_N)
-                grid = save_image_grid(pairs, RECON, nrow=GRID_N, scale=grid_scale(image_size))
-                run.log_image(grid, f"recon/step_{step:06d}.png")
-        bar.close()
+        _train(model, x_train, x_test, cfg, run, image_size)
         seconds = time.perf_counter() - t0
         test = evaluate_autoencoder(model, x_test)
-        c, h, w = model.latent_shape
-        data_info = {"dataset": meta["dataset"], "image_shape": [meta["channels"], image_size, image_size],
-                     "counts": meta["counts"], "train_shard_sha256": [r["sha256"] for r in meta["shards"]["train"]]}
-        metrics = {"test_mse": test["mse"], "test_psnr": test["psnr"], "kl": test["kl"], "latent_shape": [c, h, w],
-                   "compression_factor": x_test[0].numel() / (c * h * w), "downsample": model.factor,
-                   "train_seconds": seconds, "steps": cfg.steps}
-        prov = provenance(STAGE, MODEL_DIR, params.to_dict("project", STAGE), data_checksums(SHARDS), run, metrics,
-                          seconds)
-        what = (f"KL autoencoder (`AutoencoderKL`, {sum(p.numel() for p in model.parameters()):,} parameters) of "
-                f"{meta['dataset']} images {meta['channels']} x {image_size} x {image_size} into latents {c} x {h} x "
-                f"{w} ({metrics['compression_factor']:.1f}x fewer values); the latent diffusion model samples in its "
-                f"latent space and decodes through it.")
-        save_model_dir(MODEL_DIR, model, {"data": data_info, "train": cfg.model_dump(mode="json")},
-                       extra_files=model_files(prov, f"Autoencoder: {meta['dataset']}", what))
-        atomic_write_json(METRICS, metrics)
-        publish_model(MODEL_DIR, params.project)
-        if run.active:
-            from pipeline.mlflow_models import log_model_folder
-
-            log_model_folder(run, MODEL_DIR)
+        metrics = _save(model, params, meta, image_size, x_test, test, seconds, run)
         run.log_metrics({k: v for k, v in metrics.items() if k != "latent_shape"}, step=cfg.steps)
         run.log_artifact(RECON)
+    c, h, w = metrics["latent_shape"]
     print(f"{STAGE}: test PSNR {test['psnr']:.2f} dB, MSE {test['mse']:.5f}, KL {test['kl']:.1f}, latents "
           f"{c}x{h}x{w} ({metrics['compression_factor']:.1f}x fewer values) in {seconds:.0f} s -> {MODEL_DIR}")
+
+
+def _train(model, x_train: torch.Tensor, x_test: torch.Tensor, cfg, run, image_size: int) -> None:
+    """Adam steps on random batches; every log_every steps the test losses and a reconstruction grid."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = batch_indices(len(x_train), cfg.batch_size, gen)
+    bar = tqdm(range(1, cfg.steps + 1), desc=STAGE, unit="step", mininterval=2.0, file=sys.stderr)
+    for step in bar:
+        loss, stats = autoencoder_loss(model, x_train[next(batches)], cfg.kl_weight, cfg.recon_loss, gen)
+        if not math.isfinite(stats["loss"]):
+            raise NumericalError(f"autoencoder loss is {stats['loss']} at step {step}: training stopped, "
+                                 f"{MODEL_DIR} is left as it was; lower train_autoencoder.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            test = evaluate_autoencoder(model, x_test)
+            run.log_metrics({**{f"train_{k}": v for k, v in stats.items()},
+                             **{f"test_{k}": v for k, v in test.items()}}, step=step)
+            pairs = reconstruction_pairs(model, x_test, GRID_N)
+            grid = save_image_grid(pairs, RECON, nrow=GRID_N, scale=grid_scale(image_size))
+            run.log_image(grid, f"recon/step_{step:06d}.png")
+    bar.close()
+
+
+def _save(model, params, meta: dict, image_size: int, x_test: torch.Tensor, test: dict, seconds: float,
+          run) -> dict:
+    """The model folder (with its card and provenance), metrics/train_autoencoder.json, publishing and MLflow's
+    model; returns the metrics."""
+    cfg = params.train_autoencoder
+    c, h, w = model.latent_shape
+    data_info = {"dataset": meta["dataset"], "image_shape": [meta["channels"], image_size, image_size],
+                 "counts": meta["counts"], "train_shard_sha256": [r["sha256"] for r in meta["shards"]["train"]]}
+    metrics = {"test_mse": test["mse"], "test_psnr": test["psnr"], "kl": test["kl"], "latent_shape": [c, h, w],
+               "compression_factor": x_test[0].numel() / (c * h * w), "downsample": model.factor,
+               "train_seconds": seconds, "steps": cfg.steps}
+    prov = provenance(STAGE, MODEL_DIR, params.to_dict("project", STAGE), data_checksums(SHARDS), run, metrics,
+                      seconds)
+    what = (f"KL autoencoder (`AutoencoderKL`, {sum(p.numel() for p in model.parameters()):,} parameters) of "
+            f"{meta['dataset']} images {meta['channels']} x {image_size} x {image_size} into latents {c} x {h} x "
+            f"{w} ({metrics['compression_factor']:.1f}x fewer values); the latent diffusion model samples in its "
+            f"latent space and decodes through it.")
+    save_model_dir(MODEL_DIR, model, {"data": data_info, "train": cfg.model_dump(mode="json")},
+                   extra_files=model_files(prov, f"Autoencoder: {meta['dataset']}", what))
+    atomic_write_json(METRICS, metrics)
+    publish_model(MODEL_DIR, params.project)
+    if run.active:
+        from pipeline.mlflow_models import log_model_folder
+
+        log_model_folder(run, MODEL_DIR)
+    return metrics
 
 
 def main(argv=None) -> int:
