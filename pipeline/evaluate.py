@@ -85,25 +85,38 @@ def _sample(cfg, setting: dict, workers: int) -> dict:
     root = str(Path.cwd().resolve())
     if workers == 1:
         return sample_part(root, {**kwargs, "progress": True}, cfg.num_samples, 0)
-    import ray
-    from tqdm.auto import tqdm
+    from ._ray import init_ray
 
-    from ._ray import RayError, init_ray
-
-    init_ray()
-    task = ray.remote(num_cpus=1)(sample_part)
+    init_ray()  # before the clock: sampling_seconds is sampling
+    t0 = time.perf_counter()
     # tasks of one batch each (smaller when that leaves a worker idle), `workers` in flight: the bar moves as each
     # batch lands
     size = min(cfg.batch_size, -(-cfg.num_samples // workers))
-    todo, pending, parts = iter(range(0, cfg.num_samples, size)), {}, {}
+    parts = _sample_on_ray(root, kwargs, cfg.num_samples, size, workers,
+                           f"{STAGE}: {setting['sampler']} {setting['steps']} steps")
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "labels", "seeds")}
+    out["nfe"] = sum(p["nfe"] * len(p["seeds"]) for p in parts) / cfg.num_samples
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _sample_on_ray(root: str, kwargs: dict, num: int, size: int, workers: int, desc: str) -> list[dict]:
+    """`sample_part` as Ray tasks of `size` samples, `workers` in flight, a progress bar over all; the parts in
+    sample order (Ray is up). A task's own error is raised as itself, Ray's as one RayError line."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from ._ray import RayError
+
+    task = ray.remote(num_cpus=1)(sample_part)
+    todo, pending, parts = iter(range(0, num, size)), {}, {}
 
     def submit() -> None:
         lo = next(todo, None)
         if lo is not None:
-            pending[task.remote(root, kwargs, min(size, cfg.num_samples - lo), lo)] = lo
+            pending[task.remote(root, kwargs, min(size, num - lo), lo)] = lo
 
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.num_samples, desc=f"{STAGE}: {setting['sampler']} {setting['steps']} steps", unit="sample")
+    bar = tqdm(total=num, desc=desc, unit="sample")
     try:
         for _ in range(workers):
             submit()
@@ -120,50 +133,53 @@ def _sample(cfg, setting: dict, workers: int) -> dict:
         raise RayError(f"{STAGE}: a sampling task failed: {' '.join(str(e).split())[-300:]}") from None
     finally:
         bar.close()
-    parts = [parts[lo] for lo in sorted(parts)]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "labels", "seeds")}
-    out["nfe"] = sum(p["nfe"] * len(p["seeds"]) for p in parts) / cfg.num_samples
-    out["seconds"] = time.perf_counter() - t0
-    return out
+    return [parts[lo] for lo in sorted(parts)]
 
 
-def _run(args) -> None:
+def _metrics(params, bundle, out: dict, ref, ref_inception) -> dict:
+    """fd/kd/precision/recall/class accuracy of the samples (Inception ones where its reference exists), NLL in
+    bits/dim on the test split for pixel models (evaluate.nll_samples >= 2)."""
     import torch
 
     from diffusion_core.data import load_split, read_meta
-    from diffusion_core.data.preview import save_image_grid
     from diffusion_core.evaluation import nll_on_test, sample_metrics
     from diffusion_core.metrics.fidelity import domain_extractor, inception_extractor
+
+    cfg = params.evaluate
+    inception = None
+    if ref_inception is not None:
+        inception = inception_extractor(params.reference_stats.inception_weights,
+                                        download=params.reference_stats.inception_download)
+    metrics = sample_metrics(out["images"], out["labels"], ref, domain_extractor(FEATURE_NET), inception,
+                             ref_inception)
+    if cfg.nll_samples >= 2 and not bundle.is_latent:
+        shards = Path("data/shards")
+        x_test, y_test = load_split(shards, "test", meta=read_meta(shards),
+                                    verify_checksums=params.data.verify_checksums)
+        torch.manual_seed(cfg.seed)
+        metrics.update(nll_on_test(bundle, x_test, y_test, cfg.nll_samples, cfg.nll_batch_size, seed=cfg.seed))
+    return metrics
+
+
+def _run(args) -> None:
+    from diffusion_core.data.preview import save_image_grid
     from diffusion_core.pretrained import load_diffusion_dir
     from pipeline.provenance import run_links
     from pipeline.tracking import start_run
 
     params = load_params(args.params, sections=SECTIONS)
-    cfg = params.evaluate
-    bundle = load_diffusion_dir(MODEL)  # fail before Ray starts if the model is missing
+    cfg, bundle = params.evaluate, load_diffusion_dir(MODEL)  # fail before Ray starts if the model is missing
     setting = resolve_setting(cfg)
     ref, ref_inception = load_reference(REFERENCE, DOMAIN), load_reference(REFERENCE, INCEPTION, required=False)
     with start_run(STAGE, params.to_dict("project", "reference_stats", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
-        run.set_tags({"setting_source": setting["source"], **({"sweep_setting": setting["sweep_setting"]}
-                                                               if setting["source"] == "sweep" else {})})
-        run.set_tags(run_links({"training_run_id": MODEL, "classifier_run_id": CLASSIFIER,
-                                "feature_net_run_id": FEATURE_NET}))  # provenance.json: the runs that trained them
+        sweep = {"sweep_setting": setting["sweep_setting"]} if setting["source"] == "sweep" else {}
+        run.set_tags({"setting_source": setting["source"], **sweep, **run_links(  # the runs that trained them
+            {"training_run_id": MODEL, "classifier_run_id": CLASSIFIER, "feature_net_run_id": FEATURE_NET})})
         run.log_params({"used": {k: setting[k] for k in SETTING_KEYS}})
         out = _sample(cfg, setting, min(cfg.num_workers, cfg.num_samples))
-        inception = None
-        if ref_inception is not None:
-            inception = inception_extractor(params.reference_stats.inception_weights,
-                                            download=params.reference_stats.inception_download)
-        metrics = sample_metrics(out["images"], out["labels"], ref, domain_extractor(FEATURE_NET), inception,
-                                 ref_inception)
-        if cfg.nll_samples >= 2 and not bundle.is_latent:
-            shards = Path("data/shards")
-            x_test, y_test = load_split(shards, "test", meta=read_meta(shards),
-                                        verify_checksums=params.data.verify_checksums)
-            torch.manual_seed(cfg.seed)
-            metrics.update(nll_on_test(bundle, x_test, y_test, cfg.nll_samples, cfg.nll_batch_size, seed=cfg.seed))
+        metrics = _metrics(params, bundle, out, ref, ref_inception)
         metrics.update(nfe=out["nfe"], num_samples=int(len(out["seeds"])), sampling_seconds=round(out["seconds"], 2),
                        wall_seconds=round(time.perf_counter() - t0, 2))
         skipped = sorted(k for k, v in metrics.items() if v is None)
