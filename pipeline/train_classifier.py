@@ -77,34 +77,41 @@ def train_loop_per_worker(config: dict) -> None:
                           hooks=LoopHooks(log=log))
         seconds = time.perf_counter() - t0
         report({"step": trainer.step, "loss": last.get("loss")})
-        if rank != 0:
-            return
-        x_test, y_test = load_split(shard_dir, "test", meta=meta, verify_checksums=params.data.verify_checksums)
-        acc = evaluate_noisy_classifier(trainer.model.eval(), diffusion, x_test * scale, y_test,
-                                        repeats=cfg.eval_repeats, seed=cfg.seed)
-        data_block = {"space": cfg.space, "shape": list(meta["sample_shape"]), "num_classes": int(meta["num_classes"]),
-                      "class_names": meta["class_names"], "dataset": meta["dataset"],
-                      "scale_factor": scale if cfg.space == "latent" else None}
-        metrics = {**acc, "final_loss": last.get("loss"), "steps": trainer.step, "test_count": len(y_test),
-                   "wall_seconds": round(seconds, 2), "num_workers": world}
-        inputs = {AUTOENCODER: input_model(AUTOENCODER)} if cfg.space == "latent" else None
-        prov = provenance(STAGE, OUT, params.to_dict("project", *SECTIONS[2:]), data_checksums(shard_dir), run,
-                          metrics, seconds, inputs)
-        what = (f"Noisy classifier p(y | x_t, t) (`NoisyClassifier`, "
-                f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters) of {meta['dataset']} in "
-                f"{cfg.space} space {list(meta['sample_shape'])}, {meta['num_classes']} classes, trained on the "
-                f"forward process of schedule `{params.schedule.name}` (T = {params.schedule.num_timesteps}); "
-                f"it guides the diffusion model (classifier guidance).")
-        save_model_dir(OUT, trainer.model, {"diffusion": diffusion_spec(params.schedule, params.diffusion),
-                                            "data": data_block},
-                       extra_files=model_files(prov, f"Noisy classifier: {meta['dataset']}", what))
-        atomic_write_json(METRICS, metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if k not in ("steps", "num_workers")})
-        publish_model(OUT, params.project)
-        if run.active:
-            from pipeline.mlflow_models import log_model_folder
+        if rank == 0:
+            _finish(params, run, trainer, diffusion, shard_dir, meta, scale, last, seconds, world)
 
-            log_model_folder(run, OUT)
+
+def _finish(params, run, trainer: Trainer, diffusion, shard_dir: Path, meta: dict, scale: float, last: dict,
+            seconds: float, world: int) -> None:
+    """Rank 0 after the last step: test accuracy per timestep quarter, the model folder with its card and
+    provenance, metrics, publishing (storage root) and MLflow's model."""
+    cfg = params.train_classifier
+    x_test, y_test = load_split(shard_dir, "test", meta=meta, verify_checksums=params.data.verify_checksums)
+    acc = evaluate_noisy_classifier(trainer.model.eval(), diffusion, x_test * scale, y_test,
+                                    repeats=cfg.eval_repeats, seed=cfg.seed)
+    data_block = {"space": cfg.space, "shape": list(meta["sample_shape"]), "num_classes": int(meta["num_classes"]),
+                  "class_names": meta["class_names"], "dataset": meta["dataset"],
+                  "scale_factor": scale if cfg.space == "latent" else None}
+    metrics = {**acc, "final_loss": last.get("loss"), "steps": trainer.step, "test_count": len(y_test),
+               "wall_seconds": round(seconds, 2), "num_workers": world}
+    inputs = {AUTOENCODER: input_model(AUTOENCODER)} if cfg.space == "latent" else None
+    prov = provenance(STAGE, OUT, params.to_dict("project", *SECTIONS[2:]), data_checksums(shard_dir), run,
+                      metrics, seconds, inputs)
+    what = (f"Noisy classifier p(y | x_t, t) (`NoisyClassifier`, "
+            f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters) of {meta['dataset']} in "
+            f"{cfg.space} space {list(meta['sample_shape'])}, {meta['num_classes']} classes, trained on the "
+            f"forward process of schedule `{params.schedule.name}` (T = {params.schedule.num_timesteps}); "
+            f"it guides the diffusion model (classifier guidance).")
+    save_model_dir(OUT, trainer.model, {"diffusion": diffusion_spec(params.schedule, params.diffusion),
+                                        "data": data_block},
+                   extra_files=model_files(prov, f"Noisy classifier: {meta['dataset']}", what))
+    atomic_write_json(METRICS, metrics)
+    run.log_metrics({k: v for k, v in metrics.items() if k not in ("steps", "num_workers")})
+    publish_model(OUT, params.project)
+    if run.active:
+        from pipeline.mlflow_models import log_model_folder
+
+        log_model_folder(run, OUT)
 
 
 def _run(args) -> None:
