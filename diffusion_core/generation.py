@@ -81,7 +81,8 @@ def check_device(device: str | torch.device | None) -> torch.device:
 def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int | None, eta: float,
                    guidance_kind: str, scale: float, classifier_bundle: ClassifierBundle | None,
                    classes: Sequence[int] | None, batch_size: int, spacing: str, options: dict | None = None) -> dict:
-    """SamplingError (one line) for every option or combination that cannot work; returns the sampler's options."""
+    """SamplingError (one line) for every option or combination that cannot work; returns the sampler's options.
+    (Over 40 lines: a flat list of independent checks, one per option, kept in the one place that validates them.)"""
     T = bundle.diffusion.num_timesteps
     try:
         resolved = sampler_options(sampler, eta, options)
