@@ -140,40 +140,15 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.8))
     rows = [r for r in rows if _ok(r.get("fd_domain")) and _ok(r.get("nfe"))]
     ref = reference_setting(rows)
-    band = converged_reference(rows)
-    if band is not None:
-        sd = band.get("fd_domain_std") or 0.0
-        label = (f"DDPM-{band['steps']} ({band['nfe']:.0f} NFE), {band.get('seed_sets', 1)} set(s)"
-                 + (f" +- {sd:.3g}" if sd else ""))
-        ax.axhspan(band["fd_domain"] - sd, band["fd_domain"] + sd, color="grey", alpha=0.25, label=label)
-        ax.axhline(band["fd_domain"], color="grey", lw=1)
+    _reference_band(ax, converged_reference(rows))
     common_n = _common_n(rows)
-
-    def line_of(r):  # one line per sampler and grid (a grid other than trailing is named)
-        sp = r.get("spacing") or "trailing"
-        return r["sampler"] if sp == "trailing" else f"{r['sampler']} ({sp})"
-
-    for sampler in sorted({line_of(r) for r in rows}):
-        line = sorted((r for r in rows if line_of(r) == sampler and (r["guidance"], r["scale"], r["eta"]) == ref),
-                      key=lambda r: r["nfe"])
-        if line:
-            err = [r.get("fd_domain_std") or 0.0 for r in line]
-            ax.errorbar([r["nfe"] for r in line], [r["fd_domain"] for r in line], yerr=err, fmt="o-", capsize=3,
-                        label=sampler)
-            for r in line:
-                if r["num_samples"] != common_n:
-                    ax.annotate(f"n={r['num_samples']}", (r["nfe"], r["fd_domain"]), fontsize=7)
+    _sampler_lines(ax, [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref], common_n)
     others = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) != ref]
     for r in others:
         ax.plot(r["nfe"], r["fd_domain"], "x", color="grey")
         ax.annotate(f"{r['sampler']} {_setting(r)}" + (f" eta {r['eta']:g}" if r["eta"] else ""),
                     (r["nfe"], r["fd_domain"]), fontsize=6, color="grey")
-    ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    ax.set_xticks(sorted({int(round(r["nfe"])) for r in rows}))  # label the NFEs measured, not every log tick
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    _nfe_axis(ax, rows)
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel("fd_domain (lower is better)")
     if ref is not None:
@@ -184,6 +159,44 @@ def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     _save(fig, path)
+
+
+def _sampler_lines(ax, rows: Sequence[dict], common_n: int | None) -> None:
+    """One line per sampler and grid (a grid other than trailing is named), error bars one std over the seed sets;
+    a point's sample count is written where it differs from common_n."""
+    def line_of(r):
+        sp = r.get("spacing") or "trailing"
+        return r["sampler"] if sp == "trailing" else f"{r['sampler']} ({sp})"
+
+    for sampler in sorted({line_of(r) for r in rows}):
+        line = sorted((r for r in rows if line_of(r) == sampler), key=lambda r: r["nfe"])
+        err = [r.get("fd_domain_std") or 0.0 for r in line]
+        ax.errorbar([r["nfe"] for r in line], [r["fd_domain"] for r in line], yerr=err, fmt="o-", capsize=3,
+                    label=sampler)
+        for r in line:
+            if r["num_samples"] != common_n:
+                ax.annotate(f"n={r['num_samples']}", (r["nfe"], r["fd_domain"]), fontsize=7)
+
+
+def _reference_band(ax, band: dict | None) -> None:
+    """The converged reference as a grey band, mean +- std over its seed sets (nothing without one)."""
+    if band is None:
+        return
+    sd = band.get("fd_domain_std") or 0.0
+    label = (f"DDPM-{band['steps']} ({band['nfe']:.0f} NFE), {band.get('seed_sets', 1)} set(s)"
+             + (f" +- {sd:.3g}" if sd else ""))
+    ax.axhspan(band["fd_domain"] - sd, band["fd_domain"] + sd, color="grey", alpha=0.25, label=label)
+    ax.axhline(band["fd_domain"], color="grey", lw=1)
+
+
+def _nfe_axis(ax, rows: Sequence[dict]) -> None:
+    """Log x axis ticked at the NFEs measured (not at every power of ten)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({int(round(r["nfe"])) for r in rows}))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_guidance(rows: Sequence[dict], path: str | os.PathLike) -> None:
