@@ -22,13 +22,12 @@ from diffusion_core.autoencoding import (
 from diffusion_core.checkpoint import save_model_dir
 from diffusion_core.data import load_split, read_meta
 from diffusion_core.data.preview import save_image_grid
-from diffusion_core.io import atomic_write_json
 from diffusion_core.training import NumericalError
 from pipeline.config import ConfigError, load_params
 from pipeline.provenance import data_checksums, model_files, provenance
 from pipeline.tracking import start_run
 
-from ._stage import publish_model, run_stage
+from ._stage import finish_model, run_stage
 
 STAGE = "train_autoencoder"
 SHARDS, MODEL_DIR = "data/shards", "models/autoencoder"
@@ -114,12 +113,7 @@ def _save(model, params, meta: dict, image_size: int, x_test: torch.Tensor, test
             f"latent space and decodes through it.")
     save_model_dir(MODEL_DIR, model, {"data": data_info, "train": cfg.model_dump(mode="json")},
                    extra_files=model_files(prov, f"Autoencoder: {meta['dataset']}", what))
-    atomic_write_json(METRICS, metrics)
-    publish_model(MODEL_DIR, params.project)
-    if run.active:
-        from pipeline.mlflow_models import log_model_folder
-
-        log_model_folder(run, MODEL_DIR)
+    finish_model(run, MODEL_DIR, METRICS, metrics, params.project)
     return metrics
 
 

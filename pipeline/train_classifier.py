@@ -18,7 +18,7 @@ import torch
 from diffusion_core.checkpoint import CheckpointError, save_model_dir
 from diffusion_core.classifiers import NoisyClassifierObjective, build_noisy_classifier, evaluate_noisy_classifier
 from diffusion_core.data import DataError, load_split, read_meta
-from diffusion_core.io import OutputError, atomic_write_json
+from diffusion_core.io import OutputError
 from diffusion_core.pretrained import diffusion_spec
 from diffusion_core.training import (
     LoopHooks,
@@ -33,7 +33,7 @@ from pipeline.provenance import data_checksums, input_model, model_files, proven
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import report, run_torch_trainer, worker_context
-from ._stage import publish_model, run_stage, worker_params
+from ._stage import finish_model, run_stage, worker_params
 
 STAGE = "train_classifier"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
@@ -105,13 +105,8 @@ def _finish(params, run, trainer: Trainer, diffusion, shard_dir: Path, meta: dic
     save_model_dir(OUT, trainer.model, {"diffusion": diffusion_spec(params.schedule, params.diffusion),
                                         "data": data_block},
                    extra_files=model_files(prov, f"Noisy classifier: {meta['dataset']}", what))
-    atomic_write_json(METRICS, metrics)
     run.log_metrics({k: v for k, v in metrics.items() if k not in ("steps", "num_workers")})
-    publish_model(OUT, params.project)
-    if run.active:
-        from pipeline.mlflow_models import log_model_folder
-
-        log_model_folder(run, OUT)
+    finish_model(run, OUT, METRICS, metrics, params.project)
 
 
 def _run(args) -> None:

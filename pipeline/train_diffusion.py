@@ -39,7 +39,7 @@ from pipeline.provenance import data_checksums, input_model, model_files, proven
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import latest_ray_checkpoint, remove_run, report, run_torch_trainer, worker_context
-from ._stage import publish_model, run_stage, storage_root, worker_params
+from ._stage import finish_model, run_stage, storage_root, worker_params
 
 STAGE = "train_diffusion"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
@@ -176,14 +176,9 @@ def _finish(params, run, trainer: Trainer, spec: dict, data_block: dict, latent:
                        extra_files=_model_files(params, run, metrics, trainer, shard_dir, latent))
     atomic_write_json(CURVE, trainer.history)
     atomic_write_json(WORKERS, workers)
-    atomic_write_json(METRICS, metrics)
     run.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    publish_model(OUT, params.project)
-    if run.active:
-        from pipeline.mlflow_models import log_model_folder
-
-        log_model_folder(run, OUT, diffusion=True, autoencoder=AUTOENCODER if latent else None,
-                         register_as=registered_name(params.project.experiment))
+    finish_model(run, OUT, METRICS, metrics, params.project, diffusion=True,
+                 autoencoder=AUTOENCODER if latent else None, register_as=registered_name(params.project.experiment))
     print(f"{STAGE}: {trainer.step} steps, final loss {final_loss}, {metrics['samples_per_second']} "
           f"samples/s -> {OUT}/", flush=True)
 

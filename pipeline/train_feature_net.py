@@ -16,13 +16,12 @@ import torch
 from diffusion_core.checkpoint import save_model_dir
 from diffusion_core.classifiers import classification_accuracy, train_feature_net
 from diffusion_core.data import DataError, load_split, read_meta
-from diffusion_core.io import atomic_write_json
 from diffusion_core.models import FeatureNet
 from pipeline.config import load_params
 from pipeline.provenance import data_checksums, model_files, provenance
 from pipeline.tracking import start_run
 
-from ._stage import publish_model, run_stage
+from ._stage import finish_model, run_stage
 
 STAGE = "train_feature_net"
 SECTIONS = ("project", "tracking", "data", STAGE)
@@ -55,27 +54,29 @@ def _run(args) -> None:
                                  max_shift=cfg.max_shift, label_smoothing=cfg.label_smoothing, seed=cfg.seed,
                                  log_every=cfg.log_every, log_fn=log)
         seconds = time.perf_counter() - t0
-        data_block = {"space": "pixel", "shape": [c, h, h], "num_classes": int(meta["num_classes"]),
-                      "class_names": meta["class_names"], "dataset": meta["dataset"]}
         metrics = {"test_accuracy": classification_accuracy(model, x_test, y_test), "train_loss": last["loss"],
                    "train_accuracy": last["train_accuracy"], "steps": cfg.steps, "train_count": len(y),
                    "test_count": len(y_test), "wall_seconds": round(seconds, 2)}
-        prov = provenance(STAGE, OUT, params.to_dict("project", "data", STAGE), data_checksums(SHARDS), run, metrics,
-                          seconds)
-        what = (f"Clean-image classifier (`FeatureNet`, {sum(p.numel() for p in model.parameters()):,} parameters) of "
-                f"{meta['dataset']} images {c} x {h} x {h}, {meta['num_classes']} classes; its {cfg.feature_dim}-d "
-                f"penultimate features are the domain FID/KID embedding of the evaluate stage.")
-        save_model_dir(OUT, model, {"data": data_block, "feature_dim": cfg.feature_dim},
-                       extra_files=model_files(prov, f"Feature net: {meta['dataset']}", what))
-        atomic_write_json(METRICS, metrics)
-        publish_model(OUT, params.project)
-        if run.active:
-            from pipeline.mlflow_models import log_model_folder
-
-            log_model_folder(run, OUT)
+        _save(model, params, meta, metrics, seconds, run)
         run.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
     print(f"{STAGE}: test accuracy {metrics['test_accuracy']:.4f} on {len(y_test)} {meta['dataset']} test images "
           f"({seconds:.1f} s) -> {OUT}/")
+
+
+def _save(model, params, meta: dict, metrics: dict, seconds: float, run) -> None:
+    """The model folder with its card and provenance, the metrics file, publishing and MLflow's model."""
+    cfg = params.train_feature_net
+    c, h, _ = meta["sample_shape"]
+    data_block = {"space": "pixel", "shape": [c, h, h], "num_classes": int(meta["num_classes"]),
+                  "class_names": meta["class_names"], "dataset": meta["dataset"]}
+    prov = provenance(STAGE, OUT, params.to_dict("project", "data", STAGE), data_checksums(SHARDS), run, metrics,
+                      seconds)
+    what = (f"Clean-image classifier (`FeatureNet`, {sum(p.numel() for p in model.parameters()):,} parameters) of "
+            f"{meta['dataset']} images {c} x {h} x {h}, {meta['num_classes']} classes; its {cfg.feature_dim}-d "
+            f"penultimate features are the domain FID/KID embedding of the evaluate stage.")
+    save_model_dir(OUT, model, {"data": data_block, "feature_dim": cfg.feature_dim},
+                   extra_files=model_files(prov, f"Feature net: {meta['dataset']}", what))
+    finish_model(run, OUT, METRICS, metrics, params.project)
 
 
 def main(argv=None) -> int:
