@@ -61,6 +61,24 @@ def remove_stale_dirs(parent: str | os.PathLike, prefix: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staging_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A fresh hidden temp folder `parent/<prefix>*` to build an output in before it is swapped into place
+    (`replace_dir`); stale ones a killed run left are removed first, this one on exit whatever happens.
+    OutputError (one line) when `parent` cannot be written."""
+    parent = Path(parent)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_dirs(parent, prefix)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as e:
+        raise OutputError(f"cannot write into {parent}: {e.strerror or e}; choose a writable folder") from e
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 

@@ -9,9 +9,7 @@ Each sample holds `npy` = the RAW posterior mean z (float32 C x h x w, NOT scale
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from diffusion_core.autoencoding import encode_means, latent_scale_factor
 from diffusion_core.checkpoint import load_model_dir
 from diffusion_core.data import build_meta, load_split, read_meta, write_array_split, write_meta
 from diffusion_core.data.shards import META_NAME, replace_dir
-from diffusion_core.io import OutputError, atomic_write_json, remove_stale_dirs
+from diffusion_core.io import atomic_write_json, staging_dir
 from pipeline.config import load_params
 from pipeline.tracking import start_run
 
@@ -47,25 +45,7 @@ def _run(args) -> None:
             x, y[split] = load_split(SHARDS, split, meta=meta)
             z[split] = encode_means(model, x, cfg.batch_size)
         scale = latent_scale_factor(z["train"])
-        try:
-            LATENTS.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_dirs(LATENTS.parent, ".encode_latents-")  # left by a run that was killed
-            tmp = Path(tempfile.mkdtemp(prefix=".encode_latents-", dir=LATENTS.parent))
-        except OSError as e:
-            raise OutputError(f"cannot write into {LATENTS.parent}: {e.strerror or e}") from e
-        try:
-            shards = {s: write_array_split(tmp / LATENTS.name, s, z[s].numpy(), y[s].numpy(), cfg.samples_per_shard,
-                                           payload="npy") for s in z}
-            latent_meta = build_meta(
-                dataset=meta["dataset"], kind="latent", payload="npy", sample_shape=z["train"].shape[1:],
-                class_names=meta["class_names"], labels={s: y[s].numpy() for s in y}, shards=shards,
-                scale_factor=scale, scaling=SCALING_NOTE, image_shape=[meta["channels"], *meta["image_size"]],
-                autoencoder={"dir": MODEL_DIR, "checksums": model_cfg["checksums"]}, source_shards=SHARDS,
-            )
-            write_meta(tmp / LATENTS.name / META_NAME, latent_meta)
-            replace_dir(tmp / LATENTS.name, LATENTS)  # shards and meta.json swap in together
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_latents(z, y, scale, meta, model_cfg, cfg.samples_per_shard)
         zt = z["train"].double()
         metrics = {"scale_factor": scale, "latent_mean": zt.mean().item(), "latent_std": zt.std().item(),
                    "scaled_mean": (zt * scale).mean().item(), "scaled_std": (zt * scale).std().item(),
@@ -77,6 +57,21 @@ def _run(args) -> None:
         run.log_artifact(LATENTS / META_NAME)
     print(f"{STAGE}: {metrics['train_count']} train / {metrics['test_count']} test latents "
           f"{'x'.join(map(str, metrics['latent_shape']))}, scale_factor {scale:.5f} -> {LATENTS}")
+
+
+def _write_latents(z: dict, y: dict, scale: float, meta: dict, model_cfg: dict, samples_per_shard: int) -> None:
+    """data/latents (shards of both splits and meta.json) written in a temp folder, swapped in as a whole."""
+    with staging_dir(LATENTS.parent, ".encode_latents-") as tmp:
+        shards = {s: write_array_split(tmp / LATENTS.name, s, z[s].numpy(), y[s].numpy(), samples_per_shard,
+                                       payload="npy") for s in z}
+        latent_meta = build_meta(
+            dataset=meta["dataset"], kind="latent", payload="npy", sample_shape=z["train"].shape[1:],
+            class_names=meta["class_names"], labels={s: y[s].numpy() for s in y}, shards=shards,
+            scale_factor=scale, scaling=SCALING_NOTE, image_shape=[meta["channels"], *meta["image_size"]],
+            autoencoder={"dir": MODEL_DIR, "checksums": model_cfg["checksums"]}, source_shards=SHARDS,
+        )
+        write_meta(tmp / LATENTS.name / META_NAME, latent_meta)
+        replace_dir(tmp / LATENTS.name, LATENTS)  # shards and meta.json swap in together
 
 
 def main(argv=None) -> int:

@@ -5,16 +5,14 @@ when its weights can be had), plus `metrics/reference_stats.json`. Computed once
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from diffusion_core.data import load_split, read_meta
 from diffusion_core.data.shards import replace_dir
 from diffusion_core.evaluation import DOMAIN, INCEPTION, reference_path
-from diffusion_core.io import OutputError, atomic_write_json, remove_stale_dirs
+from diffusion_core.io import atomic_write_json, staging_dir
 from pipeline.config import load_params
 
 from ._stage import run_stage
@@ -40,13 +38,7 @@ def _run(args) -> None:
         t0 = time.perf_counter()
         # the whole folder is written aside and swapped in: readers see the old set of files or the new one, and
         # an extractor dropped from params leaves no old file behind
-        try:
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_dirs(OUT.parent, TMP_PREFIX)  # left by a run that was killed
-            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=OUT.parent))
-        except OSError as e:
-            raise OutputError(f"cannot write into {OUT.parent}: {e.strerror or e}") from e
-        try:
+        with staging_dir(OUT.parent, TMP_PREFIX) as tmp:
             new = tmp / OUT.name
             stats = {DOMAIN: reference_stats(real, domain_extractor(str(FEATURE_NET)), reference_path(new, DOMAIN),
                                              batch_size=cfg.batch_size)}
@@ -55,8 +47,6 @@ def _run(args) -> None:
                 stats[INCEPTION] = reference_stats(real, inception, reference_path(new, INCEPTION),
                                                    batch_size=cfg.batch_size)
             replace_dir(new, OUT)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         metrics = {"num_real": int(real.shape[0]), "extractors": sorted(stats),
                    **{f"feature_dim_{k}": int(v.mu.shape[0]) for k, v in stats.items()},
                    "inception": inception is not None, "wall_seconds": round(time.perf_counter() - t0, 2)}

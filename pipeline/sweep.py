@@ -94,29 +94,16 @@ def training_trial(config: dict) -> None:
     """Tune trainable: a short training run with one (schedule, parameterization); reports every eval_every steps."""
     from ray import tune
 
-    from diffusion_core.data import load_split, read_meta
     from diffusion_core.evaluation import nll_on_test, sample_metrics
     from diffusion_core.generation import generate
-    from diffusion_core.pretrained import load_autoencoder_decoder
-    from diffusion_core.training import load_rank_data
     from pipeline.grid import Stopwatch, short_training
 
     watch = Stopwatch()
     ext, ref = _enter_trial(config)
     params = validate_params(config["params"], SECTIONS)
     t, td, tc, sw = config["trial"], params.train_diffusion, params.sweep.training, params.sweep
-    latent = td.space == "latent"
-    shard_dir = Path("data/latents" if latent else "data/shards")
-    meta = read_meta(shard_dir)
-    scale = float(meta["scale_factor"]) if latent else 1.0
-    data = load_rank_data(shard_dir, params.data, 0, 1, scale=scale)
-    decoder = load_autoencoder_decoder(AUTOENCODER, scale) if latent else None
-    num_classes = int(meta["num_classes"]) if td.conditional else None
-    data_block = {"space": td.space, "shape": list(meta["sample_shape"]), "num_classes": num_classes, "kind": "image",
-                  "label_dropout": td.label_dropout if num_classes is not None else 0.0}
-    x_test = y_test = None
-    if not latent and tc.nll_samples >= 2:
-        x_test, y_test = load_split(shard_dir, "test", meta=meta)
+    data, decoder, data_block, x_test, y_test = _trial_data(params)
+    num_classes = data_block["num_classes"]
     schedule = params.schedule.model_copy(update={"name": t["schedule"]})
     diffusion = params.diffusion.model_copy(update={"parameterization": t["parameterization"]})
     guidance = tc.eval_guidance if num_classes is not None else "none"
@@ -137,6 +124,29 @@ def training_trial(config: dict) -> None:
 
     short_training(td, schedule, diffusion, data, data_block, decoder, steps=tc.steps, batch_size=tc.batch_size,
                    eval_every=tc.eval_every, on_eval=on_eval)
+
+
+def _trial_data(params) -> tuple:
+    """(training data in memory, the latent decoder or None, the model folder's data block, test images and labels
+    for NLL or None, None): what train_diffusion would train on, pixels or scaled latents."""
+    from diffusion_core.data import load_split, read_meta
+    from diffusion_core.pretrained import load_autoencoder_decoder
+    from diffusion_core.training import load_rank_data
+
+    td, tc = params.train_diffusion, params.sweep.training
+    latent = td.space == "latent"
+    shard_dir = Path("data/latents" if latent else "data/shards")
+    meta = read_meta(shard_dir)
+    scale = float(meta["scale_factor"]) if latent else 1.0
+    data = load_rank_data(shard_dir, params.data, 0, 1, scale=scale)
+    decoder = load_autoencoder_decoder(AUTOENCODER, scale) if latent else None
+    num_classes = int(meta["num_classes"]) if td.conditional else None
+    data_block = {"space": td.space, "shape": list(meta["sample_shape"]), "num_classes": num_classes, "kind": "image",
+                  "label_dropout": td.label_dropout if num_classes is not None else 0.0}
+    x_test = y_test = None
+    if not latent and tc.nll_samples >= 2:
+        x_test, y_test = load_split(shard_dir, "test", meta=meta)
+    return data, decoder, data_block, x_test, y_test
 
 
 def _cross_point(bundle, sub: dict, config: dict, conditional: bool, ref, ext) -> dict:
