@@ -291,6 +291,19 @@ def _nfe(result: dict) -> dict:
     return {"nfe": np.float64(result["nfe"])} if "nfe" in result else {}
 
 
+def _save_points(out: Path, result: dict, labels: np.ndarray, seeds: np.ndarray) -> list[Path]:
+    """Point samples: a scatter plot (`out` ending in .png), or samples.npz and grid.png in the folder `out`."""
+    from .data.preview import save_scatter
+
+    scatter_labels = np.where(labels >= 0, labels, 0)
+    if out.suffix.lower() == ".png":
+        save_scatter(result["points"], scatter_labels, out, title="samples")
+        return [out]
+    _write_npz(out / "samples.npz", points=result["points"], labels=labels, seeds=seeds, **_nfe(result))
+    save_scatter(result["points"], scatter_labels, out / "grid.png", title="samples")
+    return [out / "samples.npz", out / "grid.png"]
+
+
 def save_samples(out: str | os.PathLike, result: dict, nrow: int | None = None) -> list[Path]:
     """Write `generate`'s result; returns the paths written.
 
@@ -298,7 +311,7 @@ def save_samples(out: str | os.PathLike, result: dict, nrow: int | None = None) 
     (images uint8 [N, H, W, C], labels, seeds) and `grid.png`; every file atomically, and stale `seed-*.png` of an
     earlier, larger run removed. Point data gets a scatter plot instead of images.
     """
-    from .data.preview import save_image_grid, save_scatter
+    from .data.preview import save_image_grid
 
     out = Path(out)
     labels, seeds = np.asarray(result["labels"]), np.asarray(result["seeds"])
@@ -306,13 +319,7 @@ def save_samples(out: str | os.PathLike, result: dict, nrow: int | None = None) 
         distinct = len(np.unique(labels[labels >= 0]))
         nrow = distinct if 1 < distinct <= 20 else min(len(seeds), 10)
     if "points" in result:
-        scatter_labels = np.where(labels >= 0, labels, 0)
-        if out.suffix.lower() == ".png":
-            save_scatter(result["points"], scatter_labels, out, title="samples")
-            return [out]
-        _write_npz(out / "samples.npz", points=result["points"], labels=labels, seeds=seeds, **_nfe(result))
-        save_scatter(result["points"], scatter_labels, out / "grid.png", title="samples")
-        return [out / "samples.npz", out / "grid.png"]
+        return _save_points(out, result, labels, seeds)
     images = np.asarray(result["images"])
     if images.dtype != np.uint8 or images.ndim != 4:
         raise SamplingError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
