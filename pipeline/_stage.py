@@ -62,21 +62,6 @@ def publish_model(folder: str | os.PathLike, project) -> str | None:
     return url
 
 
-def finish_model(run, folder: str | os.PathLike, metrics_path: str | os.PathLike, metrics: dict, project,
-                 **log_model: object) -> None:
-    """The common end of a training stage once its model folder is written: the metrics file, the folder
-    published under the storage root, and the folder logged as an MLflow model (`log_model`: that call's
-    options, e.g. register_as)."""
-    from diffusion_core.io import atomic_write_json
-
-    atomic_write_json(metrics_path, metrics)
-    publish_model(folder, project)
-    if run.active:
-        from pipeline.mlflow_models import log_model_folder
-
-        log_model_folder(run, folder, **log_model)
-
-
 def one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in msg:

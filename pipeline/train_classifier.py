@@ -29,11 +29,11 @@ from diffusion_core.training import (
     train_loop,
 )
 from pipeline.config import ConfigError, load_params, validate_params
-from pipeline.provenance import data_checksums, input_model, model_files, provenance
+from pipeline.provenance import data_checksums, finish_model, input_model, model_files, provenance
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import report, run_torch_trainer, worker_context
-from ._stage import finish_model, run_stage, worker_params
+from ._stage import run_stage, worker_params
 
 STAGE = "train_classifier"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)

@@ -35,11 +35,11 @@ from diffusion_core.training import (
     weights_sha256,
 )
 from pipeline.config import ConfigError, load_params, params_hash, validate_params
-from pipeline.provenance import data_checksums, input_model, model_files, provenance, registered_name
+from pipeline.provenance import data_checksums, finish_model, input_model, model_files, provenance, registered_name
 from pipeline.tracking import TrackingError, start_run
 
 from ._ray import latest_ray_checkpoint, remove_run, report, run_torch_trainer, worker_context
-from ._stage import finish_model, run_stage, storage_root, worker_params
+from ._stage import run_stage, storage_root, worker_params
 
 STAGE = "train_diffusion"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)

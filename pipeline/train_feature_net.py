@@ -18,10 +18,10 @@ from diffusion_core.classifiers import classification_accuracy, train_feature_ne
 from diffusion_core.data import DataError, load_split, read_meta
 from diffusion_core.models import FeatureNet
 from pipeline.config import load_params
-from pipeline.provenance import data_checksums, model_files, provenance
+from pipeline.provenance import data_checksums, finish_model, model_files, provenance
 from pipeline.tracking import start_run
 
-from ._stage import finish_model, run_stage
+from ._stage import run_stage
 
 STAGE = "train_feature_net"
 SECTIONS = ("project", "tracking", "data", STAGE)
