@@ -24,8 +24,9 @@ test: $(STAMP)
 	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
+# the inner loop: unit and oracle tests on 2 xdist workers (one per core)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
