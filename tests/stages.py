@@ -38,3 +38,15 @@ def group_pids(pgid: int) -> set[int]:
         except OSError:
             pass
     return pids
+
+
+def dashboard_answers(api: str, token: str) -> bool:
+    """Ray's dashboard at `api` (http://host:port) answers an authenticated request (token auth on)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{api}/api/version", headers={"Authorization": f"Bearer {token}"})
+    try:
+        urllib.request.urlopen(req, timeout=2)
+        return True
+    except OSError:
+        return False

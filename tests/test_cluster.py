@@ -24,7 +24,7 @@ import torch
 
 from diffusion_core.checkpoint import load_model_dir
 
-from .stages import ROOT, stage_env
+from .stages import ROOT, dashboard_answers, stage_env
 from .test_train_diffusion import _cmd, _steps, _wait_for, _workdir
 
 pytestmark = pytest.mark.slow
@@ -176,17 +176,10 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
 
 
 def _wait_for_dashboard(api: str, token: str, timeout: float = 180) -> None:
-    import urllib.request
-
     deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{api}/api/version",
-                                                          headers={"Authorization": f"Bearer {token}"}), timeout=2)
-            return
-        except OSError:
-            assert time.time() < deadline, f"the test cluster's dashboard did not answer at {api}"
-            time.sleep(1)
+    while not dashboard_answers(api, token):
+        assert time.time() < deadline, f"the test cluster's dashboard did not answer at {api}"
+        time.sleep(1)
 
 
 def _job_status(ray_job, job_id: str) -> str:

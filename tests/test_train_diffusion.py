@@ -31,7 +31,7 @@ from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.samplers import sample
 from pipeline import train_diffusion
 
-from .stages import group_pids, listening_ips, stage_env
+from .stages import dashboard_answers, group_pids, listening_ips, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -407,13 +407,7 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         port, dash = _free_port(), _free_port()
 
         def ready() -> bool:
-            req = urllib.request.Request(f"http://127.0.0.1:{dash}/api/version",
-                                         headers={"Authorization": f"Bearer {token}"})
-            try:
-                urllib.request.urlopen(req, timeout=2)
-                return True
-            except OSError:
-                return False
+            return dashboard_answers(f"http://127.0.0.1:{dash}", token)
 
         return ["--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
