@@ -154,28 +154,34 @@ def default_cache() -> Path:
 def fetch_dir(url: str, cache: str | os.PathLike | None = None) -> Path:
     """Local copy of the model folder at `url` (its LATEST version), downloaded once per version into `cache`."""
     version = latest_version(url)
-    fs, root = _fs(url)
-    src = posixpath.join(root, version) if version else root
     key = hashlib.sha256(f"{url.rstrip('/')}\n{version or ''}".encode()).hexdigest()[:16]
     base = Path(cache) if cache is not None else default_cache()
     dest = base / "models" / f"{posixpath.basename(url.rstrip('/'))}-{key}"
     if version and (dest / "config.json").is_file():
         return dest  # a version never changes once its pointer names it
     base.joinpath("models").mkdir(parents=True, exist_ok=True)
+    src = join(url, version) if version else url
+    download_folder(src, dest, skip=lambda rel: rel == POINTER or rel.startswith("v-"))
+    return dest
+
+
+def download_folder(url: str, dest: str | os.PathLike, skip=lambda rel: False) -> Path:
+    """Every file under `url` (but those whose relative path `skip` names) into the local folder `dest`, swapped in
+    whole: downloaded into a temp folder beside it, then renamed (an older `dest` is replaced)."""
+    fs, src = _fs(url)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         for path in fs.find(src):
             rel = posixpath.relpath(path, src)
-            if rel == POINTER or rel.startswith("v-"):
+            if skip(rel):
                 continue
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(path, str(tmp / rel))
         if dest.exists():
-            shutil.rmtree(dest)  # an unversioned folder is fetched anew each time
+            shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except StorageError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _fail(url, "download", e) from e
@@ -191,6 +197,71 @@ def local_model_path(path: str | os.PathLike) -> Path:
     if (path / POINTER).is_file() and not (path / "config.json").exists():
         return path / _read_pointer(_fs(str(path))[0], str(path))
     return path
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object at `url` (a shard, a meta.json). FileNotFoundError where there is none; StorageError for
+    the store's other failures (no client, no access, no endpoint)."""
+    fs, path = _fs(url)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise _fail(url, "read", e) from e
+
+
+def remove(url: str) -> None:
+    """Delete everything under `url` (nothing there: nothing to do)."""
+    fs, path = _fs(url)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        raise _fail(url, "remove", e) from e
+
+
+def upload_folder(local: str | os.PathLike, url: str, last: str | None = None) -> None:
+    """Copy every file under the local folder `local` to `url`, the file named `last` (relative) after all others:
+    a reader that finds it finds everything beside it. It is written atomically (one PUT on an object store; temp
+    file then rename on a path)."""
+    local = Path(local)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.relative_to(local).as_posix() == last)
+    fs, root = _fs(url)
+    try:
+        for f in files:
+            target = posixpath.join(root, f.relative_to(local).as_posix())
+            if _is_local(fs):  # a mounted path: folders are made, and the last file goes in by rename
+                fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                if f.relative_to(local).as_posix() == last:
+                    from .io import atomic_write_bytes
+
+                    atomic_write_bytes(target, f.read_bytes())
+                    continue
+            fs.put_file(str(f), target)
+    except Exception as e:
+        raise _fail(url, "upload to", e) from e
+
+
+def upload_shards(local: str | os.PathLike, url: str) -> bool:
+    """Copy the shard folder `local` (tars + meta.json) to `url`, meta.json last. A folder whose meta.json is already
+    there byte for byte is not uploaded again (callers name `url` by the meta's hash, so equal meta means equal
+    shards, whose sha256 the meta holds). Returns whether it uploaded."""
+    local = Path(local)
+    if not (local / "meta.json").is_file():
+        raise StorageError(f"{local} has no meta.json: rerun the stage that writes these shards")
+    fs, root = _fs(url)
+    try:
+        there = fs.cat_file(posixpath.join(root, "meta.json"))
+    except FileNotFoundError:
+        there = None
+    except Exception as e:
+        raise _fail(url, "read", e) from e
+    if there == (local / "meta.json").read_bytes():
+        return False
+    upload_folder(local, url, last="meta.json")
+    return True
 
 
 def find_beside(url: str, relative: str) -> str | None:
@@ -209,5 +280,6 @@ def find_beside(url: str, relative: str) -> str | None:
     return None
 
 
-__all__ = ["POINTER", "StorageError", "default_cache", "fetch_dir", "find_beside", "is_url", "join",
-           "latest_version", "local_model_path", "publish_dir"]
+__all__ = ["POINTER", "StorageError", "default_cache", "download_folder", "fetch_dir", "find_beside", "is_url", "join",
+           "latest_version", "local_model_path", "publish_dir", "read_bytes", "remove", "upload_folder",
+           "upload_shards"]

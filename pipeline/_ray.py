@@ -170,20 +170,9 @@ def _quiet_train_reports() -> None:
 
 def remove_run(storage_path: str | os.PathLike, name: str) -> None:
     """Delete Ray's folder of run `name` under `storage_path` (a path or a storage URL); missing is fine."""
-    from diffusion_core.storage import is_url
+    from diffusion_core.storage import join, remove
 
-    if not is_url(storage_path):
-        import shutil
-
-        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
-        return
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(storage_path))
-    try:
-        fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
-    except FileNotFoundError:
-        pass
+    remove(join(str(storage_path), name))
 
 
 def worker_context() -> tuple[int, int]:

@@ -38,6 +38,7 @@ from pipeline.config import ConfigError, load_params, params_hash, validate_para
 from pipeline.provenance import data_checksums, finish_model, input_model, model_files, provenance, registered_name
 from pipeline.tracking import TrackingError, start_run
 
+from . import workspace
 from ._ray import latest_ray_checkpoint, remove_run, report, run_torch_trainer, worker_context
 from ._stage import run_stage, storage_root, worker_params
 
@@ -46,18 +47,22 @@ SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", STAGE)
 CKPT_ROOT, OUT, METRICS = Path("checkpoints") / STAGE, Path("models/diffusion"), Path("metrics/train_diffusion.json")
 CURVE, WORKERS, AUTOENCODER = Path("reports/train_diffusion_loss.json"), Path("reports/train_diffusion_workers.json"), \
     "models/autoencoder"
+OUTPUTS = tuple(str(p) for p in (OUT, METRICS, CURVE, WORKERS))  # what rank 0 writes (pipeline/workspace.py)
 EXPECTED = (ConfigError, DataError, CheckpointError, OutputError, TrackingError, NumericalError)
 
 
 def _source(cfg) -> tuple[Path, dict, dict | None]:
-    """(shard dir, its meta.json, latent block of config.json or None) for train_diffusion.space."""
-    if cfg.space == "pixel":
-        return Path("data/shards"), read_meta(Path("data/shards")), None
-    meta = read_meta(Path("data/latents"))
-    if not (Path(AUTOENCODER) / "config.json").is_file():
+    """The driver's (shard dir, its meta.json, latent block of config.json or None) for train_diffusion.space."""
+    shard_dir = Path("data/shards" if cfg.space == "pixel" else "data/latents")
+    meta = read_meta(shard_dir)
+    if cfg.space == "latent" and not (Path(AUTOENCODER) / "config.json").is_file():
         raise CheckpointError(f"latent space needs {AUTOENCODER}/ to decode samples: run train_autoencoder and "
                               f"encode_latents, or set train_diffusion.space: pixel")
-    return Path("data/latents"), meta, {"autoencoder": AUTOENCODER, "scale_factor": float(meta["scale_factor"])}
+    return shard_dir, meta, _latent(cfg, meta)
+
+
+def _latent(cfg, meta: dict) -> dict | None:
+    return {"autoencoder": AUTOENCODER, "scale_factor": float(meta["scale_factor"])} if cfg.space == "latent" else None
 
 
 def _run_key(params) -> str:
@@ -69,11 +74,13 @@ def _run_key(params) -> str:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    os.chdir(config["root"])
+    tracking_root = workspace.enter(config["ws"])
     rank, world = worker_context()
     params = validate_params(config["params"], SECTIONS)
     cfg = params.train_diffusion
-    shard_dir, meta, latent = _source(cfg)
+    shard_dir = config["ws"]["data"]  # a path, or a URL on the storage root
+    meta = read_meta(shard_dir)
+    latent = _latent(cfg, meta)
     data = load_rank_data(shard_dir, params.data, rank, world, scale=latent["scale_factor"] if latent else 1.0)
     num_classes = int(meta["num_classes"]) if cfg.conditional else None
     sigma_data = data_std(data.x) if params.diffusion.parameterization == "edm" else None
@@ -91,20 +98,23 @@ def train_loop_per_worker(config: dict) -> None:
     extra = {"diffusion": spec, "data": data_block, "latent": latent, "run_key": config["run_key"]}
     continues = _resume(trainer, config, rank)
     with start_run(STAGE, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), params.tracking, rank=rank,
-                   experiment=params.project.experiment, root=config["root"], continues=continues) as run:
+                   experiment=params.project.experiment, root=tracking_root, continues=continues) as run:
         hooks = _hooks(run, trainer, cfg, extra, latent, device)
         train_loop(trainer, data, cfg.steps, cfg.batch_size // world, log_every=cfg.log_every,
                    checkpoint_every=cfg.checkpoint_every, sample_every=cfg.sample_every, hooks=hooks)
         workers = _workers_report(trainer, data, rank, world)
         if rank == 0:
             hooks.sample(trainer)
-            _finish(params, run, trainer, spec, data_block, latent, shard_dir, workers)
+            _finish(params, run, trainer, spec, data_block, latent, config, workers)
+            workspace.send_outputs(config["ws"], OUTPUTS)
 
 
 def _resume(trainer: Trainer, config: dict, rank: int) -> str | None:
     """Load the newest checkpoint of this run_key, Ray's (set after FailureConfig restarted the workers: the one
     to use off-node) or the local one; returns the MLflow run id of the run that wrote it (None: from scratch)."""
     ray_ckpt = latest_ray_checkpoint()
+    if config.get("resume_from"):  # an earlier job's checkpoint on the store (storage root: pipeline/workspace.py)
+        workspace.fetch_checkpoint(config["resume_from"], CKPT_ROOT)
     with ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None) as from_ray:
         candidates = [Path(c) for c in (from_ray, find_last_good_checkpoint(CKPT_ROOT)) if c is not None]
         candidates = [c for c in candidates if read_config(c).get("run_key") == config["run_key"]]
@@ -164,7 +174,7 @@ def _workers_report(trainer: Trainer, data, rank: int, world: int) -> list[dict]
     return workers
 
 
-def _finish(params, run, trainer: Trainer, spec: dict, data_block: dict, latent: dict | None, shard_dir: Path,
+def _finish(params, run, trainer: Trainer, spec: dict, data_block: dict, latent: dict | None, config: dict,
             workers: list[dict]) -> None:
     """Rank 0 after the last step: the model folder, loss curve, workers report and metrics, then publishing
     (storage root) and MLflow's model."""
@@ -173,7 +183,7 @@ def _finish(params, run, trainer: Trainer, spec: dict, data_block: dict, latent:
                "wall_seconds": round(trainer.train_seconds, 2),
                "samples_per_second": round(trainer.samples_seen / max(trainer.train_seconds, 1e-9), 1)}
     save_diffusion_dir(OUT, trainer.model, trainer.ema, spec, data_block, latent,
-                       extra_files=_model_files(params, run, metrics, trainer, shard_dir, latent))
+                       extra_files=_model_files(params, run, metrics, trainer, config))
     atomic_write_json(CURVE, trainer.history)
     atomic_write_json(WORKERS, workers)
     run.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -183,13 +193,14 @@ def _finish(params, run, trainer: Trainer, spec: dict, data_block: dict, latent:
           f"samples/s -> {OUT}/", flush=True)
 
 
-def _model_files(params, run, metrics: dict, trainer: Trainer, shard_dir: Path, latent: dict | None) -> dict:
-    """README.md and provenance.json of models/diffusion (pipeline/provenance.py)."""
+def _model_files(params, run, metrics: dict, trainer: Trainer, config: dict) -> dict:
+    """README.md and provenance.json of models/diffusion (pipeline/provenance.py); the data's and input models'
+    checksums come from the driver, which holds the workspace."""
     cfg, model = params.train_diffusion, trainer.model
-    inputs = {AUTOENCODER: input_model(AUTOENCODER)} if latent else None
-    prov = provenance(STAGE, OUT, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), data_checksums(shard_dir, ("train",)),
-                      run, metrics, trainer.train_seconds, inputs, registered_name(params.project.experiment))
-    data = read_meta(shard_dir)
+    prov = provenance(STAGE, OUT, params.to_dict(*SECTIONS[:1], *SECTIONS[2:]), config["data_checksums"], run, metrics,
+                      trainer.train_seconds, config["input_models"], registered_name(params.project.experiment))
+    data = read_meta(config["ws"]["data"])
+    latent = cfg.space == "latent"
     cond = "class-conditional (label dropout: classifier-free guidance)" if cfg.conditional else "unconditional"
     what = (f"Denoising diffusion model (`{unwrap_model(model).config['kind']}`, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, EMA weights in ema.safetensors) of "
@@ -216,23 +227,31 @@ def _set_aside_stale(run_key: str) -> Path | None:
 def _run(args) -> None:
     params = load_params(args.params, sections=SECTIONS)
     cfg = params.train_diffusion
-    _source(cfg)  # fail here, before Ray starts, if the data or autoencoder is missing
+    shard_dir, _, latent = _source(cfg)  # fail here, before Ray starts, if the data or autoencoder is missing
     run_key = _run_key(params)
     last = _set_aside_stale(run_key)
-    if last is not None:
-        step = int(last.name.split("-")[1])
-        print(f"{STAGE}: resuming from {last} (step {step} of {cfg.steps})", flush=True)
-    # Ray's copies of the checkpoints (what a restarted worker group resumes from, on any node): on the storage
-    # root when there is one, else beside the workspace
     root = storage_root(params.project)
+    # Ray's copies of the checkpoints (what a restarted worker group resumes from, on any node): on the storage
+    # root when there is one (where an earlier job's are found too), else beside the workspace
     storage = join(root, "ray_results") if root else Path("ray_results").resolve()
-    config = {"params": worker_params(params, SECTIONS), "root": str(Path.cwd().resolve()),
-              "run_key": run_key, "ray_storage": str(storage)}
+    earlier = workspace.checkpoint_on_store(storage, STAGE, run_key) if root and last is None else None
+    if last is not None or earlier is not None:
+        where, step = (last, int(last.name.split("-")[1])) if last is not None else earlier[:2]
+        print(f"{STAGE}: resuming from {where} (step {step} of {cfg.steps})", flush=True)
     # a fresh Ray run name each time: resuming is ours (from checkpoints/), not Ray's restore-by-name
     name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    inputs = (AUTOENCODER,) if latent else ()
+    config = {"params": worker_params(params, SECTIONS), "run_key": run_key, "ray_storage": str(storage),
+              "ws": workspace.open_run(name, params.project, shard_dir, inputs),
+              "data_checksums": data_checksums(shard_dir, ("train",)),
+              "input_models": {rel: input_model(rel) for rel in inputs} or None,
+              "resume_from": earlier[0] if earlier else None}
     run_torch_trainer(train_loop_per_worker, config, cfg.scaling, name, storage, keep_checkpoints=cfg.keep_checkpoints,
                       no_retry=(NumericalError,), reraise=EXPECTED)
+    workspace.receive_outputs(config["ws"])
     remove_run(storage, name)  # kept only after a failure
+    if earlier:  # the failed run this one went on from: its checkpoints are superseded
+        remove_run(storage, earlier[2])
     print(f"{STAGE}: wrote {OUT}/ and {METRICS}: {METRICS.read_text().strip()}")
 
 

@@ -2,7 +2,7 @@
 settings once per process): Ray's own test cluster (ray.cluster_utils), a head and one more node of 1 CPU each.
 
     python -m tests.ray_cluster [--dashboard-port P --agent-port Q]
-                        # prints the GCS address, then reads commands on stdin, one a line:
+                        # prints the GCS address and the head's temp dir, then reads commands on stdin, one a line:
         kill   the newest non-head node dies: kill -9 of its raylet, agents and workers
         add    a new 1-CPU node joins
         stop   shut the cluster down and exit
@@ -24,12 +24,13 @@ def main() -> None:
     ap.add_argument("--dashboard-port", type=int, default=None)
     ap.add_argument("--agent-port", type=int, default=None)
     args = ap.parse_args()
-    head = {"num_cpus": 1, "include_dashboard": False}
+    head_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: socket paths must stay < 108 chars
+    head = {"num_cpus": 1, "include_dashboard": False, "temp_dir": head_dir}
     if args.dashboard_port:
         head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port,
                     dashboard_agent_listen_port=args.agent_port)
     cluster = Cluster(initialize_head=True, head_node_args=head)
-    temp_dirs: list[str] = []
+    temp_dirs: list[str] = [head_dir]
 
     def add_node():
         # a temp dir of its own, as another machine has: nodes sharing the head's session folder also share its
@@ -40,7 +41,7 @@ def main() -> None:
         return cluster.add_node(num_cpus=1, temp_dir=temp_dirs[-1], include_log_monitor=True)
 
     nodes = [add_node()]
-    print(cluster.address, flush=True)
+    print(cluster.address, head_dir, flush=True)
     try:
         for line in sys.stdin:
             cmd = line.strip()

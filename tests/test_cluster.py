@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,7 +50,7 @@ def _ray_checkpoints(bucket_path: str) -> list[str]:
         return []
 
 
-def _assert_same_model_as_unkilled(prepared, tmp_path, s3: str, train: dict, url: str) -> None:
+def _assert_same_model_as_unkilled(prepared, tmp_path, s3: str, train: dict, url: str, sample: bool = False) -> None:
     """The same training on one node without a kill, published to <bucket>/clean: the user's side pulls both
     models back by URL, and the killed run's is the unkilled run's, bit for bit."""
     clean = _workdir(prepared, tmp_path / "clean", **train)
@@ -59,6 +60,17 @@ def _assert_same_model_as_unkilled(prepared, tmp_path, s3: str, train: dict, url
     unkilled, _ = load_model_dir(f"{s3}/clean/models/diffusion")
     a, b = killed.state_dict(), unkilled.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if sample:  # ... so the user's `diffusion sample --model <url>` draws the same images from both
+        images = []
+        for model in (url, f"{s3}/clean/models/diffusion"):
+            out = tmp_path / f"samples-{len(images)}"
+            res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", model, "--num", "4",
+                                  "--steps", "5", "--seed", "3", "--out", str(out), "--no-progress"], cwd=ROOT,
+                                 env=stage_env(), capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, res.stderr[-2000:]
+            with np.load(out / "samples.npz") as z:
+                images.append(z["images"])
+        assert np.array_equal(*images)
 
 
 def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled(s3, prepared, tmp_path):
@@ -75,11 +87,14 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
         on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in _cmd(p)]
         assert len(workers) == 2
+        # with a storage root the workers work in a scratch folder of their node, not in the driver's folder
+        scratch = Path(workers[0].cwd())
+        assert scratch.parent.name == "diffusion-pipeline" and (scratch / "checkpoints").is_dir(), scratch
         workers[-1].kill()  # a lost worker: Ray restarts the group inside the same run
         # ... and with it the disk rank 0 wrote its checkpoints to (a node gone): once the surviving worker is
         # down too (it could still write one), only the store has them when the new group looks
         psutil.wait_procs(workers[:1], timeout=120)
-        shutil.rmtree(cwd / "checkpoints")
+        shutil.rmtree(scratch / "checkpoints")
         assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
     finally:
         if proc.poll() is None:
@@ -91,6 +106,10 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
     assert int(resumed[0].split("at step ")[1].split()[0]) >= on_store
     assert _steps(cwd) == list(range(5, 81, 5))  # one loss curve: nothing repeated, nothing missing
     assert f"published models/diffusion/ to {s3}/killed/models/diffusion" in out
+    # the outputs came back into the driver's workspace through the store, and nothing else is left behind
+    assert (cwd / "models/diffusion/config.json").is_file() and (cwd / "metrics/train_diffusion.json").is_file()
+    assert not (cwd / "checkpoints").exists() and not scratch.exists()
+    assert f"uploaded data/shards/ to {s3}/killed/data/shards-" in out
 
     _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/killed/models/diffusion")
 
@@ -130,11 +149,13 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
         shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     job_id = f"two-node-{secrets.token_hex(4)}"
     try:
-        assert cluster.stdout.readline().strip(), "the test cluster did not start"
+        started = cluster.stdout.readline().split()
+        assert started, "the test cluster did not start"
+        head_dir = Path(started[1])
         _wait_for_dashboard(api, token)
         env_vars = json.dumps({"env_vars": {"DIFFUSION_STORAGE_ROOT": f"{s3}/two"}})
         # the stage, then its loss curve onto the job's log: the job's outputs stay in its working dir on the head
-        entry = ("echo JOBDIR $PWD && python -m pipeline.train_diffusion --params tiny.yaml --debug && "
+        entry = ("python -m pipeline.train_diffusion --params tiny.yaml --debug && "
                  "python -c \"import json; print('CURVE', json.dumps(json.load(open("
                  "'reports/train_diffusion_loss.json'))))\"")
         deadline = time.time() + 300  # the dashboard answers before its job agent is up ("No available agent")
@@ -149,10 +170,10 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
         _wait_until(lambda: len(_ray_checkpoints(store)) >= 2, lambda: _job_status(ray_job, job_id),
                     "two Ray checkpoints on the store", logs=lambda: ray_job("logs", job_id).stdout)
         on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
-        job_copy = next(ln for ln in ray_job("logs", job_id).stdout.splitlines() if ln.startswith("JOBDIR "))
         tell("kill")  # the node is gone: its raylet and the worker on it
-        # ... and the job's working dir is on the head's disk, which a worker on another machine cannot read
-        shutil.rmtree(Path(job_copy.removeprefix("JOBDIR ")) / "checkpoints", ignore_errors=True)
+        # ... and so are the checkpoints rank 0 keeps on its node (pipeline/workspace.py), if it ran on the head
+        for local in head_dir.glob("session_*/diffusion-pipeline/train_diffusion-*/checkpoints"):
+            shutil.rmtree(local, ignore_errors=True)
         tell("add")  # a replacement joins; the group is placed again across both nodes
         _wait_until(lambda: _job_status(ray_job, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), lambda: "RUNNING",
                     "the end of the job", timeout=500)
@@ -172,7 +193,7 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
     assert [h["step"] for h in curve] == list(range(5, 161, 5))  # one loss curve: nothing repeated, nothing missing
     assert f"published models/diffusion/ to {s3}/two/models/diffusion" in logs
 
-    _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/two/models/diffusion")
+    _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/two/models/diffusion", sample=True)
 
 
 def _wait_for_dashboard(api: str, token: str, timeout: float = 180) -> None:

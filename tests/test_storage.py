@@ -262,3 +262,45 @@ def _stop_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_shards_read_from_a_url_are_the_local_shards(s3, prepared):
+    """upload_shards puts a shard folder on the store, meta.json last; ShardDataset and load_split read it by URL
+    to the same samples, in the same rank split, as from the local folder; a second upload of the same shards
+    writes nothing, and a shard missing on the store is a one-line DataError naming it."""
+    from diffusion_core.data import DataError, ShardDataset, load_split
+    from diffusion_core.storage import remove, upload_shards
+
+    local, url = prepared / "data/shards", f"{s3}/data/shards-x"
+    assert upload_shards(local, url) and not upload_shards(local, url)
+    for split in ("train", "test"):
+        x_url, y_url = load_split(url, split, verify_checksums=True)
+        x_loc, y_loc = load_split(local, split)
+        assert torch.equal(x_url, x_loc) and torch.equal(y_url, y_loc)
+    got = [(x, y) for x, y in ShardDataset(url, "train", rank=1, world_size=2, verify_checksums=True)]
+    want = [(x, y) for x, y in ShardDataset(local, "train", rank=1, world_size=2)]
+    assert len(got) == len(want) > 0 and all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(got, want))
+    remove(f"{url}/train-000001.tar")
+    with pytest.raises(DataError, match=r"shard s3://.*/train-000001.tar is missing"):
+        load_split(url, "train")
+
+
+def test_a_resubmitted_run_finds_the_newest_checkpoint_of_its_params_on_the_store(tmp_path):
+    """pipeline/workspace.checkpoint_on_store: among the Ray runs an earlier failed job left on the store, the
+    newest step whose config.json has this run_key (not another params' newer one, not another stage's)."""
+    import json
+
+    from pipeline.workspace import checkpoint_on_store, fetch_checkpoint
+
+    store = tmp_path / "ray_results"
+    for run, step, key in (("train_diffusion-a", 10, "k1"), ("train_diffusion-a", 20, "k1"),
+                           ("train_diffusion-b", 30, "k1"), ("train_diffusion-c", 50, "k2"),
+                           ("train_classifier-d", 90, "k1")):
+        d = store / run / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"run_key": key, "training_step": step}))
+    url, step, run = checkpoint_on_store(str(store), "train_diffusion", "k1")
+    assert (step, run) == (30, "train_diffusion-b") and url == f"{store}/train_diffusion-b/step-00000030"
+    assert checkpoint_on_store(str(store), "train_diffusion", "k3") is None
+    fetch_checkpoint(url, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt/step-00000030/config.json").read_text())["training_step"] == 30

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import DataError
-from .shards import decode_npy, decode_png, find_meta, parse_tar, read_meta
+from .shards import decode_npy, decode_png, parse_tar, read_location, read_meta, shard_file, shard_location
 
 FIX_HINT = "rerun the stage that wrote it (`dvc repro prepare`, or `dvc checkout` to restore it)"
 
@@ -41,10 +41,11 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
     return rank, world_size
 
 
-def read_shard_bytes(path: Path, record: Mapping[str, Any], verify: bool) -> list[dict[str, bytes]]:
-    """All raw samples of one shard; checks the sample count (and sha256 if `verify`) against its meta record."""
+def read_shard_bytes(path: Path | str, record: Mapping[str, Any], verify: bool) -> list[dict[str, bytes]]:
+    """All raw samples of one shard (a local file or a URL); checks the sample count (and sha256 if `verify`)
+    against its meta record."""
     try:
-        data = path.read_bytes()
+        data = read_location(path)
     except FileNotFoundError:
         raise DataError(f"shard {path} is missing; {FIX_HINT}") from None
     except OSError as e:
@@ -92,7 +93,8 @@ def to_tensor(arr: np.ndarray, is_image: bool) -> torch.Tensor:
 
 
 class ShardDataset(IterableDataset):
-    """Stream `(x, y)` (or `(x, y, key)` with `with_keys`) from `shard_dir/{split}-*.tar`.
+    """Stream `(x, y)` (or `(x, y, key)` with `with_keys`) from `shard_dir/{split}-*.tar`; `shard_dir` is a local
+    folder or an fsspec URL (`s3://bucket/data/shards-<hash>`: `diffusion_core.storage.upload_shards`).
 
     x: float C x H x W in [-1, 1] for images, the stored float array for latents/points; y: int label.
     `len()` is this rank's sample count per epoch. Call `set_epoch(e)` each epoch (as with DistributedSampler).
@@ -114,9 +116,8 @@ class ShardDataset(IterableDataset):
         with_keys: bool = False,
     ):
         super().__init__()
-        self.shard_dir = Path(shard_dir)
-        self.meta = (dict(meta) if isinstance(meta, Mapping)
-                     else read_meta(meta if meta is not None else find_meta(self.shard_dir)))
+        self.shard_dir = shard_location(shard_dir)
+        self.meta = dict(meta) if isinstance(meta, Mapping) else read_meta(meta if meta is not None else self.shard_dir)
         if split not in self.meta["shards"]:
             raise DataError(f"split {split!r} not in {self.shard_dir} (has {', '.join(self.meta['shards'])})")
         if uneven not in ("drop", "repeat") or on_bad_shard not in ("error", "skip"):
@@ -171,7 +172,7 @@ class ShardDataset(IterableDataset):
         deficit = 0
         bad: set[int] = set()
         for shard, start, stop in segs:
-            path = self.shard_dir / self.records[shard]["name"]
+            path = shard_file(self.shard_dir, self.records[shard]["name"])
             if shard in bad:
                 deficit += stop - start
                 continue
@@ -231,13 +232,13 @@ def load_split(
 
     Images: float [N, C, H, W] in [-1, 1] (uint8 with `as_uint8`); latents/points: float32 as stored.
     """
-    shard_dir = Path(shard_dir)
-    meta = dict(meta) if isinstance(meta, Mapping) else read_meta(meta if meta is not None else find_meta(shard_dir))
+    shard_dir = shard_location(shard_dir)
+    meta = dict(meta) if isinstance(meta, Mapping) else read_meta(meta if meta is not None else shard_dir)
     if split not in meta["shards"]:
         raise DataError(f"split {split!r} not in {shard_dir} (has {', '.join(meta['shards'])})")
     arrays, labels, is_img = [], [], False
     for rec in meta["shards"][split]:
-        path = shard_dir / rec["name"]
+        path = shard_file(shard_dir, rec["name"])
         for raw in read_shard_bytes(path, rec, verify_checksums):
             arr, y, is_img = decode_sample(raw, path)
             arrays.append(arr)

@@ -202,6 +202,32 @@ def write_meta(path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
     atomic_write_json(path, dict(meta))
 
 
+def shard_location(shard_dir: str | os.PathLike) -> Path | str:
+    """A shard folder as the readers keep it: a local Path, or an fsspec URL (`s3://bucket/data/shards-...`) kept as
+    text, since Path would fold its '//'."""
+    from ..storage import is_url
+
+    return os.fspath(shard_dir).rstrip("/") if is_url(shard_dir) else Path(shard_dir)
+
+
+def shard_file(shard_dir: Path | str, name: str) -> Path | str:
+    """`name` inside a folder from `shard_location`."""
+    return shard_dir / name if isinstance(shard_dir, Path) else f"{shard_dir}/{name}"
+
+
+def read_location(path: Path | str) -> bytes:
+    """The bytes of a local file or of a URL's object; FileNotFoundError where there is none, DataError where the
+    store cannot be read."""
+    if isinstance(path, Path):
+        return path.read_bytes()
+    from ..storage import StorageError, read_bytes
+
+    try:
+        return read_bytes(path)
+    except StorageError as e:
+        raise DataError(str(e)) from None
+
+
 def find_meta(shard_dir: str | os.PathLike) -> Path:
     """`meta.json` inside `shard_dir` (written with the shards and swapped in with them), else beside it (shards
     from before prepare wrote the inside copy: `data/shards` -> `data/meta.json`)."""
@@ -214,11 +240,14 @@ def find_meta(shard_dir: str | os.PathLike) -> Path:
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
+    """The meta.json of a shard folder (or the file itself), local or at a URL."""
+    path = shard_location(path)
+    if isinstance(path, Path) and path.is_dir():
         path = find_meta(path)
+    elif isinstance(path, str) and not path.endswith(".json"):
+        path = shard_file(path, META_NAME)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_location(path).decode("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path} not found; run the stage that writes it (e.g. `dvc repro prepare`)") from None
     except (OSError, ValueError) as e:
