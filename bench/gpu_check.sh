@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (issue 13): on one GPU, or on the CPU where torch sees none,
-#   1. the tiny pipeline (configs/tiny.yaml) under `dvc repro` in a scratch copy, train_diffusion on the device
-#      (scaling.use_gpu when there is a GPU; its other stages run on the CPU: they have no device setting yet);
+#   1. the tiny pipeline (configs/tiny.yaml) under `dvc repro` in a scratch copy, every stage that runs a network
+#      on the device: the Ray Train stages with scaling.use_gpu, the sweep's trials with sweep.gpus_per_trial, the
+#      others with project.device;
 #   2. `python -m bench.gpu`: training and DDIM sampling samples/s and peak memory of the default model and of the
 #      equal-FLOP pair (ours, diffusers' UNet2DModel), fp32 and bf16 -> bench/gpu_results.json.
 # Usage: bench/gpu_check.sh [--no-pipeline] [bench.gpu options: --quick --compile --models ... --out PATH]
@@ -22,7 +23,11 @@ if [ "$pipeline" = 1 ]; then
   "$PY" - "$work/params.yaml" "$device" <<'PYEOF'
 import sys, yaml
 raw = yaml.safe_load(open("configs/tiny.yaml"))
-raw["train_diffusion"]["scaling"]["use_gpu"] = sys.argv[2] == "cuda"
+gpu = sys.argv[2] == "cuda"
+raw["project"]["device"] = sys.argv[2]
+for stage in ("train_diffusion", "train_classifier"):
+    raw[stage]["scaling"]["use_gpu"] = gpu
+raw["sweep"]["gpus_per_trial"] = 0.5 if gpu else 0  # two trials share the one GPU
 open(sys.argv[1], "w").write(yaml.safe_dump(raw, sort_keys=False))
 PYEOF
   bindir=$(cd "$(dirname "$PY")" && pwd)  # the venv's python and dvc, for the stages dvc starts

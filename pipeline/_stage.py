@@ -36,6 +36,22 @@ def storage_root(project) -> str | None:
     return os.environ.get(STORAGE_ENV) or getattr(project, "storage_root", None) or None
 
 
+def stage_device(project):
+    """The torch.device of a stage that runs a network outside Ray Train: project.device, `auto` being cuda where
+    torch sees a GPU, else cpu; ConfigError (one line, naming the setting) for a device this machine lacks."""
+    import torch
+
+    from diffusion_core.generation import SamplingError, check_device
+    from pipeline.config import ConfigError
+
+    if project.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return check_device(project.device)
+    except SamplingError as e:
+        raise ConfigError(f"project.{e} (or project.device: auto)") from None
+
+
 def worker_params(params, sections) -> dict:
     """`params`' sections as JSON for Ray workers, project.storage_root resolved here on the driver: a worker on
     another node does not see the driver's environment (DIFFUSION_STORAGE_ROOT)."""

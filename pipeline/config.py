@@ -82,6 +82,11 @@ class ProjectConfig(Section):
     # shared storage (s3://bucket/prefix, any fsspec URL, or a path) every trained model folder is published under
     # as <root>/models/<name>; null: the DVC workspace only. Env DIFFUSION_STORAGE_ROOT overrides it.
     storage_root: str | None = None
+    # torch device of the stages that run a network outside Ray Train (train_autoencoder, encode_latents,
+    # train_feature_net, reference_stats, evaluate; sweep trials use sweep.gpus_per_trial): auto (cuda when torch
+    # sees a GPU, else cpu), cpu, cuda, cuda:N or mps. The Ray Train stages use their scaling.use_gpu.
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                                 description="one of auto, cpu, cuda, cuda:N, mps")] = "auto"
 
 
 @register_section("tracking")
@@ -388,6 +393,7 @@ class SweepConfig(Section):
     select: SweepSelectConfig = SweepSelectConfig()
     max_concurrent: PosInt = 2  # trials at once (cpus_per_trial each)
     cpus_per_trial: PosInt = 1
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0  # > 0: each trial asks Ray for this many GPUs and samples on cuda
     grid_nfe: PosInt | None = None  # NFE of the per-sampler sample grids; null: largest NFE every sampler has
     grid_samples: PosInt = 50
     bf16: Bf16Setting = False  # denoiser under bf16 autocast while sampling (FastDenoiser); auto: on bf16 hardware
@@ -650,6 +656,7 @@ def describe(ann: Any, field: FieldInfo | None = None) -> str:
         desc = "a number" + _bounds(meta)
     elif ann is str:
         desc = "a non-empty string" if any(getattr(m, "min_length", 0) for m in meta) else "a string"
+        desc = field.description if field is not None and field.description else desc  # a pattern's words
     elif origin in (tuple, list):
         inner = get_args(ann)[0] if get_args(ann) else Any
         desc = f"a list of {describe(inner).replace('an integer', 'integers').replace('a number', 'numbers')}"

@@ -23,7 +23,7 @@ from diffusion_core.io import atomic_write_json, staging_dir
 from pipeline.config import load_params
 from pipeline.tracking import start_run
 
-from ._stage import run_stage
+from ._stage import run_stage, stage_device
 
 STAGE = "encode_latents"
 SHARDS, MODEL_DIR, LATENTS, METRICS = "data/shards", "models/autoencoder", Path("data/latents"), f"metrics/{STAGE}.json"
@@ -36,14 +36,16 @@ def _run(args) -> None:
     cfg = params.encode_latents
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)  # all cores unless told
     meta = read_meta("data/shards")
+    device = stage_device(params.project)
     model, model_cfg = load_model_dir(MODEL_DIR)
+    model = model.to(device)
     with start_run(STAGE, params.to_dict("project", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
         z, y = {}, {}
         for split in ("train", "test"):
             x, y[split] = load_split(SHARDS, split, meta=meta)
-            z[split] = encode_means(model, x, cfg.batch_size)
+            z[split] = encode_means(model, x.to(device), cfg.batch_size).cpu()
         scale = latent_scale_factor(z["train"])
         _write_latents(z, y, scale, meta, model_cfg, cfg.samples_per_shard)
         zt = z["train"].double()

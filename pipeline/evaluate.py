@@ -24,7 +24,7 @@ from diffusion_core.evaluation import DOMAIN, INCEPTION, load_reference
 from diffusion_core.io import atomic_write_json
 from pipeline.config import load_params
 
-from ._stage import run_stage
+from ._stage import run_stage, stage_device
 
 STAGE = "evaluate"
 SECTIONS = ("project", "tracking", "data", "reference_stats", STAGE)
@@ -77,13 +77,14 @@ def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
     return generate(bundle, num, classifier_bundle=clf, start=start, **kwargs)
 
 
-def _sample(cfg, setting: dict, workers: int) -> dict:
-    kwargs = {"sampler": setting["sampler"], "steps": setting["steps"], "eta": setting["eta"],
+def _sample(cfg, setting: dict, workers: int, device) -> dict:
+    """The evaluation set: in this process on a GPU (project.device) or with one worker, else over Ray tasks."""
+    kwargs = {"device": str(device), "sampler": setting["sampler"], "steps": setting["steps"], "eta": setting["eta"],
               "options": setting["options"], "guidance_kind": setting["guidance"], "scale": setting["scale"],
               "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": setting["spacing"], "bf16": cfg.bf16,
               "channels_last": cfg.channels_last}
     root = str(Path.cwd().resolve())
-    if workers == 1:
+    if workers == 1 or device.type != "cpu":
         return sample_part(root, {**kwargs, "progress": True}, cfg.num_samples, 0)
     from ._ray import init_ray
 
@@ -136,9 +137,9 @@ def _sample_on_ray(root: str, kwargs: dict, num: int, size: int, workers: int, d
     return [parts[lo] for lo in sorted(parts)]
 
 
-def _metrics(params, bundle, out: dict, ref, ref_inception) -> dict:
-    """fd/kd/precision/recall/class accuracy of the samples (Inception ones where its reference exists), NLL in
-    bits/dim on the test split for pixel models (evaluate.nll_samples >= 2)."""
+def _metrics(params, bundle, out: dict, ref, ref_inception, cuda: bool) -> dict:
+    """fd/kd/precision/recall/class accuracy of the samples (Inception ones where its reference exists; features on
+    the GPU with `cuda`), NLL in bits/dim on the test split for pixel models (evaluate.nll_samples >= 2; CPU)."""
     import torch
 
     from diffusion_core.data import load_split, read_meta
@@ -149,8 +150,8 @@ def _metrics(params, bundle, out: dict, ref, ref_inception) -> dict:
     inception = None
     if ref_inception is not None:
         inception = inception_extractor(params.reference_stats.inception_weights,
-                                        download=params.reference_stats.inception_download)
-    metrics = sample_metrics(out["images"], out["labels"], ref, domain_extractor(FEATURE_NET), inception,
+                                        download=params.reference_stats.inception_download, cuda=cuda)
+    metrics = sample_metrics(out["images"], out["labels"], ref, domain_extractor(FEATURE_NET, cuda=cuda), inception,
                              ref_inception)
     if cfg.nll_samples >= 2 and not bundle.is_latent:
         shards = Path("data/shards")
@@ -169,7 +170,7 @@ def _run(args) -> None:
 
     params = load_params(args.params, sections=SECTIONS)
     cfg, bundle = params.evaluate, load_diffusion_dir(MODEL)  # fail before Ray starts if the model is missing
-    setting = resolve_setting(cfg)
+    setting, device = resolve_setting(cfg), stage_device(params.project)
     ref, ref_inception = load_reference(REFERENCE, DOMAIN), load_reference(REFERENCE, INCEPTION, required=False)
     with start_run(STAGE, params.to_dict("project", "reference_stats", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
@@ -178,8 +179,8 @@ def _run(args) -> None:
         run.set_tags({"setting_source": setting["source"], **sweep, **run_links(  # the runs that trained them
             {"training_run_id": MODEL, "classifier_run_id": CLASSIFIER, "feature_net_run_id": FEATURE_NET})})
         run.log_params({"used": {k: setting[k] for k in SETTING_KEYS}})
-        out = _sample(cfg, setting, min(cfg.num_workers, cfg.num_samples))
-        metrics = _metrics(params, bundle, out, ref, ref_inception)
+        out = _sample(cfg, setting, min(cfg.num_workers, cfg.num_samples), device)
+        metrics = _metrics(params, bundle, out, ref, ref_inception, cuda=device.type == "cuda")
         metrics.update(nfe=out["nfe"], num_samples=int(len(out["seeds"])), sampling_seconds=round(out["seconds"], 2),
                        wall_seconds=round(time.perf_counter() - t0, 2))
         skipped = sorted(k for k, v in metrics.items() if v is None)

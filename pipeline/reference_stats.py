@@ -15,7 +15,7 @@ from diffusion_core.evaluation import DOMAIN, INCEPTION, reference_path
 from diffusion_core.io import atomic_write_json, staging_dir
 from pipeline.config import load_params
 
-from ._stage import run_stage
+from ._stage import run_stage, stage_device
 
 STAGE = "reference_stats"
 SECTIONS = ("project", "tracking", "data", STAGE)
@@ -31,6 +31,7 @@ def _run(args) -> None:
 
     params = load_params(args.params, sections=SECTIONS)
     cfg = params.reference_stats
+    cuda = stage_device(params.project).type == "cuda"  # torch-fidelity's flag: features extracted on the GPU
     meta = read_meta(SHARDS)
     real, _ = load_split(SHARDS, "test", meta=meta, verify_checksums=params.data.verify_checksums, as_uint8=True)
     with start_run(STAGE, params.to_dict("project", "data", STAGE), params.tracking,
@@ -40,9 +41,9 @@ def _run(args) -> None:
         # an extractor dropped from params leaves no old file behind
         with staging_dir(OUT.parent, TMP_PREFIX) as tmp:
             new = tmp / OUT.name
-            stats = {DOMAIN: reference_stats(real, domain_extractor(str(FEATURE_NET)), reference_path(new, DOMAIN),
-                                             batch_size=cfg.batch_size)}
-            inception = inception_extractor(cfg.inception_weights, download=cfg.inception_download)
+            domain = domain_extractor(str(FEATURE_NET), cuda=cuda)
+            stats = {DOMAIN: reference_stats(real, domain, reference_path(new, DOMAIN), batch_size=cfg.batch_size)}
+            inception = inception_extractor(cfg.inception_weights, download=cfg.inception_download, cuda=cuda)
             if inception is not None:
                 stats[INCEPTION] = reference_stats(real, inception, reference_path(new, INCEPTION),
                                                    batch_size=cfg.batch_size)

@@ -59,7 +59,7 @@ def _enter_trial(config: dict):
     torch.set_num_threads(int(threads))
     from diffusion_core.metrics.fidelity import domain_extractor
 
-    return domain_extractor(FEATURE_NET), load_reference(REFERENCE, DOMAIN)
+    return domain_extractor(FEATURE_NET, cuda=config["device"] == "cuda"), load_reference(REFERENCE, DOMAIN)
 
 
 def sampling_trial(config: dict) -> None:
@@ -81,7 +81,7 @@ def sampling_trial(config: dict) -> None:
                    scale=1.0 if t["scale"] is None else t["scale"], classifier_bundle=clf,
                    seed=trial_seed(t, config["seed"]),
                    batch_size=config["batch_size"], spacing=t.get("spacing", config["spacing"]), bf16=config["bf16"],
-                   channels_last=config["channels_last"])
+                   channels_last=config["channels_last"], device=config["device"])
     metrics = sample_metrics(out["images"], out["labels"], ref, ext)
     k = config["grid_samples"]
     staged = Path(config["staging"]) / f"{trial_name(t)}.npz"
@@ -112,7 +112,7 @@ def training_trial(config: dict) -> None:
         out = generate(bundle, tc.eval_samples, sampler=tc.eval_sampler,
                        steps=min(tc.eval_steps, schedule.num_timesteps), guidance_kind=guidance, scale=tc.eval_scale,
                        seed=sw.seed, batch_size=sw.batch_size, spacing=sw.spacing, bf16=sw.bf16,
-                       channels_last=sw.channels_last)
+                       channels_last=sw.channels_last, device=config["device"])
         metrics = {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"], "loss": loss,
                    "step": step}
         if step >= tc.steps and x_test is not None:
@@ -123,7 +123,7 @@ def training_trial(config: dict) -> None:
         tune.report({**metrics, "guidance": guidance, "wall_seconds": watch.seconds})
 
     short_training(td, schedule, diffusion, data, data_block, decoder, steps=tc.steps, batch_size=tc.batch_size,
-                   eval_every=tc.eval_every, on_eval=on_eval)
+                   eval_every=tc.eval_every, on_eval=on_eval, device=config["device"])
 
 
 def _trial_data(params) -> tuple:
@@ -160,7 +160,8 @@ def _cross_point(bundle, sub: dict, config: dict, conditional: bool, ref, ext) -
     out = generate(bundle, sub["num_samples"], sampler=sub["sampler"], steps=sub["steps"], eta=sub["eta"],
                    options=sub.get("options"), guidance_kind=guidance, scale=1.0 if sub["scale"] is None else
                    sub["scale"], seed=trial_seed(sub, config["seed"]), batch_size=config["batch_size"],
-                   spacing=sub["spacing"], bf16=config["bf16"], channels_last=config["channels_last"])
+                   spacing=sub["spacing"], bf16=config["bf16"], channels_last=config["channels_last"],
+                   device=config["device"])
     return {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"],
             "wall_seconds": watch.seconds}
 
@@ -220,7 +221,8 @@ def _tune(trainable, trials: list[dict], common: dict, sw, name: str, scheduler=
     if os.environ.get(VERBOSE_ENV) != "1":
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its start-up table prints even at verbose=0
     path = Path("ray_results").resolve() / name
-    trainable = tune.with_resources(trainable, {"cpu": sw.cpus_per_trial})
+    resources = {"cpu": sw.cpus_per_trial, **({"gpu": sw.gpus_per_trial} if sw.gpus_per_trial else {})}
+    trainable = tune.with_resources(trainable, resources)
     space = {**common, "trial": tune.grid_search(trials)}
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, restart_errored=True, param_space=space)
@@ -325,6 +327,7 @@ def _run(args) -> None:
     common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
               "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples, "bf16": sw.bf16,
               "channels_last": sw.channels_last, "staging": str(staging), "cross": cross,
+              "device": "cuda" if sw.gpus_per_trial else "cpu",  # Ray shows a trial only the GPUs it asked for
               "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
     t0 = time.perf_counter()
     init_ray()

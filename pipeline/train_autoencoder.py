@@ -27,7 +27,7 @@ from pipeline.config import ConfigError, load_params
 from pipeline.provenance import data_checksums, finish_model, model_files, provenance
 from pipeline.tracking import start_run
 
-from ._stage import run_stage
+from ._stage import run_stage, stage_device
 
 STAGE = "train_autoencoder"
 SHARDS, MODEL_DIR = "data/shards", "models/autoencoder"
@@ -51,17 +51,19 @@ def _run(args) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)  # all cores unless told
     meta = read_meta("data/shards")
     image_size = _image_size(meta, cfg)
+    device = stage_device(params.project)
     x_train, _ = load_split(SHARDS, "train", meta=meta)
     x_test, _ = load_split(SHARDS, "test", meta=meta)
+    x_train, x_test = x_train.to(device), x_test.to(device)
     torch.manual_seed(cfg.seed)
-    model = build_autoencoder(cfg.autoencoder, image_size).train()
+    model = build_autoencoder(cfg.autoencoder, image_size).to(device).train()
     with start_run(STAGE, params.to_dict("project", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
         _train(model, x_train, x_test, cfg, run, image_size)
         seconds = time.perf_counter() - t0
         test = evaluate_autoencoder(model, x_test)
-        metrics = _save(model, params, meta, image_size, x_test, test, seconds, run)
+        metrics = _save(model.cpu(), params, meta, image_size, x_test.cpu(), test, seconds, run)
         run.log_metrics({k: v for k, v in metrics.items() if k != "latent_shape"}, step=cfg.steps)
         run.log_artifact(RECON)
     c, h, w = metrics["latent_shape"]
@@ -74,9 +76,12 @@ def _train(model, x_train: torch.Tensor, x_test: torch.Tensor, cfg, run, image_s
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = batch_indices(len(x_train), cfg.batch_size, gen)
+    # the posterior's noise is drawn on the data's device: on a GPU from a generator of its own
+    noise = gen if x_train.device.type == "cpu" else torch.Generator(x_train.device).manual_seed(cfg.seed + 1)
     bar = tqdm(range(1, cfg.steps + 1), desc=STAGE, unit="step", mininterval=2.0, file=sys.stderr)
     for step in bar:
-        loss, stats = autoencoder_loss(model, x_train[next(batches)], cfg.kl_weight, cfg.recon_loss, gen)
+        loss, stats = autoencoder_loss(model, x_train[next(batches).to(x_train.device)], cfg.kl_weight,
+                                       cfg.recon_loss, noise)
         if not math.isfinite(stats["loss"]):
             raise NumericalError(f"autoencoder loss is {stats['loss']} at step {step}: training stopped, "
                                  f"{MODEL_DIR} is left as it was; lower train_autoencoder.lr")

@@ -21,7 +21,7 @@ from pipeline.config import load_params
 from pipeline.provenance import data_checksums, finish_model, model_files, provenance
 from pipeline.tracking import start_run
 
-from ._stage import run_stage
+from ._stage import run_stage, stage_device
 
 STAGE = "train_feature_net"
 SECTIONS = ("project", "tracking", "data", STAGE)
@@ -38,10 +38,11 @@ def _run(args) -> None:
     x, y = load_split(SHARDS, "train", meta=meta, verify_checksums=params.data.verify_checksums)
     x_test, y_test = load_split(SHARDS, "test", meta=meta, verify_checksums=params.data.verify_checksums)
     c, h, _ = meta["sample_shape"]
+    device = stage_device(params.project)
     with start_run(STAGE, params.to_dict("project", "data", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         torch.manual_seed(cfg.seed)
-        model = FeatureNet(c, h, int(meta["num_classes"]), width=cfg.width, feature_dim=cfg.feature_dim)
+        model = FeatureNet(c, h, int(meta["num_classes"]), width=cfg.width, feature_dim=cfg.feature_dim).to(device)
 
         def log(step: int, m: dict) -> None:
             run.log_metrics(m, step=step)
@@ -49,15 +50,15 @@ def _run(args) -> None:
                   f"lr {m['lr']:.2e}", flush=True)
 
         t0 = time.perf_counter()
-        last = train_feature_net(model, x, y, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+        last = train_feature_net(model, x.to(device), y.to(device), steps=cfg.steps, batch_size=cfg.batch_size,
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                  max_shift=cfg.max_shift, label_smoothing=cfg.label_smoothing, seed=cfg.seed,
                                  log_every=cfg.log_every, log_fn=log)
         seconds = time.perf_counter() - t0
         metrics = {"test_accuracy": classification_accuracy(model, x_test, y_test), "train_loss": last["loss"],
                    "train_accuracy": last["train_accuracy"], "steps": cfg.steps, "train_count": len(y),
                    "test_count": len(y_test), "wall_seconds": round(seconds, 2)}
-        _save(model, params, meta, metrics, seconds, run)
+        _save(model.cpu(), params, meta, metrics, seconds, run)
         run.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
     print(f"{STAGE}: test accuracy {metrics['test_accuracy']:.4f} on {len(y_test)} {meta['dataset']} test images "
           f"({seconds:.1f} s) -> {OUT}/")

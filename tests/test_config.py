@@ -81,6 +81,8 @@ def test_unknown_nested_key_and_section():
         ({"train_autoencoder": {"autoencoder": {"downsample": 2}}}, "downsample must be one of 4, 8"),
         ({"train_autoencoder": {"lr": float("nan")}}, "train_autoencoder.lr must be a number > 0"),
         ({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 0]}}}, "channel_mult.1 must be an integer > 0"),
+        ({"project": {"device": "gpu"}}, "project.device must be one of auto, cpu, cuda, cuda:N, mps, got 'gpu'"),
+        ({"sweep": {"gpus_per_trial": -1}}, "sweep.gpus_per_trial must be a number >= 0"),
         ({"prepare": [1, 2]}, "section 'prepare' must be a mapping"),
         ([1, 2], "top level must be a mapping"),
     ],
@@ -146,3 +148,18 @@ def test_random_input_gives_params_or_one_line_config_error(raw):
     # whatever passed must really be valid: re-validating its dump gives the same params
     assert validate_params(p.to_dict()).to_dict() == p.to_dict()
     assert 0 < p.prepare.test_fraction < 1 and p.schedule.num_timesteps >= 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer of a machine without CUDA")
+def test_stage_device_auto_is_the_cpu_here_and_cuda_is_a_one_line_error_naming_the_setting():
+    """project.device: auto picks the CPU where torch sees no GPU; cuda (or cuda:N) there is a ConfigError that
+    names the setting and the fix, raised before a stage loads anything."""
+    from pipeline._stage import stage_device
+
+    project = validate_params({"project": {"device": "auto"}}).project
+    assert str(stage_device(project)) == "cpu"
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError) as e:
+            stage_device(validate_params({"project": {"device": device}}).project)
+        assert str(e.value) == f"project.device {device!r}: no CUDA GPU is available on this machine; use cpu " \
+                               "(or project.device: auto)"

@@ -105,11 +105,12 @@ def load_feature_net(path: str | os.PathLike, map_location="cpu"):
     return model
 
 
-def domain_extractor(feature_net) -> DomainFeatureExtractor:
-    """The registered domain extractor over `feature_net` (a FeatureNet or its folder), features and logits."""
+def domain_extractor(feature_net, cuda: bool = False) -> DomainFeatureExtractor:
+    """The registered domain extractor over `feature_net` (a FeatureNet or its folder), features and logits; on
+    the GPU with `cuda` (torch-fidelity's flag: features are then extracted there)."""
     kw = ({"feature_net_path": feature_net} if isinstance(feature_net, (str, os.PathLike))
           else {"feature_net": feature_net})
-    return create_feature_extractor(DOMAIN_EXTRACTOR, ["features", "logits"], cuda=False, verbose=False, **kw)
+    return create_feature_extractor(DOMAIN_EXTRACTOR, ["features", "logits"], cuda=cuda, verbose=False, **kw)
 
 
 def _safe_weights_file(path: Path) -> None:
@@ -124,7 +125,7 @@ def _safe_weights_file(path: Path) -> None:
 
 
 def inception_extractor(weights_path: str | os.PathLike | None = None, download: bool = True,
-                        timeout_s: float = 30.0) -> FeatureExtractorBase | None:
+                        timeout_s: float = 30.0, cuda: bool = False) -> FeatureExtractorBase | None:
     """torch-fidelity's Inception-v3 (features "2048"), or None with a logged message when no weights can be had.
 
     Order: `weights_path` (torch-fidelity's `feature_extractor_weights_path`), torch-hub's cached copy of
@@ -134,12 +135,12 @@ def inception_extractor(weights_path: str | os.PathLike | None = None, download:
         path = Path(weights_path)
         if path.is_file():
             _safe_weights_file(path)
-            return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=False, verbose=False,
+            return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False,
                                             feature_extractor_weights_path=str(path))
         log.warning("Inception-v3 weights file %s not found; trying torch-fidelity's cached/downloaded weights", path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
     if cached.is_file():
-        return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=False, verbose=False)
+        return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False)
     if not download:
         log.warning("fid_inception/kid_inception skipped: no Inception-v3 weights (no file given, none in %s, "
                     "download disabled); set the weights path param to a local copy of %s", cached.parent,
@@ -148,7 +149,7 @@ def inception_extractor(weights_path: str | os.PathLike | None = None, download:
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
-        return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=False, verbose=False)
+        return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; offline DNS failures land here
         log.warning("fid_inception/kid_inception skipped: Inception-v3 weights could not be downloaded (%s); "
                     "offline, download %s elsewhere and set the weights path param to it", " ".join(str(e).split()),
@@ -173,9 +174,10 @@ def extract_features(images, extractor: FeatureExtractorBase, layer: str | None 
     layer = layer or extractor.get_default_feature_layer_for_metric("fid")
     if layer not in extractor.get_requested_features_list():
         raise MetricsError(f"extractor {extractor.get_name()!r} was built without feature {layer!r}")
-    feats = get_featuresdict_from_dataset(dataset, extractor, batch_size, cuda=False, save_cpu_ram=True,
+    cuda = any(p.is_cuda for p in extractor.parameters())  # where the extractor was built (its `cuda` flag)
+    feats = get_featuresdict_from_dataset(dataset, extractor, batch_size, cuda=cuda, save_cpu_ram=True,
                                           verbose=False)
-    return feats[layer].float()
+    return feats[layer].float().cpu()
 
 
 def _fingerprint(images: torch.Tensor, extractor: FeatureExtractorBase, layer: str) -> str:
