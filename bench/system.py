@@ -121,15 +121,15 @@ def distributed(steps: int) -> dict:
 def latent_vs_pixel(quick: bool) -> dict:
     from diffusion_core.autoencoding import build_autoencoder
     from diffusion_core.samplers import sample
-    from diffusion_core.training import build_denoiser, build_diffusion_from_params
+    from diffusion_core.training import build_denoiser, build_diffusion_from_options
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     td = params.train_diffusion
-    diff = build_diffusion_from_params(params.schedule, params.diffusion)
-    ae = build_autoencoder(params.train_autoencoder.autoencoder, 28).eval()
+    diff = build_diffusion_from_options(params.schedule.to_options(), params.diffusion.to_options())
+    ae = build_autoencoder(params.train_autoencoder.autoencoder.to_options(), 28).eval()
     shapes = {"latent": (params.train_autoencoder.autoencoder.latent_channels, 8, 8), "pixel": (1, 28, 28)}
-    nets = {k: build_denoiser(td.unet, s, 10, False) for k, s in shapes.items()}
+    nets = {k: build_denoiser(td.unet.to_options(), s, 10, False) for k, s in shapes.items()}
 
     def train_step(kind):
         net, opt = nets[kind], torch.optim.AdamW(nets[kind].parameters(), lr=1e-4)

@@ -21,7 +21,7 @@ def measure(shape, unet: UNetConfig, batch: int, steps: int, bf16: bool = False,
     diff = build_diffusion({"schedule": "cosine", "num_timesteps": 1000, "parameterization": "eps",
                             "variance": "fixed_small"})
     torch.manual_seed(0)
-    model = build_denoiser(unet, shape, 10, False)
+    model = build_denoiser(unet.to_options(), shape, 10, False)
     tr = Trainer(model, DiffusionObjective(diff, 10, cfg.label_dropout), "uniform", cfg.train_options())
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     tr.train_step(x, y)  # warm-up

@@ -12,18 +12,20 @@ samples are decoded as `decode(z_scaled / scale_factor)`.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from .models.autoencoder import AutoencoderKL
+from .options import AutoencoderOptions
 
 
-def build_autoencoder(cfg: Any, image_size: int) -> AutoencoderKL:
-    """AutoencoderKL from an `AutoencoderConfig` for square images of side `image_size`."""
-    return AutoencoderKL(in_channels=cfg.in_channels, image_size=image_size, latent_channels=cfg.latent_channels,
-                         base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult))
+def build_autoencoder(options: AutoencoderOptions, image_size: int) -> AutoencoderKL:
+    """AutoencoderKL for square images of side `image_size`."""
+    return AutoencoderKL(in_channels=options.in_channels, image_size=image_size,
+                         latent_channels=options.latent_channels, base_channels=options.base_channels,
+                         channel_mult=tuple(options.channel_mult))
 
 
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ x_t from `GaussianDiffusion.q_sample` (the forward process exists once), timeste
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import nn
 
 from .diffusion import GaussianDiffusion
 from .models import NoisyClassifier
+from .options import NetOptions
 from .training import (
     NumericalError,
     adamw,
@@ -162,15 +163,15 @@ def train_feature_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
 # ----------------------------------------------------------------------------------------------- noisy classifier loop
 
 
-def build_noisy_classifier(net_cfg: Any, data_shape: Sequence[int], num_classes: int) -> NoisyClassifier:
-    """NoisyClassifier for square [C, H, W] pixels or latents; sizes from a `NoisyClassifierNetConfig`."""
+def build_noisy_classifier(net: NetOptions, data_shape: Sequence[int], num_classes: int) -> NoisyClassifier:
+    """NoisyClassifier for square [C, H, W] pixels or latents; sizes from `net`."""
     if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
         raise ValueError(f"the noisy classifier needs square images or latents [C, H, H], got shape {list(data_shape)}")
     c, h, _ = data_shape
-    return NoisyClassifier(in_channels=c, image_size=h, num_classes=num_classes, base_channels=net_cfg.base_channels,
-                           channel_mult=net_cfg.channel_mult, num_res_blocks=net_cfg.num_res_blocks,
-                           attention_resolutions=net_cfg.attention_resolutions, num_heads=net_cfg.num_heads,
-                           dropout=net_cfg.dropout)
+    return NoisyClassifier(in_channels=c, image_size=h, num_classes=num_classes, base_channels=net.base_channels,
+                           channel_mult=tuple(net.channel_mult), num_res_blocks=net.num_res_blocks,
+                           attention_resolutions=tuple(net.attention_resolutions), num_heads=net.num_heads,
+                           dropout=net.dropout)
 
 
 class NoisyClassifierObjective:

@@ -19,24 +19,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_model_dir, save_model_dir
 from .diffusion import GaussianDiffusion
+from .options import DiffusionOptions, ScheduleOptions
 from .schedules import NoiseSchedule
 from .storage import find_beside, is_url, local_model_path
 
 
-def diffusion_spec(schedule: Any, diffusion: Any, formulation_options: dict | None = None) -> dict:
-    """The `diffusion` block of config.json from the params' `schedule` and `diffusion` sections.
+def diffusion_spec(schedule: ScheduleOptions, diffusion: DiffusionOptions, formulation_options: dict | None = None
+                   ) -> dict:
+    """The `diffusion` block of config.json from the schedule's and the formulation's options.
 
     `formulation_options`: the resolved options of the parameterization (edm: sigma_data measured on the data).
     """
     return {"schedule": schedule.name, "num_timesteps": int(schedule.num_timesteps),
-            "logsnr_shift": float(getattr(schedule, "logsnr_shift", 0.0)),
+            "logsnr_shift": float(schedule.logsnr_shift),
             "parameterization": diffusion.parameterization, "variance": diffusion.variance,
             "loss": diffusion.loss, "min_snr_gamma": diffusion.min_snr_gamma,
             "formulation_options": dict(formulation_options or {})}

@@ -43,6 +43,7 @@ from .checkpoint import (
 from .diffusion import GaussianDiffusion
 from .guidance import cfg_label_dropout
 from .models import EMA, MLPDenoiser, UNet, unwrap_model
+from .options import DiffusionOptions, NetOptions, ScheduleOptions
 from .precision import resolve_bf16
 from .pretrained import build_diffusion, diffusion_spec
 from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
@@ -57,30 +58,29 @@ class NumericalError(FloatingPointError):
 # ----------------------------------------------------------------------------------------------- building
 
 
-def build_denoiser(unet_cfg: Any, data_shape: tuple[int, ...], num_classes: int | None,
+def build_denoiser(net: NetOptions, data_shape: tuple[int, ...], num_classes: int | None,
                    learn_sigma: bool) -> nn.Module:
-    """U-Net for [C, H, W] data (pixels or latents), residual MLP for [D] points; sizes from the `unet` sub-config."""
+    """U-Net for [C, H, W] data (pixels or latents), residual MLP for [D] points; sizes from `net`."""
     if len(data_shape) == 1:
-        return MLPDenoiser(dim=data_shape[0], hidden=4 * unet_cfg.base_channels, num_layers=2 * unet_cfg.num_res_blocks,
+        return MLPDenoiser(dim=data_shape[0], hidden=4 * net.base_channels, num_layers=2 * net.num_res_blocks,
                            num_classes=num_classes, learn_sigma=learn_sigma)
     c, h, w = data_shape
     if h != w:
         raise ValueError(f"train_diffusion needs square images or latents, got {h}x{w}")
-    return UNet(in_channels=c, image_size=h, base_channels=unet_cfg.base_channels, channel_mult=unet_cfg.channel_mult,
-                num_res_blocks=unet_cfg.num_res_blocks, attention_resolutions=unet_cfg.attention_resolutions,
-                num_heads=unet_cfg.num_heads, dropout=unet_cfg.dropout, num_classes=num_classes,
-                learn_sigma=learn_sigma)
+    return UNet(in_channels=c, image_size=h, base_channels=net.base_channels, channel_mult=tuple(net.channel_mult),
+                num_res_blocks=net.num_res_blocks, attention_resolutions=tuple(net.attention_resolutions),
+                num_heads=net.num_heads, dropout=net.dropout, num_classes=num_classes, learn_sigma=learn_sigma)
 
 
-def formulation_options(diffusion_cfg: Any, sigma_data: float | None = None) -> dict:
-    """Constructor options of the params' parameterization; edm's sigma_data from params, else `sigma_data`."""
-    if diffusion_cfg.parameterization != "edm":
+def formulation_options(diffusion: DiffusionOptions, sigma_data: float | None = None) -> dict:
+    """Constructor options of the parameterization; edm's sigma_data from `diffusion`, else `sigma_data`."""
+    if diffusion.parameterization != "edm":
         return {}
-    sd = diffusion_cfg.sigma_data if diffusion_cfg.sigma_data is not None else sigma_data
+    sd = diffusion.sigma_data if diffusion.sigma_data is not None else sigma_data
     if sd is None:
         raise ValueError("parameterization 'edm' needs sigma_data: set diffusion.sigma_data or measure it on the "
                          "training data (data_std)")
-    return {"sigma_data": float(sd), "p_mean": float(diffusion_cfg.edm_p_mean), "p_std": float(diffusion_cfg.edm_p_std)}
+    return {"sigma_data": float(sd), "p_mean": float(diffusion.edm_p_mean), "p_std": float(diffusion.edm_p_std)}
 
 
 def data_std(x: torch.Tensor) -> float:
@@ -93,10 +93,10 @@ def data_std(x: torch.Tensor) -> float:
     return math.sqrt(max(sq / n - (total / n) ** 2, 0.0))
 
 
-def build_diffusion_from_params(schedule_cfg: Any, diffusion_cfg: Any, sigma_data: float | None = None
-                                ) -> GaussianDiffusion:
-    """GaussianDiffusion from the params' sections (`sigma_data`: the measured data std, for edm)."""
-    return build_diffusion(diffusion_spec(schedule_cfg, diffusion_cfg, formulation_options(diffusion_cfg, sigma_data)))
+def build_diffusion_from_options(schedule: ScheduleOptions, diffusion: DiffusionOptions,
+                                 sigma_data: float | None = None) -> GaussianDiffusion:
+    """GaussianDiffusion from typed options (`sigma_data`: the measured data std, for edm)."""
+    return build_diffusion(diffusion_spec(schedule, diffusion, formulation_options(diffusion, sigma_data)))
 
 
 def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -165,8 +165,8 @@ class RankData:
     keys: list[str]
 
 
-def load_rank_data(shard_dir: str | os.PathLike, data_cfg: Any, rank: int, world_size: int, *,
-                   split: str = "train", scale: float = 1.0) -> RankData:
+def load_rank_data(shard_dir: str | os.PathLike, rank: int, world_size: int, *, verify_checksums: bool = False,
+                   on_bad_shard: str = "error", split: str = "train", scale: float = 1.0) -> RankData:
     """Read only this rank's shards (ShardDataset's rank split: disjoint, equal counts) once into memory.
 
     Latents are multiplied by `scale` (the autoencoder's scale_factor) so the diffusion sees unit variance.
@@ -174,7 +174,7 @@ def load_rank_data(shard_dir: str | os.PathLike, data_cfg: Any, rank: int, world
     from .data import ShardDataset
 
     ds = ShardDataset(shard_dir, split, shuffle_buffer=0, rank=rank, world_size=world_size, uneven="drop",
-                      verify_checksums=data_cfg.verify_checksums, on_bad_shard=data_cfg.on_bad_shard, with_keys=True)
+                      verify_checksums=verify_checksums, on_bad_shard=on_bad_shard, with_keys=True)
     xs, ys, keys = [], [], []
     for x, y, key in ds:
         xs.append(x)
@@ -506,7 +506,7 @@ def sample_preview(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple[
 
 
 __all__ = ["DiffusionObjective", "LoopHooks", "NumericalError", "QuartileLoss", "RankData", "StepStats",
-           "batch_indices", "build_denoiser", "build_diffusion_from_params", "capture_rng_state", "data_std",
+           "batch_indices", "build_denoiser", "build_diffusion_from_options", "capture_rng_state", "data_std",
            "formulation_options", "load_rank_data",
            "lr_at", "prune_checkpoints", "restore_rng_state", "sample_preview", "step_generator", "TrainOptions",
            "Trainer", "train_loop",

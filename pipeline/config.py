@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Mapping, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Iterable, Literal, Mapping, Union, get_args, get_origin
 
 import annotated_types
 import yaml
@@ -37,9 +37,20 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every params section: frozen, strict types, unknown keys rejected."""
+    """Base of every params section: frozen, strict types, unknown keys rejected. A section the library's builders
+    read names its typed options class (`OPTIONS`, in diffusion_core.options) and hands it over with
+    `.to_options()`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    OPTIONS: ClassVar[str | None] = None
+
+    def to_options(self):
+        """This section as the library's typed options (diffusion_core.options.<OPTIONS>)."""
+        from diffusion_core import options
+
+        if self.OPTIONS is None:
+            raise TypeError(f"{type(self).__name__} has no library options")
+        return options.options_from(getattr(options, self.OPTIONS), self)
 
 
 def _list_to_tuple(v: Any) -> Any:
@@ -98,6 +109,7 @@ class TrackingConfig(Section):
 
 @register_section("prepare")
 class PrepareConfig(Section):
+    OPTIONS = "PrepareOptions"
     dataset: DatasetName = "mnist5k"
     data_dir: str = "data/raw"  # torchvision files / imagefolder root, relative to the working directory
     test_fraction: Fraction = 0.2
@@ -116,6 +128,7 @@ class DataConfig(Section):
 
 @register_section("schedule")
 class ScheduleConfig(Section):
+    OPTIONS = "ScheduleOptions"
     name: Literal["linear", "cosine", "sigmoid"] = "cosine"
     num_timesteps: Annotated[int, Field(ge=2)] = 1000
     logsnr_shift: float = 0.0  # added to the schedule's log-SNR at every t (> 0: less noise); README measures it
@@ -123,6 +136,7 @@ class ScheduleConfig(Section):
 
 @register_section("diffusion")
 class DiffusionConfig(Section):
+    OPTIONS = "DiffusionOptions"
     parameterization: Literal["eps", "x0", "v", "mu", "edm"] = "eps"
     variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
     loss: Literal["simple", "hybrid", "vlb", "weighted"] = "simple"
@@ -146,6 +160,7 @@ class DiffusionConfig(Section):
 class AutoencoderConfig(Section):
     """Architecture of the KL autoencoder; saved as its `config.json`."""
 
+    OPTIONS = "AutoencoderOptions"
     in_channels: PosInt = 1
     latent_channels: PosInt = 4
     base_channels: PosInt = 32
@@ -183,6 +198,7 @@ class EncodeLatentsConfig(Section):
 class UNetConfig(Section):
     """U-Net size of `train_diffusion` (channels, levels, attention); in/out channels and classes come from the data."""
 
+    OPTIONS = "NetOptions"
     base_channels: PosInt = 64
     channel_mult: PosIntTuple = (1, 2)
     num_res_blocks: PosInt = 2
@@ -256,6 +272,7 @@ class TrainDiffusionConfig(RayTrainingSection):
 class NoisyClassifierNetConfig(Section):
     """Size of the noisy classifier (a U-Net encoder half); in-channels, image size and classes come from the data."""
 
+    OPTIONS = "NetOptions"
     base_channels: PosInt = 32
     channel_mult: PosIntTuple = (1, 2, 2)
     num_res_blocks: PosInt = 1

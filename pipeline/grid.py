@@ -104,18 +104,18 @@ def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, 
         LoopHooks,
         Trainer,
         build_denoiser,
-        build_diffusion_from_params,
+        build_diffusion_from_options,
         train_loop,
     )
 
     cfg = train_cfg.model_copy(update={"steps": steps, "batch_size": batch_size})
-    diffusion = build_diffusion_from_params(schedule_cfg, diffusion_cfg)
+    diffusion = build_diffusion_from_options(schedule_cfg.to_options(), diffusion_cfg.to_options())
     shape, num_classes = tuple(data_block["shape"]), data_block["num_classes"]
     torch.manual_seed(cfg.seed)
-    model = build_denoiser(cfg.unet, shape, num_classes, diffusion.learn_sigma)
+    model = build_denoiser(cfg.unet.to_options(), shape, num_classes, diffusion.learn_sigma)
     objective = DiffusionObjective(diffusion, num_classes, cfg.label_dropout)
     trainer = Trainer(model, objective, diffusion_cfg.timestep_sampler, cfg.train_options(), device)
-    config = {"diffusion": diffusion_spec(schedule_cfg, diffusion_cfg), "data": data_block}
+    config = {"diffusion": diffusion_spec(schedule_cfg.to_options(), diffusion_cfg.to_options()), "data": data_block}
     bundle = DiffusionBundle(trainer.model, diffusion, config, decoder)
 
     def evaluate(tr) -> None:

@@ -27,7 +27,7 @@ def _run(args) -> None:
     logged = params.to_dict("project", STAGE)
     with start_run(STAGE, logged, params.tracking, experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
-        meta, data, splits = prepare_dataset(cfg, DATA_DIR)
+        meta, data, splits = prepare_dataset(cfg.to_options(), DATA_DIR)
         seconds = time.perf_counter() - t0
         train = splits["train"]
         save_preview(data.x[train], data.y[train], data.kind, PREVIEW, data.class_names)

@@ -138,7 +138,8 @@ def _trial_data(params) -> tuple:
     shard_dir = Path("data/latents" if latent else "data/shards")
     meta = read_meta(shard_dir)
     scale = float(meta["scale_factor"]) if latent else 1.0
-    data = load_rank_data(shard_dir, params.data, 0, 1, scale=scale)
+    data = load_rank_data(shard_dir, 0, 1, scale=scale, verify_checksums=params.data.verify_checksums,
+                          on_bad_shard=params.data.on_bad_shard)
     decoder = load_autoencoder_decoder(AUTOENCODER, scale) if latent else None
     num_classes = int(meta["num_classes"]) if td.conditional else None
     data_block = {"space": td.space, "shape": list(meta["sample_shape"]), "num_classes": num_classes, "kind": "image",

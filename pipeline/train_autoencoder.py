@@ -56,7 +56,7 @@ def _run(args) -> None:
     x_test, _ = load_split(SHARDS, "test", meta=meta)
     x_train, x_test = x_train.to(device), x_test.to(device)
     torch.manual_seed(cfg.seed)
-    model = build_autoencoder(cfg.autoencoder, image_size).to(device).train()
+    model = build_autoencoder(cfg.autoencoder.to_options(), image_size).to(device).train()
     with start_run(STAGE, params.to_dict("project", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()

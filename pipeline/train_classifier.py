@@ -24,7 +24,7 @@ from diffusion_core.training import (
     LoopHooks,
     NumericalError,
     Trainer,
-    build_diffusion_from_params,
+    build_diffusion_from_options,
     load_rank_data,
     train_loop,
 )
@@ -59,10 +59,11 @@ def train_loop_per_worker(config: dict) -> None:
     params = validate_params(config["params"], SECTIONS)
     cfg = params.train_classifier
     shard_dir, meta, scale = _source(cfg.space, config["ws"]["data"])
-    data = load_rank_data(shard_dir, params.data, rank, world, scale=scale)
-    diffusion = build_diffusion_from_params(params.schedule, params.diffusion)
+    data = load_rank_data(shard_dir, rank, world, scale=scale, verify_checksums=params.data.verify_checksums,
+                          on_bad_shard=params.data.on_bad_shard)
+    diffusion = build_diffusion_from_options(params.schedule.to_options(), params.diffusion.to_options())
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build_noisy_classifier(cfg.classifier, meta["sample_shape"], int(meta["num_classes"]))
+    model = build_noisy_classifier(cfg.classifier.to_options(), meta["sample_shape"], int(meta["num_classes"]))
     device = f"cuda:{torch.cuda.current_device()}" if cfg.scaling.use_gpu else "cpu"
     options = cfg.train_options(loss_name="classifier loss", fix_hint="lower train_classifier.lr")
     trainer = Trainer(model, NoisyClassifierObjective(diffusion), params.diffusion.timestep_sampler, options, device)
@@ -104,8 +105,8 @@ def _finish(params, run, trainer: Trainer, diffusion, config: dict, meta: dict, 
             f"{cfg.space} space {list(meta['sample_shape'])}, {meta['num_classes']} classes, trained on the "
             f"forward process of schedule `{params.schedule.name}` (T = {params.schedule.num_timesteps}); "
             f"it guides the diffusion model (classifier guidance).")
-    save_model_dir(OUT, trainer.model, {"diffusion": diffusion_spec(params.schedule, params.diffusion),
-                                        "data": data_block},
+    spec = diffusion_spec(params.schedule.to_options(), params.diffusion.to_options())
+    save_model_dir(OUT, trainer.model, {"diffusion": spec, "data": data_block},
                    extra_files=model_files(prov, f"Noisy classifier: {meta['dataset']}", what))
     run.log_metrics({k: v for k, v in metrics.items() if k not in ("steps", "num_workers")})
     finish_model(run, OUT, METRICS, metrics, params.project)

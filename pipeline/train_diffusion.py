@@ -26,7 +26,7 @@ from diffusion_core.training import (
     NumericalError,
     Trainer,
     build_denoiser,
-    build_diffusion_from_params,
+    build_diffusion_from_options,
     data_std,
     load_rank_data,
     prune_checkpoints,
@@ -81,17 +81,18 @@ def train_loop_per_worker(config: dict) -> None:
     shard_dir = config["ws"]["data"]  # a path, or a URL on the storage root
     meta = read_meta(shard_dir)
     latent = _latent(cfg, meta)
-    data = load_rank_data(shard_dir, params.data, rank, world, scale=latent["scale_factor"] if latent else 1.0)
+    data = load_rank_data(shard_dir, rank, world, scale=latent["scale_factor"] if latent else 1.0,
+                          verify_checksums=params.data.verify_checksums, on_bad_shard=params.data.on_bad_shard)
     num_classes = int(meta["num_classes"]) if cfg.conditional else None
     sigma_data = data_std(data.x) if params.diffusion.parameterization == "edm" else None
-    diffusion = build_diffusion_from_params(params.schedule, params.diffusion, sigma_data)
+    diffusion = build_diffusion_from_options(params.schedule.to_options(), params.diffusion.to_options(), sigma_data)
     shape = tuple(meta["sample_shape"])
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build_denoiser(cfg.unet, shape, num_classes, diffusion.learn_sigma)
+    model = build_denoiser(cfg.unet.to_options(), shape, num_classes, diffusion.learn_sigma)
     device = f"cuda:{torch.cuda.current_device()}" if cfg.scaling.use_gpu else "cpu"
     objective = DiffusionObjective(diffusion, num_classes, cfg.label_dropout)
     trainer = Trainer(model, objective, params.diffusion.timestep_sampler, cfg.train_options(), device)
-    spec = diffusion_spec(params.schedule, params.diffusion, diffusion.formulation_options)
+    spec = diffusion_spec(params.schedule.to_options(), params.diffusion.to_options(), diffusion.formulation_options)
     data_block = {"space": cfg.space, "shape": list(shape), "num_classes": num_classes, "dataset": meta["dataset"],
                   "class_names": meta.get("class_names"), "kind": "points" if meta["kind"] == "points" else "image",
                   "label_dropout": cfg.label_dropout if num_classes is not None else 0.0}

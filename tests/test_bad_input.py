@@ -398,7 +398,7 @@ def assets(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         cfg = validate_params(yaml.safe_load(TINY.read_text()), ["prepare"]).prepare
-        prepare_dataset(cfg, A / "data")
+        prepare_dataset(cfg.to_options(), A / "data")
         make_diffusion_dir(A / "cond", num_classes=3)
         make_classifier_dir(A / "classifier", num_classes=3)
         make_latent_dir(A / "latent")

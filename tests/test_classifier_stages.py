@@ -217,7 +217,7 @@ def test_train_classifier_tiny_ray(tiny_dir):
     params = load_params(TINY, sections=("schedule", "diffusion"))
     bundle = load_classifier_dir(tiny_dir / "models" / "classifier")
     assert isinstance(bundle.model, NoisyClassifier) and bundle.num_classes == 10
-    assert bundle.config["diffusion"] == diffusion_spec(params.schedule, params.diffusion)
+    assert bundle.config["diffusion"] == diffusion_spec(params.schedule.to_options(), params.diffusion.to_options())
     assert bundle.config["data"]["space"] == "pixel" and bundle.config["data"]["shape"] == [1, 8, 8]
     assert ("train_classifier", "FINISHED") in _runs(tiny_dir)
 

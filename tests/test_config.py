@@ -163,3 +163,34 @@ def test_stage_device_auto_is_the_cpu_here_and_cuda_is_a_one_line_error_naming_t
             stage_device(validate_params({"project": {"device": device}}).project)
         assert str(e.value) == f"project.device {device!r}: no CUDA GPU is available on this machine; use cpu " \
                                "(or project.device: auto)"
+
+
+def test_every_section_with_library_options_hands_over_all_its_fields():
+    """A params section that names typed library options (`OPTIONS`) has no field those options lack (it would be
+    validated and then silently dropped), and `.to_options()` carries every value over."""
+    import dataclasses
+
+    from diffusion_core import options
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = validate_params(raw)
+    found = []
+
+    def walk(section):
+        for name in type(section).model_fields:
+            value = getattr(section, name)
+            if hasattr(value, "model_fields"):
+                walk(value)
+        if type(section).OPTIONS is not None:
+            fields = {f.name for f in dataclasses.fields(getattr(options, type(section).OPTIONS))}
+            assert set(type(section).model_fields) <= fields, (type(section).__name__, fields)
+            opts = section.to_options()
+            for name in type(section).model_fields:
+                value = getattr(section, name)
+                assert getattr(opts, name) == (tuple(value) if isinstance(value, list) else value)
+            found.append(type(section).OPTIONS)
+
+    for name in SECTIONS:
+        walk(getattr(params, name))
+    assert sorted(set(found)) == ["AutoencoderOptions", "DiffusionOptions", "NetOptions", "PrepareOptions",
+                                  "ScheduleOptions"]

@@ -3,7 +3,6 @@
 import errno
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from diffusion_core.data import (
 )
 from diffusion_core.data.sources import load_torchvision
 from diffusion_core.io import OutputError
-from pipeline.config import PrepareConfig
+from diffusion_core.options import PrepareOptions
 
 
 def make_shards(root: Path, n=50, per_shard=7, shape=(6, 5, 1), seed=0, payload=None):
@@ -163,15 +162,15 @@ def test_stratified_split_counts():
 
 
 def test_embedded_sources():
-    d = load_source(PrepareConfig(dataset="digits"))
+    d = load_source(PrepareOptions(dataset="digits"))
     assert d.x.shape == (1797, 8, 8, 1) and d.x.dtype == np.uint8 and d.x.max() == 255
-    d16 = load_source(PrepareConfig(dataset="digits", image_size=16))
+    d16 = load_source(PrepareOptions(dataset="digits", image_size=16))
     assert d16.x.shape == (1797, 16, 16, 1)
-    s = load_source(SimpleNamespace(dataset="swissroll", swissroll_samples=1000, swissroll_classes=5,
-                                    swissroll_noise=0.5, seed=0))
+    s = load_source(PrepareOptions(dataset="swissroll", swissroll_samples=1000, swissroll_classes=5,
+                                   swissroll_noise=0.5, seed=0))
     assert s.x.shape == (1000, 2) and s.x.dtype == np.float32 and np.abs(s.x).max() <= 1.0
     assert set(s.y.tolist()) == set(range(5))
-    m = load_source(PrepareConfig(dataset="mnist5k"))
+    m = load_source(PrepareOptions(dataset="mnist5k"))
     assert m.x.shape == (5000, 28, 28, 1) and np.bincount(m.y).tolist() == [500] * 10
 
 
@@ -185,20 +184,20 @@ def test_imagefolder(tmp_path):
     for c in ("cat", "dog"):
         for i in range(3):
             _img(root / c / f"{i}.png", (5, 4), "RGB")
-    d = load_source(PrepareConfig(dataset="imagefolder", data_dir=str(root)))
+    d = load_source(PrepareOptions(dataset="imagefolder", data_dir=str(root)))
     assert d.x.shape == (6, 4, 5, 3) and d.class_names == ("cat", "dog") and d.y.tolist() == [0, 0, 0, 1, 1, 1]
     _img(root / "dog" / "9.png", (6, 4), "RGB")
     with pytest.raises(DataError, match=r"dog/9.png is 6x4 RGB"):
-        load_source(PrepareConfig(dataset="imagefolder", data_dir=str(root)))
+        load_source(PrepareOptions(dataset="imagefolder", data_dir=str(root)))
     (root / "dog" / "9.png").unlink()
     _img(root / "dog" / "8.png", (5, 4), "L")
     with pytest.raises(DataError, match=r"dog/8.png is 5x4 L"):
-        load_source(PrepareConfig(dataset="imagefolder", data_dir=str(root)))
+        load_source(PrepareOptions(dataset="imagefolder", data_dir=str(root)))
     with pytest.raises(DataError, match="does not exist"):
-        load_source(PrepareConfig(dataset="imagefolder", data_dir=str(tmp_path / "none")))
+        load_source(PrepareOptions(dataset="imagefolder", data_dir=str(tmp_path / "none")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
-        load_source(PrepareConfig(dataset="imagefolder", data_dir=str(tmp_path / "empty")))
+        load_source(PrepareOptions(dataset="imagefolder", data_dir=str(tmp_path / "empty")))
 
 
 def test_torchvision_offline_names_folder(tmp_path, monkeypatch):

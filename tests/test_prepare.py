@@ -5,14 +5,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from diffusion_core.data import ShardDataset, load_split, prepare_dataset, read_meta
+from diffusion_core.options import PrepareOptions
 from pipeline import prepare
-from pipeline.config import PrepareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -42,10 +41,10 @@ def test_prepare_tiny_end_to_end(tmp_path):
     assert not (ROOT / "data" / ".prepare-tmp").exists()
 
 
-def _swissroll(n: int, **kw) -> SimpleNamespace:
-    """The library's 2-D points (the pipeline's PrepareConfig refuses them): prepare_dataset takes any config."""
-    return SimpleNamespace(**{**PrepareConfig().model_dump(), "dataset": "swissroll", "swissroll_samples": n,
-                              "swissroll_classes": 4, "swissroll_noise": 0.5, **kw})
+def _swissroll(n: int, **kw) -> PrepareOptions:
+    """The library's 2-D points (the pipeline's PrepareConfig refuses them), as the library's typed options."""
+    return PrepareOptions(**{"dataset": "swissroll", "swissroll_samples": n, "swissroll_classes": 4,
+                             "swissroll_noise": 0.5, **kw})
 
 
 def test_prepare_in_process_is_deterministic_and_swaps_atomically(tmp_path, monkeypatch):

@@ -129,12 +129,11 @@ def test_logsnr_shift_adds_the_shift_to_log_snr_at_every_step(name, shift):
 
 
 def test_logsnr_shift_survives_the_model_folder_spec():
-    from types import SimpleNamespace
-
+    from diffusion_core.options import DiffusionOptions, ScheduleOptions
     from diffusion_core.pretrained import build_diffusion, diffusion_spec
 
-    sched = SimpleNamespace(name="cosine", num_timesteps=1000, logsnr_shift=1.5)
-    diff = SimpleNamespace(parameterization="v", variance="fixed_small", loss="simple", min_snr_gamma=None)
+    sched = ScheduleOptions(name="cosine", num_timesteps=1000, logsnr_shift=1.5)
+    diff = DiffusionOptions(parameterization="v")
     spec = diffusion_spec(sched, diff)
     assert spec["logsnr_shift"] == 1.5
     expected = NoiseSchedule.from_name("cosine", 1000, logsnr_shift=1.5).alphas_cumprod

@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 
 from ..io import OutputError, staging_dir
+from ..options import PrepareOptions
 from .shards import META_NAME, build_meta, replace_dir, write_array_split, write_meta
 from .sources import SourceData, load_source, stratified_split
 
 
-def prepare_dataset(cfg, out_dir: str | os.PathLike = "data",
+def prepare_dataset(cfg: PrepareOptions, out_dir: str | os.PathLike = "data",
                     shard_subdir: str = "shards") -> tuple[dict[str, Any], SourceData, dict[str, np.ndarray]]:
-    """Write `out_dir/shards/{train,test}-%06d.tar` and `out_dir/meta.json` from a `PrepareConfig`.
+    """Write `out_dir/shards/{train,test}-%06d.tar` and `out_dir/meta.json` for the dataset `cfg` names.
 
     Everything is written into a temporary folder first; the old shards and meta stay intact until the new
     ones are complete. Returns (meta, source data, split indices).
@@ -33,7 +34,8 @@ def prepare_dataset(cfg, out_dir: str | os.PathLike = "data",
     return meta, data, splits
 
 
-def _write_dataset(tmp: Path, out_dir: Path, shard_subdir: str, data: SourceData, splits: dict, cfg) -> dict:
+def _write_dataset(tmp: Path, out_dir: Path, shard_subdir: str, data: SourceData, splits: dict,
+                   cfg: PrepareOptions) -> dict:
     """Shards and meta.json built in `tmp`, then swapped into `out_dir`; returns the meta."""
     shards = {
         s: write_array_split(tmp / shard_subdir, s, data.x[idx], data.y[idx], cfg.samples_per_shard)

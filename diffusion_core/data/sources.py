@@ -9,6 +9,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..options import PrepareOptions
 from .errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -32,19 +33,18 @@ class SourceData:
             raise ValueError(f"{self.name}: images must be uint8 [N, H, W, 1|3], got {self.x.dtype} {self.x.shape}")
 
 
-def load_source(cfg) -> SourceData:
-    """Load the dataset named by `cfg.dataset` (a `PrepareConfig`), resized to `cfg.image_size` if set.
+def load_source(cfg: PrepareOptions) -> SourceData:
+    """Load the dataset named by `cfg.dataset`, resized to `cfg.image_size` if set.
 
-    `swissroll` (2-D points; the library's toy, refused by the pipeline's prepare stage) reads the optional
-    `cfg.swissroll_samples`, `swissroll_classes`, `swissroll_noise` (defaults 10000, 4, 0.5)."""
+    `swissroll` (2-D points; the library's toy, refused by the pipeline's prepare stage) reads
+    `cfg.swissroll_samples`, `swissroll_classes`, `swissroll_noise`."""
     name = cfg.dataset
     if name == "mnist5k":
         data = load_mnist5k()
     elif name == "digits":
         data = load_digits()
     elif name == "swissroll":
-        return load_swissroll(getattr(cfg, "swissroll_samples", 10000), getattr(cfg, "swissroll_classes", 4),
-                              getattr(cfg, "swissroll_noise", 0.5), cfg.seed)
+        return load_swissroll(cfg.swissroll_samples, cfg.swissroll_classes, cfg.swissroll_noise, cfg.seed)
     elif name in ("mnist", "fashion_mnist", "cifar10"):
         data = load_torchvision(name, Path(cfg.data_dir))
     elif name == "imagefolder":
