@@ -387,8 +387,10 @@ def test_a_killed_sweep_resumes_its_finished_trials(pipeline, tmp_path):
     copy = tmp_path / "w"
     shutil.copytree(work, copy, ignore=shutil.ignore_patterns(".git", "cache", "ray_results", "dvc_plots"))
     cmd = [sys.executable, "-m", "pipeline.sweep", "--params", "params.yaml"]
-    first = subprocess.Popen(cmd, cwd=copy, env=_env(copy), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    # Tune saves the experiment state a restore reads every 10 s by default; every 0.5 s here, so the kill lands
+    # while the sweep (reused trial actors: a dozen tiny trials in about 15 s) still has trials to run
+    first = subprocess.Popen(cmd, cwd=copy, env={**_env(copy), "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
         while _recorded_trials(copy) < 2:
