@@ -114,8 +114,8 @@ def _resume(trainer: Trainer, config: dict, rank: int) -> str | None:
     """Load the newest checkpoint of this run_key, Ray's (set after FailureConfig restarted the workers: the one
     to use off-node) or the local one; returns the MLflow run id of the run that wrote it (None: from scratch)."""
     ray_ckpt = latest_ray_checkpoint()
-    if config.get("resume_from"):  # an earlier job's checkpoint on the store (storage root: pipeline/workspace.py)
-        workspace.fetch_checkpoint(config["resume_from"], CKPT_ROOT)
+    # an earlier job's checkpoints on the store (storage root: pipeline/workspace.py)
+    stored = workspace.fetch_checkpoint(config["resume_from"], CKPT_ROOT) if config["resume_from"] else None
     with ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None) as from_ray:
         candidates = [Path(c) for c in (from_ray, find_last_good_checkpoint(CKPT_ROOT)) if c is not None]
         candidates = [c for c in candidates if read_config(c).get("run_key") == config["run_key"]]
@@ -126,6 +126,9 @@ def _resume(trainer: Trainer, config: dict, rank: int) -> str | None:
         if rank == 0 and from_ray is not None and newest == Path(from_ray):
             print(f"{STAGE}: workers restarted by Ray; resuming from its checkpoint at step {trainer.step} "
                   f"({config['ray_storage']})", flush=True)
+        elif rank == 0 and stored is not None and newest == stored[1]:
+            print(f"{STAGE}: resuming from {stored[0]} (step {trainer.step} of "
+                  f"{config['params'][STAGE]['steps']})", flush=True)
         return read_config(newest).get("mlflow_run_id")
 
 
@@ -235,10 +238,12 @@ def _run(args) -> None:
     # Ray's copies of the checkpoints (what a restarted worker group resumes from, on any node): on the storage
     # root when there is one (where an earlier job's are found too), else beside the workspace
     storage = join(root, "ray_results") if root else Path("ray_results").resolve()
-    earlier = workspace.checkpoint_on_store(storage, STAGE, run_key) if root and last is None else None
-    if last is not None or earlier is not None:
-        where, step = (last, int(last.name.split("-")[1])) if last is not None else earlier[:2]
-        print(f"{STAGE}: resuming from {where} (step {step} of {cfg.steps})", flush=True)
+    earlier = workspace.checkpoints_on_store(storage, STAGE, run_key) if root and last is None else []
+    if last is not None:
+        print(f"{STAGE}: resuming from {last} (step {int(last.name.split('-')[1])} of {cfg.steps})", flush=True)
+    elif earlier:
+        print(f"{STAGE}: checkpoints of these params from an earlier run are on the store (newest: step "
+              f"{earlier[0][1]}); the workers resume from the newest that verifies", flush=True)
     # a fresh Ray run name each time: resuming is ours (from checkpoints/), not Ray's restore-by-name
     name = f"{STAGE}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     inputs = (AUTOENCODER,) if latent else ()
@@ -246,13 +251,13 @@ def _run(args) -> None:
               "ws": workspace.open_run(name, params.project, shard_dir, inputs),
               "data_checksums": data_checksums(shard_dir, ("train",)),
               "input_models": {rel: input_model(rel) for rel in inputs} or None,
-              "resume_from": earlier[0] if earlier else None}
+              "resume_from": [url for url, _, _ in earlier[:3]]}
     run_torch_trainer(train_loop_per_worker, config, cfg.scaling, name, storage, keep_checkpoints=cfg.keep_checkpoints,
                       no_retry=(NumericalError,), reraise=EXPECTED)
     workspace.receive_outputs(config["ws"])
     remove_run(storage, name)  # kept only after a failure
-    if earlier:  # the failed run this one went on from: its checkpoints are superseded
-        remove_run(storage, earlier[2])
+    for run in {run for _, _, run in earlier}:  # the failed runs this one went on from: superseded
+        remove_run(storage, run)
     print(f"{STAGE}: wrote {OUT}/ and {METRICS}: {METRICS.read_text().strip()}")
 
 

@@ -122,30 +122,45 @@ def receive_outputs(ws: dict) -> None:
     remove(ws["run"])
 
 
-def checkpoint_on_store(storage: str, stage: str, run_key: str) -> tuple[str, int, str] | None:
-    """(URL, step, Ray run name) of the newest checkpoint of `run_key` that Ray kept under `storage` from an earlier
-    run of `stage` (a run that failed or was killed keeps its folder there), or None. With a storage root, this is
+def checkpoints_on_store(storage: str, stage: str, run_key: str) -> list[tuple[str, int, str]]:
+    """(URL, step, Ray run name) of the checkpoints of `run_key` that Ray kept under `storage` from earlier runs of
+    `stage` (a run that failed or was killed keeps its folder there), newest first. With a storage root, this is
     how a resubmitted job resumes: the last run's node-local checkpoints may be on a machine that is gone."""
     import fsspec
 
     from diffusion_core.storage import join, read_bytes
 
     fs, root = fsspec.core.url_to_fs(storage)
-    best = None
+    found = []
     for path in fs.glob(f"{root.rstrip('/')}/{stage}-*/step-*/config.json"):
         rel = path[len(root.rstrip("/")) + 1:].rsplit("/", 1)[0]  # <run>/step-%08d
-        url = join(storage, rel)
         with contextlib.suppress(ValueError, KeyError, FileNotFoundError):
-            config = json.loads(read_bytes(join(url, "config.json")))
-            if config.get("run_key") == run_key and (best is None or config["training_step"] > best[1]):
-                best = (url, int(config["training_step"]), rel.split("/")[0])
-    return best
+            config = json.loads(read_bytes(join(storage, rel, "config.json")))
+            if config.get("run_key") == run_key:
+                found.append((join(storage, rel), int(config["training_step"]), rel.split("/")[0]))
+    return sorted(found, key=lambda c: -c[1])
 
 
-def fetch_checkpoint(url: str, ckpt_root: Path) -> None:
-    """The checkpoint at `url` into `ckpt_root/<its step folder>` (once), where the loop's resume finds it."""
+def fetch_checkpoint(urls: list[str], ckpt_root: Path) -> tuple[str, Path] | None:
+    """(URL, local folder) of the newest of the checkpoints at `urls` (newest first) whose checksums verify,
+    downloaded into `ckpt_root/<its step folder>` where the loop's resume finds it; one a kill cut short in its
+    upload is skipped. Ranks on one node share the folder: the first download to land is kept. None when none
+    verifies."""
+    from diffusion_core.checkpoint import CheckpointError, verify_checkpoint_dir
     from diffusion_core.storage import download_folder
 
-    dest = ckpt_root / url.rstrip("/").rsplit("/", 1)[-1]
-    if not dest.is_dir():
-        download_folder(url, dest)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    for url in urls:
+        dest = ckpt_root / url.rstrip("/").rsplit("/", 1)[-1]
+        if not dest.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=ckpt_root))
+            download_folder(url, tmp / "c")
+            with contextlib.suppress(OSError):  # another rank's copy landed first: keep that one
+                os.rename(tmp / "c", dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            verify_checkpoint_dir(dest)
+            return url, dest
+        except CheckpointError:
+            print(f"checkpoint {url} is incomplete (its upload was cut short); trying the one before", flush=True)
+    return None

@@ -9,8 +9,10 @@ on) losing its second node, with the stage submitted by `ray job submit`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,19 +52,32 @@ def _ray_checkpoints(bucket_path: str) -> list[str]:
         return []
 
 
-def _assert_same_model_as_unkilled(prepared, tmp_path, s3: str, train: dict, url: str, sample: bool = False) -> None:
-    """The same training on one node without a kill, published to <bucket>/clean: the user's side pulls both
-    models back by URL, and the killed run's is the unkilled run's, bit for bit."""
-    clean = _workdir(prepared, tmp_path / "clean", **train)
-    proc, lines = _stage(clean, {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/clean"})
+TRAIN_80 = {"steps": 80, "checkpoint_every": 10, "log_every": 5, "sample_every": 0}
+
+
+def _unkilled(prepared, dest: Path, train: dict) -> Path:
+    """models/diffusion of the same training on one node without a kill (and without a storage root: where the
+    files go changes no weight)."""
+    clean = _workdir(prepared, dest, **train)
+    proc, lines = _stage(clean, stage_env())
     assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+    return clean / "models/diffusion"
+
+
+@pytest.fixture(scope="module")
+def unkilled_80(prepared, tmp_path_factory) -> Path:
+    return _unkilled(prepared, tmp_path_factory.mktemp("clean80"), TRAIN_80)
+
+
+def _assert_same_model(url: str, unkilled: Path, tmp_path: Path, sample: bool = False) -> None:
+    """The model pulled back by URL is the unkilled run's, bit for bit."""
     killed, _ = load_model_dir(url)
-    unkilled, _ = load_model_dir(f"{s3}/clean/models/diffusion")
-    a, b = killed.state_dict(), unkilled.state_dict()
+    clean, _ = load_model_dir(unkilled)
+    a, b = killed.state_dict(), clean.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if sample:  # ... so the user's `diffusion sample --model <url>` draws the same images from both
         images = []
-        for model in (url, f"{s3}/clean/models/diffusion"):
+        for model in (url, str(unkilled)):
             out = tmp_path / f"samples-{len(images)}"
             res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", model, "--num", "4",
                                   "--steps", "5", "--seed", "3", "--out", str(out), "--no-progress"], cwd=ROOT,
@@ -73,10 +88,11 @@ def _assert_same_model_as_unkilled(prepared, tmp_path, s3: str, train: dict, url
         assert np.array_equal(*images)
 
 
-def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled(s3, prepared, tmp_path):
+def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled(s3, prepared, tmp_path,
+                                                                                  unkilled_80):
     import psutil
 
-    train = {"steps": 80, "checkpoint_every": 10, "log_every": 5, "sample_every": 0}
+    train = TRAIN_80
     env = {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/killed"}
     cwd = _workdir(prepared, tmp_path / "killed", **train)
     proc, lines = _stage(cwd, env)
@@ -111,7 +127,7 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
     assert not (cwd / "checkpoints").exists() and not scratch.exists()
     assert f"uploaded data/shards/ to {s3}/killed/data/shards-" in out
 
-    _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/killed/models/diffusion")
+    _assert_same_model(f"{s3}/killed/models/diffusion", unkilled_80, tmp_path)
 
 
 def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_new_node(s3, prepared, tmp_path):
@@ -193,7 +209,39 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
     assert [h["step"] for h in curve] == list(range(5, 161, 5))  # one loss curve: nothing repeated, nothing missing
     assert f"published models/diffusion/ to {s3}/two/models/diffusion" in logs
 
-    _assert_same_model_as_unkilled(prepared, tmp_path, s3, train, f"{s3}/two/models/diffusion", sample=True)
+    _assert_same_model(f"{s3}/two/models/diffusion", _unkilled(prepared, tmp_path / "clean", train), tmp_path,
+                       sample=True)
+
+
+def test_a_job_run_again_after_a_lost_cluster_resumes_from_the_store(s3, prepared, tmp_path, unkilled_80):
+    """kill -9 of the whole stage (driver, its Ray and workers: a job lost with its cluster) once Ray has
+    checkpoints on the store; the same stage run again in a fresh workspace (another machine: no local
+    checkpoints) resumes from the newest checkpoint of its params there, ends with one gap-free loss curve and
+    the unkilled run's weights, and removes the lost run's checkpoints from the store."""
+    env = {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/again"}
+    store = f"{s3.removeprefix('s3://')}/again/ray_results"
+    proc, lines = _stage(_workdir(prepared, tmp_path / "lost", **TRAIN_80), env)
+    try:
+        _wait_for(lambda: len(_ray_checkpoints(store)) >= 2, proc, "two Ray checkpoints on the store")
+    finally:  # every process of the run at once, Ray's own included (they are not all in the stage's group)
+        import psutil
+
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=60)
+    newest = max(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
+    cwd = _workdir(prepared, tmp_path / "again", **TRAIN_80)
+    proc, lines = _stage(cwd, env)
+    assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+    out = "".join(lines)
+    resumed = re.search(rf"train_diffusion: resuming from {s3}/again/ray_results/train_diffusion-\S+/step-(\d+) "
+                        rf"\(step (\d+) of 80\)", out)
+    assert resumed and int(resumed[2]) == newest, out[-3000:]
+    assert _steps(cwd) == list(range(5, 81, 5))  # the curve came with the checkpoint: nothing missing
+    assert not _ray_checkpoints(store), "the lost run's checkpoints are left on the store"
+    _assert_same_model(f"{s3}/again/models/diffusion", unkilled_80, tmp_path)
 
 
 def _wait_for_dashboard(api: str, token: str, timeout: float = 180) -> None:

@@ -286,21 +286,30 @@ def test_shards_read_from_a_url_are_the_local_shards(s3, prepared):
 
 
 def test_a_resubmitted_run_finds_the_newest_checkpoint_of_its_params_on_the_store(tmp_path):
-    """pipeline/workspace.checkpoint_on_store: among the Ray runs an earlier failed job left on the store, the
-    newest step whose config.json has this run_key (not another params' newer one, not another stage's)."""
+    """pipeline/workspace: among the Ray runs an earlier failed job left on the store, the checkpoints whose
+    config.json has this run_key (not another params' newer one, not another stage's), newest first; the newest
+    that verifies is fetched, one cut short in its upload is skipped."""
+    import hashlib
     import json
 
-    from pipeline.workspace import checkpoint_on_store, fetch_checkpoint
+    from pipeline.workspace import checkpoints_on_store, fetch_checkpoint
 
     store = tmp_path / "ray_results"
     for run, step, key in (("train_diffusion-a", 10, "k1"), ("train_diffusion-a", 20, "k1"),
                            ("train_diffusion-b", 30, "k1"), ("train_diffusion-c", 50, "k2"),
                            ("train_classifier-d", 90, "k1")):
-        d = store / run / f"step-{step:08d}"
+        d = store / run / f"step-{step:08d}"  # a checkpoint folder as checkpoint.py writes one: files + checksums
         d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({"run_key": key, "training_step": step}))
-    url, step, run = checkpoint_on_store(str(store), "train_diffusion", "k1")
-    assert (step, run) == (30, "train_diffusion-b") and url == f"{store}/train_diffusion-b/step-00000030"
-    assert checkpoint_on_store(str(store), "train_diffusion", "k3") is None
-    fetch_checkpoint(url, tmp_path / "ckpt")
-    assert json.loads((tmp_path / "ckpt/step-00000030/config.json").read_text())["training_step"] == 30
+        (d / "w.bin").write_bytes(b"step %d" % step)
+        (d / "config.json").write_text(json.dumps({"run_key": key, "training_step": step, "checksums": {
+            "w.bin": hashlib.sha256(b"step %d" % step).hexdigest()}}))
+    (store / "train_diffusion-b/step-00000030/w.bin").write_bytes(b"cut")  # an upload cut short
+    found = checkpoints_on_store(str(store), "train_diffusion", "k1")
+    assert [(step, run) for _, step, run in found] == [(30, "train_diffusion-b"), (20, "train_diffusion-a"),
+                                                       (10, "train_diffusion-a")]
+    assert found[0][0] == f"{store}/train_diffusion-b/step-00000030"
+    assert checkpoints_on_store(str(store), "train_diffusion", "k3") == []
+    got = fetch_checkpoint([url for url, _, _ in found], tmp_path / "ckpt")
+    assert got == tmp_path / "ckpt/step-00000020" and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step-00000020"]
+    assert json.loads((got / "config.json").read_text())["training_step"] == 20
