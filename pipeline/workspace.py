@@ -163,4 +163,5 @@ def fetch_checkpoint(urls: list[str], ckpt_root: Path) -> tuple[str, Path] | Non
             return url, dest
         except CheckpointError:
             print(f"checkpoint {url} is incomplete (its upload was cut short); trying the one before", flush=True)
+            shutil.rmtree(dest, ignore_errors=True)
     return None

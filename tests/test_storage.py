@@ -309,7 +309,7 @@ def test_a_resubmitted_run_finds_the_newest_checkpoint_of_its_params_on_the_stor
                                                        (10, "train_diffusion-a")]
     assert found[0][0] == f"{store}/train_diffusion-b/step-00000030"
     assert checkpoints_on_store(str(store), "train_diffusion", "k3") == []
-    got = fetch_checkpoint([url for url, _, _ in found], tmp_path / "ckpt")
-    assert got == tmp_path / "ckpt/step-00000020" and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "step-00000020"]
+    url, got = fetch_checkpoint([url for url, _, _ in found], tmp_path / "ckpt")
+    assert url == found[1][0] and got == tmp_path / "ckpt/step-00000020"
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000020"]  # the broken copy is not kept
     assert json.loads((got / "config.json").read_text())["training_step"] == 20
