@@ -76,8 +76,13 @@ def enter(ws: dict) -> str:
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
     for rel in ws["inputs"]:
-        if not (scratch / rel / "config.json").is_file():
-            download_folder(join(ws["run"], "inputs", rel), scratch / rel)
+        if not (scratch / rel / "config.json").is_file():  # ranks on one node share it: the first copy stays
+            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".input.", dir=scratch))
+            download_folder(join(ws["run"], "inputs", rel), tmp / "i")
+            with contextlib.suppress(OSError):
+                os.rename(tmp / "i", scratch / rel)
+            shutil.rmtree(tmp, ignore_errors=True)
     return ws["root"] if Path(ws["root"]).is_dir() else str(scratch)
 
 
