@@ -64,25 +64,35 @@ def _scratch(ws: dict) -> Path:
     return base / "diffusion-pipeline" / ws["run"].rstrip("/").rsplit("/", 1)[-1]
 
 
+def _download_once(url: str, dest: Path) -> None:
+    """The folder at `url` as `dest`, downloaded into a temp folder beside it and renamed into place. Ranks on one
+    node share their scratch folder: when another rank's copy landed first, that one is kept."""
+    from diffusion_core.storage import download_folder
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        download_folder(url, tmp / "d")
+        with contextlib.suppress(OSError):
+            os.rename(tmp / "d", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def enter(ws: dict) -> str:
     """chdir a worker to its working folder (the driver's, or this node's scratch with the run's inputs fetched);
     returns the folder for MLflow's local store: the driver's where this node sees it, else the scratch."""
     if ws["run"] is None:
         os.chdir(ws["root"])
         return ws["root"]
-    from diffusion_core.storage import download_folder, join
+    from diffusion_core.storage import join
 
     scratch = _scratch(ws)
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
     for rel in ws["inputs"]:
-        if not (scratch / rel / "config.json").is_file():  # ranks on one node share it: the first copy stays
-            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".input.", dir=scratch))
-            download_folder(join(ws["run"], "inputs", rel), tmp / "i")
-            with contextlib.suppress(OSError):
-                os.rename(tmp / "i", scratch / rel)
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not (scratch / rel / "config.json").is_file():
+            _download_once(join(ws["run"], "inputs", rel), scratch / rel)
     return ws["root"] if Path(ws["root"]).is_dir() else str(scratch)
 
 
@@ -152,17 +162,12 @@ def fetch_checkpoint(urls: list[str], ckpt_root: Path) -> tuple[str, Path] | Non
     upload is skipped. Ranks on one node share the folder: the first download to land is kept. None when none
     verifies."""
     from diffusion_core.checkpoint import CheckpointError, verify_checkpoint_dir
-    from diffusion_core.storage import download_folder
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for url in urls:
         dest = ckpt_root / url.rstrip("/").rsplit("/", 1)[-1]
         if not dest.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=ckpt_root))
-            download_folder(url, tmp / "c")
-            with contextlib.suppress(OSError):  # another rank's copy landed first: keep that one
-                os.rename(tmp / "c", dest)
-            shutil.rmtree(tmp, ignore_errors=True)
+            _download_once(url, dest)
         try:
             verify_checkpoint_dir(dest)
             return url, dest
