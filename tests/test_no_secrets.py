@@ -47,7 +47,10 @@ def assert_store_holds_no_secret_or_environment(folder: Path, secrets: list[str]
     with sqlite3.connect(db) as con:
         pairs = con.execute("select key, value from params union all select key, value from tags").fetchall()
     assert pairs
-    env_values = {v for k, v in os.environ.items() if len(v) >= 8} | set(SECRETS.values())
+    # PWD/OLDPWD are the shell's last folders: a path a run may name for its own reasons (the git remote of a local
+    # clone is one), not an environment dump
+    env_values = {v for k, v in os.environ.items() if len(v) >= 8 and k not in ("PWD", "OLDPWD")}
+    env_values |= set(SECRETS.values())
     for k, v in pairs:
         assert k not in os.environ and k not in SECRETS, k
         assert v not in env_values or v in (os.environ.get("USER"), os.environ.get("LOGNAME")), (k, v)

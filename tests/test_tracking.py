@@ -131,6 +131,26 @@ def test_secrets_redacted():
     assert flat == {"a.api_token": "***", "a.uri": "http://***@host:5000", "a.n": "null"}
 
 
+def test_a_token_in_the_git_remote_does_not_reach_the_store(store, tmp_path, monkeypatch):
+    """A clone whose origin URL carries a token (as CI checkouts often do): MLflow's own repoURL tag keeps the
+    host and path (MLflow drops the credentials itself; this pins that), and the token is in no byte of the
+    store."""
+    token = "ghp_fakeToken0123456789"
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    (repo / "main.py").write_text("")
+    for cmd in (["init", "-q"], ["remote", "add", "origin", f"https://x-access-token:{token}@github.com/o/r.git"],
+                ["add", "main.py"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
+    monkeypatch.setattr(sys, "argv", [str(repo / "main.py")])  # the entry point MLflow takes the repo from
+    with start_run("prepare", PARAMS, TrackingConfig()) as run:
+        pass
+    tags = _client(run.tracking_uri).get_run(run.run_id).data.tags
+    url = tags["mlflow.source.git.repoURL"]
+    assert url.endswith("github.com/o/r.git") and token not in url, url
+    assert token.encode() not in (store / "mlflow.db").read_bytes()
+
+
 def test_unreachable_server_fails_fast_or_falls_back(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()
