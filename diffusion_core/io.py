@@ -33,6 +33,17 @@ _STARTED = time.time()
 _swept: set[str] = set()
 
 
+def _forked() -> None:
+    """A forked child is a process of its own (a fork server's command, multiprocessing's fork start method): its
+    temporaries' age counts from the fork, and it sweeps each folder once itself."""
+    global _STARTED
+    _STARTED = time.time()
+    _swept.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def remove_stale_temps(folder: Path) -> None:
     """Delete atomic_path temporaries in `folder` that a writer killed before its rename left behind.
 

@@ -111,11 +111,11 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _resume(trainer: Trainer, config: dict, rank: int) -> str | None:
-    """Load the newest checkpoint of this run_key, Ray's (set after FailureConfig restarted the workers: the one
-    to use off-node) or the local one; returns the MLflow run id of the run that wrote it (None: from scratch)."""
+    """Load the newest checkpoint of this run_key: Ray's (set after FailureConfig restarted the workers: the one
+    to use off-node), one on the store, or the local one; returns the MLflow run id of the run that wrote it (None:
+    from scratch)."""
     ray_ckpt = latest_ray_checkpoint()
-    # an earlier job's checkpoints on the store (storage root: pipeline/workspace.py)
-    stored = workspace.fetch_checkpoint(config["resume_from"], CKPT_ROOT) if config["resume_from"] else None
+    stored = _fetch_stored(config)
     with ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None) as from_ray:
         candidates = [Path(c) for c in (from_ray, find_last_good_checkpoint(CKPT_ROOT)) if c is not None]
         candidates = [c for c in candidates if read_config(c).get("run_key") == config["run_key"]]
@@ -123,13 +123,25 @@ def _resume(trainer: Trainer, config: dict, rank: int) -> str | None:
             return None
         newest = max(candidates, key=lambda c: read_config(c)["training_step"])
         trainer.load_checkpoint(newest)
-        if rank == 0 and from_ray is not None and newest == Path(from_ray):
+        own = stored is not None and newest == stored[1] and f"/{config['ray_run']}/" in stored[0]
+        if rank == 0 and (own or (from_ray is not None and newest == Path(from_ray))):
             print(f"{STAGE}: workers restarted by Ray; resuming from its checkpoint at step {trainer.step} "
                   f"({config['ray_storage']})", flush=True)
         elif rank == 0 and stored is not None and newest == stored[1]:
             print(f"{STAGE}: resuming from {stored[0]} (step {trainer.step} of "
                   f"{config['params'][STAGE]['steps']})", flush=True)
         return read_config(newest).get("mlflow_run_id")
+
+
+def _fetch_stored(config: dict) -> tuple[str, Path] | None:
+    """With a storage root: the newest verifying checkpoint of this run_key on the store, fetched into CKPT_ROOT
+    (pipeline/workspace.py). An earlier job's, or this run's own: Ray registers a checkpoint only when its
+    controller next polls the workers, so a group it restarts may get none from Ray although the lost group had
+    uploaded some (the newest three are tried)."""
+    if not config["store_resume"]:
+        return None
+    found = workspace.checkpoints_on_store(config["ray_storage"], STAGE, config["run_key"])
+    return workspace.fetch_checkpoint([url for url, _, _ in found[:3]], CKPT_ROOT) if found else None
 
 
 def _hooks(run, trainer: Trainer, cfg, extra: dict, latent: dict | None, device: str) -> LoopHooks:
@@ -251,7 +263,7 @@ def _run(args) -> None:
               "ws": workspace.open_run(name, params.project, shard_dir, inputs),
               "data_checksums": data_checksums(shard_dir, ("train",)),
               "input_models": {rel: input_model(rel) for rel in inputs} or None,
-              "resume_from": [url for url, _, _ in earlier[:3]]}
+              "store_resume": bool(root), "ray_run": name}
     run_torch_trainer(train_loop_per_worker, config, cfg.scaling, name, storage, keep_checkpoints=cfg.keep_checkpoints,
                       no_retry=(NumericalError,), reraise=EXPECTED)
     workspace.receive_outputs(config["ws"])

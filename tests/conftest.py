@@ -1,7 +1,6 @@
 """Test-wide settings, and the `prepared` folder shared by the tests that run stages."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from tests import zygote
 from tests.stages import TINY, stage_env
 
 # Under pytest-xdist (`make test` runs -n 3) each worker's in-process torch gets its share of the cores. Stages
@@ -36,8 +36,8 @@ def prepared(tmp_path_factory) -> Path:
     raw = yaml.safe_load(TINY.read_text())
     raw["tracking"]["enabled"] = False
     (d / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", "tiny.yaml"], cwd=d, env=stage_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = zygote.run([sys.executable, "-m", "pipeline.prepare", "--params", "tiny.yaml"], cwd=d, env=stage_env(),
+                     timeout=300)
     assert res.returncode == 0, res.stderr
     return d
 

@@ -28,6 +28,8 @@ from diffusion_core.data import load_split, read_meta
 from diffusion_core.models import AutoencoderKL
 from pipeline.config import ConfigError, validate_params
 
+from . import zygote
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 STAGES = ("prepare", "train_autoencoder", "encode_latents")
@@ -40,8 +42,8 @@ def tiny_run(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(ROOT)
     for stage in STAGES:
-        res = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(TINY)], cwd=cwd, env=env,
-                             capture_output=True, text=True, timeout=300)
+        res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(TINY)], cwd=cwd, env=env,
+                         timeout=300)
         assert res.returncode == 0, f"{stage}: {res.stderr[-2000:]}"
     return cwd
 
@@ -172,8 +174,8 @@ def latent_model(tiny_run) -> Path:
     (tiny_run / "latent.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "latent.yaml"], cwd=tiny_run,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = zygote.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "latent.yaml"], cwd=tiny_run,
+                     env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return tiny_run / "models" / "diffusion"
 

@@ -1,5 +1,5 @@
-"""Bad input, table-driven, through the real command lines (issue 7): every case runs `python -m pipeline.<stage>`
-or `python -m pipeline.cli sample` as a subprocess in its own temp folder and must give
+"""Bad input, table-driven, through the real command lines (issue 7): every case runs `pipeline.<stage>` or
+`pipeline.cli sample` as `__main__` of a process of its own, in its own temp folder, and must give
 
 - a non-zero exit code,
 - stderr of exactly one line, starting with `error:`, naming the offending key/file/value (the case's needles),
@@ -7,9 +7,11 @@ or `python -m pipeline.cli sample` as a subprocess in its own temp folder and mu
 - nothing half-written: every file under the working folder is byte-identical before and after (outputs absent or
   unchanged, no temp files left).
 
-The subprocesses run two at a time (a busy 2-core box; each is ~2 s of CPU, mostly imports), started together by a
-module fixture for the cases pytest selected, so the whole file takes about a minute. Fixtures (a prepared `digits`
-data folder, tiny random model folders) are built once per module, in-process.
+The cases run two at a time, started together by a module fixture for the cases pytest selected. Each is a child
+of the tests' fork server (tests/zygote.py: the command line run as `__main__` in a fresh process that forked
+from one which had already imported torch and the pipeline, so a case costs a fraction of a second of CPU, not
+two); `test_debug_adds_a_traceback` runs its stage through a real `python -m`. Fixtures (a prepared `digits` data
+folder, tiny random model folders) are built once per module, in-process.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
+from tests import zygote
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -415,7 +419,7 @@ def _run_case(case: Case, cwd: Path, A: Path, before: dict[str, str], args: list
     else:
         cmd = [sys.executable, "-m", f"pipeline.{case.stage}", *args]
     t0 = time.monotonic()
-    res = subprocess.run(cmd, cwd=cwd, env=base_env(case.env), capture_output=True, text=True, timeout=180)
+    res = zygote.run(cmd, cwd=cwd, env=base_env(case.env), timeout=180)
     return {"rc": res.returncode, "stderr": res.stderr, "stdout": res.stdout, "seconds": time.monotonic() - t0,
             "before": before, "after": snapshot(cwd), "cmd": cmd}
 

@@ -26,6 +26,8 @@ from diffusion_core.resample import LossAwareSampler, UniformSampler
 from diffusion_core.schedules import NoiseSchedule
 from diffusion_core.training import Trainer, TrainOptions
 
+from . import zygote
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -159,8 +161,8 @@ def _env() -> dict:
 
 
 def _stage(cwd: Path, module: str, params: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"pipeline.{module}", "--params", str(params)], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    return zygote.run([sys.executable, "-m", f"pipeline.{module}", "--params", str(params)], cwd=cwd, env=_env(),
+                      timeout=600)
 
 
 @pytest.fixture(scope="module")

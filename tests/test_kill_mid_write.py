@@ -3,7 +3,9 @@ encode_latents, reference_stats, evaluate, sweep (Ray Tune, three sampling trial
 write a model folder without checkpoints (train_feature_net, train_autoencoder, and train_classifier in-process;
 train_diffusion's kills are in test_train_diffusion.py).
 
-The harness is a `sitecustomize.py` put first on PYTHONPATH. It wraps `os.replace` and `os.rename`, through which
+Each run is a child of the tests' fork server (tests/zygote.py, which runs a `sitecustomize.py` on the
+child's PYTHONPATH as Python's start-up would), in a session of its own. The harness is a `sitecustomize.py` put
+first on PYTHONPATH. It wraps `os.replace` and `os.rename`, through which
 every output file reaches its name (`diffusion_core.io.atomic_path`, files moved out of a stage's temp folder), and
 counts the calls whose destination lies in the stage's working folder (outside Ray Tune's scratch `ray_results`).
 With `KILL_AT_RENAME=N` the stage SIGKILLs its process group (itself and any local Ray it started) just before the
@@ -29,13 +31,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from . import zygote
 from .stages import ROOT, TINY, stage_env
 from .tiny_models import make_diffusion_dir, make_feature_net_dir
 
@@ -106,8 +108,8 @@ def _run(harness: Path, cwd: Path, stage: str, params: Path, kill_at: int = 0, l
         env["KILL_AT_RENAME"] = str(kill_at)
     if log:
         env["RENAME_LOG"] = str(log)
-    res = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=300, start_new_session=True)
+    res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], cwd=cwd, env=env,
+                     timeout=300)
     assert res.returncode == expect, f"{stage} (kill at {kill_at}): rc {res.returncode}\n{res.stderr[-3000:]}"
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from . import zygote
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -34,8 +36,8 @@ def _run(tmp_path: Path, stage: str, raw: dict) -> subprocess.CompletedProcess:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     env.update(SECRETS, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", "p.yaml"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", "p.yaml"], cwd=tmp_path, env=env,
+                     timeout=300)
     assert res.returncode == 0, res.stderr
     return res
 

@@ -13,6 +13,8 @@ from diffusion_core.data import ShardDataset, load_split, prepare_dataset, read_
 from diffusion_core.options import PrepareOptions
 from pipeline import prepare
 
+from . import zygote
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -20,8 +22,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 def run_stage(cwd: Path, *args: str, env_extra=None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return zygote.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env, timeout=300)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from diffusion_core.checkpoint import load_model_dir
 from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.storage import POINTER, StorageError, fetch_dir, latest_version, publish_dir
 
+from . import zygote
 from .tiny_models import make_diffusion_dir, make_latent_dir
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -120,16 +121,15 @@ def test_cli_samples_from_a_url_as_from_the_folder(s3, tmp_path):
     outs = {}
     for name, model in (("url", url), ("local", str(local))):
         out = tmp_path / name
-        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", model, "--num", "4",
-                              "--steps", "3", "--seed", "7", "--out", str(out), "--no-progress"],
-                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+        res = zygote.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", model, "--num", "4",
+                          "--steps", "3", "--seed", "7", "--out", str(out), "--no-progress"],
+                         cwd=ROOT, env=os.environ.copy(), timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         with np.load(out / "samples.npz") as z:
             outs[name] = z["images"]
     assert np.array_equal(outs["url"], outs["local"])
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", f"{s3}/missing", "--num", "1",
-                          "--out", str(tmp_path / "x")], cwd=ROOT, env=os.environ.copy(), capture_output=True,
-                         text=True, timeout=300)
+    res = zygote.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", f"{s3}/missing", "--num", "1",
+                      "--out", str(tmp_path / "x")], cwd=ROOT, env=os.environ.copy(), timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "holds no model" in res.stderr
 
 
@@ -144,8 +144,8 @@ def test_a_training_stage_publishes_under_the_storage_root(s3, prepared, tmp_pat
     work = tmp_path / "work"
     shutil.copytree(prepared, work)
     env = {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/run"}
-    res = subprocess.run([sys.executable, "-m", "pipeline.train_feature_net", "--params", "tiny.yaml"], cwd=work,
-                         env=env, capture_output=True, text=True, timeout=600)
+    res = zygote.run([sys.executable, "-m", "pipeline.train_feature_net", "--params", "tiny.yaml"], cwd=work,
+                     env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     url = f"{s3}/run/models/feature_net"
     assert f"published models/feature_net/ to {url} (version v-" in res.stdout

@@ -131,24 +131,27 @@ def test_secrets_redacted():
     assert flat == {"a.api_token": "***", "a.uri": "http://***@host:5000", "a.n": "null"}
 
 
-def test_a_token_in_the_git_remote_does_not_reach_the_store(store, tmp_path, monkeypatch):
-    """A clone whose origin URL carries a token (as CI checkouts often do): MLflow's own repoURL tag keeps the
-    host and path (MLflow drops the credentials itself; this pins that), and the token is in no byte of the
-    store."""
+def test_a_token_in_the_git_remote_does_not_reach_the_store(tmp_path):
+    """A clone whose origin URL carries a token (as CI checkouts often do), a stage entry point inside it: MLflow's
+    own repoURL tag keeps the host and path (MLflow drops the credentials itself; this pins that), and the token is
+    in no byte of the store. A fresh process: MLflow caches the git context of the first run in a process."""
     token = "ghp_fakeToken0123456789"
     repo = tmp_path / "clone"
     repo.mkdir()
-    (repo / "main.py").write_text("")
+    (repo / "main.py").write_text(
+        "from pipeline.config import TrackingConfig\nfrom pipeline.tracking import start_run\n"
+        f"with start_run('prepare', {PARAMS!r}, TrackingConfig()) as run:\n    print(run.run_id)\n")
     for cmd in (["init", "-q"], ["remote", "add", "origin", f"https://x-access-token:{token}@github.com/o/r.git"],
                 ["add", "main.py"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
-    monkeypatch.setattr(sys, "argv", [str(repo / "main.py")])  # the entry point MLflow takes the repo from
-    with start_run("prepare", PARAMS, TrackingConfig()) as run:
-        pass
-    tags = _client(run.tracking_uri).get_run(run.run_id).data.tags
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    res = subprocess.run([sys.executable, "main.py"], cwd=repo, env={**env, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    tags = _client(f"sqlite:///{repo / 'mlflow.db'}").get_run(res.stdout.split()[-1]).data.tags
     url = tags["mlflow.source.git.repoURL"]
     assert url.endswith("github.com/o/r.git") and token not in url, url
-    assert token.encode() not in (store / "mlflow.db").read_bytes()
+    assert token.encode() not in (repo / "mlflow.db").read_bytes()
 
 
 def test_unreachable_server_fails_fast_or_falls_back(store, monkeypatch):
