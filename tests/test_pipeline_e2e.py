@@ -16,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
+
+from diffusion_core.checkpoint import load_model_dir
+from diffusion_core.data import load_split
+from diffusion_core.models import NoisyClassifier
 
 from .test_no_secrets import SECRETS, assert_store_holds_no_secret_or_environment
 
@@ -117,6 +122,54 @@ def test_reference_stats(pipeline):
         d = z["mu"].shape[0]
         assert z["sigma"].shape == (d, d) and z["features"].shape[1] == d
     assert not (work / "data/reference/reference-inception.npz").exists()  # no weights offline: skipped
+
+
+def _runs(work: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(work / "mlflow.db") as db:
+        return db.execute("SELECT name, status FROM runs").fetchall()
+
+
+def test_train_feature_net_outputs(pipeline):
+    """The feature net behind domain FID: its config's data block, finite non-constant features of the configured
+    size, and reloaded weights that score the reported test accuracy, well above chance (0.1)."""
+    work, _, _ = pipeline
+    metrics = json.loads((work / "metrics" / "train_feature_net.json").read_text())
+    model, config = load_model_dir(work / "models" / "feature_net")
+    tiny = yaml.safe_load((work / "params.yaml").read_text())["train_feature_net"]
+    assert config["data"] == {"space": "pixel", "shape": [1, 8, 8], "num_classes": 10, "dataset": "digits",
+                              "class_names": [str(i) for i in range(10)]}
+    x, y = load_split(work / "data" / "shards", "test")
+    with torch.no_grad():
+        feats = model.features(x)
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert feats.shape == (len(x), tiny["feature_dim"]) and config["feature_dim"] == tiny["feature_dim"]
+    assert torch.isfinite(feats).all() and feats.std() > 0
+    assert acc == pytest.approx(metrics["test_accuracy"]) and acc > 0.5
+    assert metrics["wall_seconds"] > 0 and metrics["test_count"] == len(y)
+    assert ("train_feature_net", "FINISHED") in _runs(work)
+
+
+def test_train_classifier_outputs(pipeline):
+    """The noisy classifier, trained on two Ray workers (DDP): accuracy high at small t and near chance at large t,
+    and a model folder that loads as a classifier of the diffusion model's process."""
+    from diffusion_core.generation import load_classifier_dir
+    from diffusion_core.pretrained import diffusion_spec
+    from pipeline.config import load_params
+
+    work, _, _ = pipeline
+    metrics = json.loads((work / "metrics" / "train_classifier.json").read_text())
+    keys = ["acc_t0_25", "acc_t25_50", "acc_t50_75", "acc_t75_100"]  # T = 100 in tiny.yaml
+    assert set(keys) <= set(metrics) and metrics["num_workers"] == 2 and metrics["steps"] == 60
+    accs = [metrics[k] for k in keys]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert accs[0] > accs[3] + 0.2, accs  # clean-ish inputs are classifiable, x_T is not
+    assert accs[3] < 0.25 and min(accs) <= metrics["accuracy"] <= max(accs)
+    params = load_params(work / "params.yaml", sections=("schedule", "diffusion"))
+    bundle = load_classifier_dir(work / "models" / "classifier")
+    assert isinstance(bundle.model, NoisyClassifier) and bundle.num_classes == 10
+    assert bundle.config["diffusion"] == diffusion_spec(params.schedule.to_options(), params.diffusion.to_options())
+    assert bundle.config["data"]["space"] == "pixel" and bundle.config["data"]["shape"] == [1, 8, 8]
+    assert ("train_classifier", "FINISHED") in _runs(work)
 
 
 def test_sweep_outputs(pipeline):
