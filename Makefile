@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 # 3 pytest-xdist workers, one test file each at a time (module fixtures are built once): the stage and Ray tests
-# mostly wait on subprocesses, so a third worker fills the two cores; ruff first (a second)
+# mostly wait on subprocesses, so a third worker fills the two cores. Files go out in tests/conftest.py's order,
+# longest first (not xdist's most-tests-first); ruff first (a second)
 test: $(STAMP)
 	$(BIN)/ruff check --quiet .
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 # the inner loop: unit and oracle tests on 2 xdist workers (one per core)
 test-fast: $(STAMP)

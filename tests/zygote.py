@@ -57,10 +57,14 @@ def _child(req: dict) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
-    except BaseException:  # noqa: BLE001 - printed as Python prints an uncaught exception
+    except BaseException as e:  # noqa: BLE001 - printed as Python prints an uncaught exception
         import traceback
 
-        traceback.print_exc()
+        tb = e.__traceback__  # from the command's own frames: the server's and runpy's are not the command's
+        while tb is not None and (tb.tb_frame.f_code.co_filename == __file__ or
+                                  tb.tb_frame.f_code.co_filename.startswith("<frozen runpy")):
+            tb = tb.tb_next
+        traceback.print_exception(type(e), e, tb)
         code = 1
     finally:
         os._exit(_exit_like_python(code))
@@ -167,6 +171,11 @@ class _Server:
                 self.waiting[msg["id"]].update(msg)
                 if "rc" in msg:
                     self.events[msg["id"]].set()
+        with self.lock:  # the server died: nobody will answer the ones still waiting
+            for rid, event in self.events.items():
+                if not event.is_set():
+                    self.waiting[rid].setdefault("rc", None)
+                    event.set()
 
     def start(self, argv: list[str], cwd: str, env: dict, out: str, err: str) -> tuple[int, threading.Event, dict]:
         with self.lock:
@@ -218,6 +227,7 @@ def run(cmd: list[str], *, cwd, env: dict, timeout: float) -> subprocess.Complet
         if not done.wait(timeout):
             os.killpg(msg["pid"], signal.SIGKILL)
             raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+        assert msg["rc"] is not None, f"the tests' fork server died while running {cmd}"
         return subprocess.CompletedProcess(cmd, msg["rc"], out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
 
