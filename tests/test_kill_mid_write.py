@@ -91,6 +91,8 @@ def _params(path: Path, **sections) -> Path:
     raw["evaluate"].update(setting="params", num_workers=1, num_samples=20, batch_size=20, grid_samples=10,
                            nll_samples=4, nll_batch_size=4)
     raw["train_classifier"]["scaling"].update(num_workers=1, use_ray=False)  # in-process: the kill hits the writer
+    for name in ("train_feature_net", "train_autoencoder", "train_classifier"):  # what they write, not how well
+        raw[name].update(steps=20, log_every=10)
     raw["sweep"].update(num_samples=8, batch_size=8, grid_samples=4, max_concurrent=1, seed_sets=1,  # 3 trials
                         training={**raw["sweep"]["training"], "schedules": []},
                         sampling=[{"samplers": ["ddim", "dpmpp2m"], "steps": [2], "guidance": ["cfg"]},
@@ -177,7 +179,7 @@ def a_states(prepared, harness, tmp_path_factory) -> dict[str, Path]:
         _run(harness, work, stage, params)
         states[stage] = base / f"after-{stage}"
         shutil.copytree(work, states[stage], symlinks=True)
-    for stage in TRAINED:  # trained for real (tiny.yaml: 60-100 steps), each on a copy of the prepared data
+    for stage in TRAINED:  # trained for real (20 steps), each on a copy of the prepared data
         states[stage] = base / f"after-{stage}"
         shutil.copytree(prepared, states[stage], symlinks=True)
         _run(harness, states[stage], stage, params)

@@ -210,7 +210,8 @@ def test_team_mlflow_server_keeps_artifacts_on_the_store(s3, prepared, tmp_path)
     server_dir.mkdir()
     server = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                                "--backend-store-uri", f"sqlite:///{server_dir}/mlflow.db",
-                               "--artifacts-destination", f"{s3}/mlflow"], cwd=server_dir, env=stage_env(),
+                               "--artifacts-destination", f"{s3}/mlflow"], cwd=server_dir,
+                              env={**stage_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as README's
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:

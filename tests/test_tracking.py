@@ -39,7 +39,9 @@ def mlflow_server(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen([sys.executable, "-m", *readme_mlflow_command(port)], cwd=tmp, env=env,
+    assigned, argv = readme_mlflow_command(port)
+    env.update(assigned)
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=tmp, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "env": env, "pid": proc.pid}
     os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers
@@ -49,13 +51,16 @@ def mlflow_server(request, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def readme_mlflow_command(port: int) -> list[str]:
-    """The README's `mlflow ui ...` line as argv, on another port (its store, sqlite:///mlflow.db, is relative)."""
-    line = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
-                if ln.strip().startswith(("mlflow ui ", "mlflow server ")))
-    argv = shlex.split(line)
+def readme_mlflow_command(port: int) -> tuple[dict[str, str], list[str]]:
+    """The README's `mlflow ui ...` line as (its VAR=value assignments, argv), on another port (its store,
+    sqlite:///mlflow.db, is relative)."""
+    words = next(shlex.split(ln) for ln in (ROOT / "README.md").read_text().splitlines()
+                 if "mlflow ui " in ln and not ln.lstrip().startswith(("#", "`")))
+    at = words.index("mlflow")
+    assigned = dict(w.split("=", 1) for w in words[:at])
+    argv = words[at:]
     argv[argv.index("--port") + 1] = str(port)
-    return argv
+    return assigned, argv
 
 
 @pytest.fixture(scope="module")
