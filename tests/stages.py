@@ -11,10 +11,13 @@ TINY = ROOT / "configs" / "tiny.yaml"
 VENV_BIN = Path(sys.executable).parent
 
 
-def stage_env() -> dict:
-    """This environment without MLflow/Ray settings, with the repo on PYTHONPATH and the venv first on PATH."""
+def stage_env(**extra: str) -> dict:
+    """The environment every test gives the stages, servers and scripts it starts: this one without MLflow/Ray
+    settings, with the repo on PYTHONPATH, the venv first on PATH and Ray's usage stats off; `extra` on top (e.g.
+    OMP_NUM_THREADS="1" for tiny models on a busy 2-core box, fake secrets, a storage root)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     env.update(PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    env.update(extra)
     return env
 
 

@@ -29,6 +29,7 @@ from diffusion_core.models import AutoencoderKL
 from pipeline.config import ConfigError, validate_params
 
 from . import zygote
+from .stages import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -39,8 +40,7 @@ STAGES = ("prepare", "train_autoencoder", "encode_latents")
 def tiny_run(tmp_path_factory) -> Path:
     """Working dir after prepare -> train_autoencoder -> encode_latents on configs/tiny.yaml (local MLflow store)."""
     cwd = tmp_path_factory.mktemp("ae_stage")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = stage_env()
     for stage in STAGES:
         res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(TINY)], cwd=cwd, env=env,
                          timeout=300)
@@ -172,8 +172,7 @@ def latent_model(tiny_run) -> Path:
         params[stage]["space"] = "latent"
     params["train_diffusion"]["scaling"].update(num_workers=1, use_ray=False)
     (tiny_run / "latent.yaml").write_text(yaml.safe_dump(params))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env = stage_env()
     res = zygote.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "latent.yaml"], cwd=tiny_run,
                      env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -38,6 +38,7 @@ import yaml
 from PIL import Image
 
 from tests import zygote
+from tests.stages import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -88,11 +89,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def base_env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONWARNINGS="ignore")
-    env.update(extra or {})
-    return env
+    return stage_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(extra or {}))
 
 
 def flip_byte(path: Path, offset_frac: float = 0.5) -> None:

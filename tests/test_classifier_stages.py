@@ -2,7 +2,6 @@
 refusals and its non-finite-loss stop. Both stages' tiny runs (train_classifier on 2 Ray workers) are checked on
 the outputs of the e2e pipeline's `dvc repro` (tests/test_pipeline_e2e.py), which runs them with configs/tiny.yaml."""
 
-import os
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from diffusion_core.schedules import NoiseSchedule
 from diffusion_core.training import Trainer, TrainOptions
 
 from . import zygote
+from .stages import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -152,10 +152,8 @@ def test_random_shift_translates():
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     # 8x8 images: a second thread only adds synchronisation, and on a busy machine it costs 10x
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return env
+    return stage_env(OMP_NUM_THREADS="1")
 
 
 def _stage(cwd: Path, module: str, params: Path) -> subprocess.CompletedProcess:

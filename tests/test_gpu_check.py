@@ -2,18 +2,19 @@
 bench.gpu for CUDA where there is none is a one-line error."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .stages import stage_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return stage_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from . import zygote
+from .stages import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -34,8 +35,7 @@ URI_PASSWORD = "hunter2-in-a-uri"
 
 def _run(tmp_path: Path, stage: str, raw: dict) -> subprocess.CompletedProcess:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
-    env.update(SECRETS, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = stage_env(**SECRETS, OMP_NUM_THREADS="1")
     res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", "p.yaml"], cwd=tmp_path, env=env,
                      timeout=300)
     assert res.returncode == 0, res.stderr

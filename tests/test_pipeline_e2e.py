@@ -24,6 +24,7 @@ from diffusion_core.checkpoint import load_model_dir
 from diffusion_core.data import load_split
 from diffusion_core.models import NoisyClassifier
 
+from .stages import stage_env
 from .test_no_secrets import SECRETS, assert_store_holds_no_secret_or_environment
 
 pytestmark = pytest.mark.slow
@@ -42,11 +43,8 @@ def _outputs(stage: dict) -> list[str]:
 
 
 def _env(work: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env.update(SECRETS)  # fake: no stage may log them (test_no_secrets_in_the_store_or_the_output)
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(work),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", DVC_NO_ANALYTICS="1")
-    return env
+    # SECRETS are fake: no stage may log them (test_no_secrets_in_the_store_or_the_output)
+    return stage_env(**SECRETS, PYTHONPATH=str(work), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DVC_NO_ANALYTICS="1")
 
 
 def _run(work: Path, cmd: list[str], timeout: int, **env: str) -> subprocess.CompletedProcess:

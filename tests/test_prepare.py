@@ -14,14 +14,14 @@ from diffusion_core.options import PrepareOptions
 from pipeline import prepare
 
 from . import zygote
+from .stages import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def run_stage(cwd: Path, *args: str, env_extra=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env = stage_env(**(env_extra or {}))
     return zygote.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env, timeout=300)
 
 

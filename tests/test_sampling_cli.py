@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from diffusion_core.pretrained import load_diffusion_dir
 from pipeline.cli import main
 from tests.tiny_models import CHANNELS, DIFFUSION, SIZE, make_classifier_dir, make_diffusion_dir, make_latent_dir
 
+from .stages import stage_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +28,7 @@ def cli() -> list[str]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # 1 thread: tiny models, busy 2-core box
+    env = stage_env(OMP_NUM_THREADS="1")  # 1 thread: tiny models, busy 2-core box
     return subprocess.run([*cli(), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
 

@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import TrackingConfig
 from pipeline.tracking import NullRun, TrackingError, flatten_params, start_run
 
-from .stages import group_pids, listening_ips
+from .stages import group_pids, listening_ips, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"project": {"name": "t", "experiment": "exp-test", "seed": 0},
@@ -38,9 +38,8 @@ def mlflow_server(request, tmp_path_factory):
         return
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     assigned, argv = readme_mlflow_command(port)
-    env.update(assigned)
+    env = stage_env(**assigned)
     proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=tmp, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "env": env, "pid": proc.pid}
@@ -149,8 +148,7 @@ def test_a_token_in_the_git_remote_does_not_reach_the_store(tmp_path):
     for cmd in (["init", "-q"], ["remote", "add", "origin", f"https://x-access-token:{token}@github.com/o/r.git"],
                 ["add", "main.py"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    res = subprocess.run([sys.executable, "main.py"], cwd=repo, env={**env, "PYTHONPATH": str(ROOT)},
+    res = subprocess.run([sys.executable, "main.py"], cwd=repo, env=stage_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     tags = _client(f"sqlite:///{repo / 'mlflow.db'}").get_run(res.stdout.split()[-1]).data.tags
