@@ -286,11 +286,22 @@ def test_shards_read_from_a_url_are_the_local_shards(s3, prepared):
         load_split(url, "train")
 
 
+def _store_checkpoint(store, run: str, step: int, key: str) -> None:
+    """A checkpoint folder as checkpoint.py writes one (files + checksums) under a Ray run on the store."""
+    import hashlib
+    import json
+
+    d = store / run / f"step-{step:08d}"
+    d.mkdir(parents=True)
+    (d / "w.bin").write_bytes(b"step %d" % step)
+    (d / "config.json").write_text(json.dumps({"run_key": key, "training_step": step, "mlflow_run_id": f"r{step}",
+                                               "checksums": {"w.bin": hashlib.sha256(b"step %d" % step).hexdigest()}}))
+
+
 def test_a_resubmitted_run_finds_the_newest_checkpoint_of_its_params_on_the_store(tmp_path):
     """pipeline/workspace: among the Ray runs an earlier failed job left on the store, the checkpoints whose
     config.json has this run_key (not another params' newer one, not another stage's), newest first; the newest
     that verifies is fetched, one cut short in its upload is skipped."""
-    import hashlib
     import json
 
     from pipeline.workspace import checkpoints_on_store, fetch_checkpoint
@@ -299,11 +310,7 @@ def test_a_resubmitted_run_finds_the_newest_checkpoint_of_its_params_on_the_stor
     for run, step, key in (("train_diffusion-a", 10, "k1"), ("train_diffusion-a", 20, "k1"),
                            ("train_diffusion-b", 30, "k1"), ("train_diffusion-c", 50, "k2"),
                            ("train_classifier-d", 90, "k1")):
-        d = store / run / f"step-{step:08d}"  # a checkpoint folder as checkpoint.py writes one: files + checksums
-        d.mkdir(parents=True)
-        (d / "w.bin").write_bytes(b"step %d" % step)
-        (d / "config.json").write_text(json.dumps({"run_key": key, "training_step": step, "checksums": {
-            "w.bin": hashlib.sha256(b"step %d" % step).hexdigest()}}))
+        _store_checkpoint(store, run, step, key)
     (store / "train_diffusion-b/step-00000030/w.bin").write_bytes(b"cut")  # an upload cut short
     found = checkpoints_on_store(str(store), "train_diffusion", "k1")
     assert [(step, run) for _, step, run in found] == [(30, "train_diffusion-b"), (20, "train_diffusion-a"),
@@ -314,3 +321,38 @@ def test_a_resubmitted_run_finds_the_newest_checkpoint_of_its_params_on_the_stor
     assert url == found[1][0] and got == tmp_path / "ckpt/step-00000020"
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000020"]  # the broken copy is not kept
     assert json.loads((got / "config.json").read_text())["training_step"] == 20
+
+
+@pytest.mark.parametrize("earlier_step, says", [
+    (10, "workers restarted by Ray; resuming from its checkpoint at step 20"),  # its own run's is the newest
+    (30, "resuming from {store}/train_diffusion-before/step-00000030")])  # an earlier job's is newer
+def test_a_restarted_group_that_ray_gives_no_checkpoint_resumes_from_the_store(tmp_path, monkeypatch, capsys,
+                                                                               earlier_step, says):
+    """Ray hands a restarted worker group only the checkpoints its controller had registered, on its next poll of
+    the workers: a group restarted before that gets none. With a storage root the group still resumes, from the
+    newest checkpoint of its run key on the store: its own run's, or an earlier job's when that one is newer."""
+    import json
+
+    from pipeline import train_diffusion
+
+    store = tmp_path / "ray_results"
+    _store_checkpoint(store, "train_diffusion-now", 10, "k1")
+    _store_checkpoint(store, "train_diffusion-now", 20, "k1")
+    _store_checkpoint(store, "train_diffusion-before", earlier_step, "k1")
+    _store_checkpoint(store, "train_diffusion-other", 90, "k2")  # other params: never
+
+    class Trainer:  # what _resume asks of the trainer
+        step = 0
+
+        def load_checkpoint(self, path):
+            self.loaded, self.step = path, json.loads((path / "config.json").read_text())["training_step"]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_diffusion, "latest_ray_checkpoint", lambda: None)
+    config = {"store_resume": True, "ray_storage": str(store), "run_key": "k1", "ray_run": "train_diffusion-now",
+              "params": {"train_diffusion": {"steps": 80}}}
+    trainer = Trainer()
+    newest = max(20, earlier_step)
+    assert train_diffusion._resume(trainer, config, rank=0) == f"r{newest}"
+    assert trainer.step == newest and trainer.loaded.name == f"step-{newest:08d}"
+    assert says.format(store=store) in capsys.readouterr().out
