@@ -138,9 +138,10 @@ def receive_outputs(ws: dict) -> None:
 
 
 def checkpoints_on_store(storage: str, stage: str, run_key: str) -> list[tuple[str, int, str]]:
-    """(URL, step, Ray run name) of the checkpoints of `run_key` that Ray kept under `storage` from earlier runs of
-    `stage` (a run that failed or was killed keeps its folder there), newest first. With a storage root, this is
-    how a resubmitted job resumes: the last run's node-local checkpoints may be on a machine that is gone."""
+    """(URL, step, Ray run name) of the checkpoints of `run_key` that Ray keeps under `storage` for runs of `stage`
+    (a run that failed or was killed keeps its folder there; the running one's are there too), newest first. With a
+    storage root, this is how a resubmitted job, or a worker group Ray restarted, resumes: the node-local
+    checkpoints may be on a machine that is gone."""
     import fsspec
 
     from diffusion_core.storage import join, read_bytes

@@ -76,11 +76,12 @@ def _run_as_main(argv: list[str]) -> int:
 
     import torch
 
-    for entry in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-        if os.path.isfile(os.path.join(entry, "sitecustomize.py")):
-            runpy.run_path(os.path.join(entry, "sitecustomize.py"), run_name="sitecustomize")
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [p for p in entries if p not in sys.path]
+    site = next((os.path.join(p, "sitecustomize.py") for p in entries
+                 if os.path.isfile(os.path.join(p, "sitecustomize.py"))), None)
+    if site is not None:  # as Python's start-up imports it: the first one on the path
+        runpy.run_path(site, run_name="sitecustomize")
     if os.environ.get("PYTHONWARNINGS"):  # as Python's start-up reads it
         warnings._processoptions(os.environ["PYTHONWARNINGS"].split(","))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
