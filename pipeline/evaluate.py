@@ -152,7 +152,7 @@ def _metrics(params, bundle, out: dict, ref, ref_inception, cuda: bool) -> dict:
         inception = inception_extractor(params.reference_stats.inception_weights,
                                         download=params.reference_stats.inception_download, cuda=cuda)
     metrics = sample_metrics(out["images"], out["labels"], ref, domain_extractor(FEATURE_NET, cuda=cuda), inception,
-                             ref_inception)
+                             ref_inception, inception_samples=cfg.inception_samples)
     if cfg.nll_samples >= 2 and not bundle.is_latent:
         shards = Path("data/shards")
         x_test, y_test = load_split(shards, "test", meta=read_meta(shards),
@@ -171,7 +171,8 @@ def _run(args) -> None:
     params = load_params(args.params, sections=SECTIONS)
     cfg, bundle = params.evaluate, load_diffusion_dir(MODEL)  # fail before Ray starts if the model is missing
     setting, device = resolve_setting(cfg), stage_device(params.project)
-    ref, ref_inception = load_reference(REFERENCE, DOMAIN), load_reference(REFERENCE, INCEPTION, required=False)
+    ref, ref_inception = load_reference(REFERENCE, DOMAIN), load_reference(
+        REFERENCE, INCEPTION, required=params.reference_stats.inception)
     with start_run(STAGE, params.to_dict("project", "reference_stats", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
@@ -198,10 +199,16 @@ def _run(args) -> None:
         run.log_artifact(SAMPLES, STAGE)
         run.log_artifact(OUT, STAGE)
         run.log_artifact(USED, STAGE)
+    print(_summary_line(setting, metrics, skipped))
+
+
+def _summary_line(setting: dict, metrics: dict, skipped: list[str]) -> str:
     note = f" (skipped: {', '.join(skipped)})" if skipped else ""
     src = f"sweep's {setting['sweep_setting']}" if setting["source"] == "sweep" else "params"
-    print(f"{STAGE}: {setting['sampler']}-{setting['steps']} ({src}): fd_domain {metrics['fd_domain']:.4g} on "
-          f"{metrics['num_samples']} samples, {metrics['nfe']:.0f} NFE -> {OUT}, {SAMPLES}{note}")
+    fid = (f", fid_inception {metrics['fid_inception']:.4g} on {metrics['inception_samples']}"
+           if "fid_inception" in metrics else "")
+    return (f"{STAGE}: {setting['sampler']}-{setting['steps']} ({src}): fd_domain {metrics['fd_domain']:.4g} on "
+            f"{metrics['num_samples']} samples{fid}, {metrics['nfe']:.0f} NFE -> {OUT}, {SAMPLES}{note}")
 
 
 def main(argv=None) -> int:

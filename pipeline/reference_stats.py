@@ -1,6 +1,7 @@
-"""Stage `reference_stats`: features, mean and covariance of the real test split under each feature extractor ->
-`data/reference/reference-domain.npz` (the domain feature net) and `reference-inception.npz` (Inception-v3, only
-when its weights can be had), plus `metrics/reference_stats.json`. Computed once; `sweep` and `evaluate` reuse them.
+"""Stage `reference_stats`: features, mean and covariance of the real split (`reference_stats.split`) under each
+feature extractor -> `data/reference/reference-domain.npz` (the domain feature net) and `reference-inception.npz`
+(the FID Inception-v3, unless `reference_stats.inception` is false), plus `metrics/reference_stats.json`. Computed
+once per dataset and split; `sweep` and `evaluate` reuse them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from diffusion_core.data import load_split, read_meta
 from diffusion_core.data.shards import replace_dir
 from diffusion_core.evaluation import DOMAIN, INCEPTION, reference_path
 from diffusion_core.io import atomic_write_json, staging_dir
+from diffusion_core.metrics import MetricsError
 from pipeline.config import load_params
 
 from ._stage import run_stage, stage_device
@@ -33,7 +35,14 @@ def _run(args) -> None:
     cfg = params.reference_stats
     cuda = stage_device(params.project).type == "cuda"  # torch-fidelity's flag: features extracted on the GPU
     meta = read_meta(SHARDS)
-    real, _ = load_split(SHARDS, "test", meta=meta, verify_checksums=params.data.verify_checksums, as_uint8=True)
+    real, _ = load_split(SHARDS, cfg.split, meta=meta, verify_checksums=params.data.verify_checksums, as_uint8=True)
+    inception = None
+    if cfg.inception:  # built before any work: missing weights fail the stage at once, with the fix
+        inception = inception_extractor(cfg.inception_weights, download=cfg.inception_download, cuda=cuda)
+        if inception is None:
+            raise MetricsError("reference_stats.inception is true but no FID Inception weights are installed: run "
+                               "`make install` (or `python -m diffusion_core.metrics.inception fetch`), or set "
+                               "reference_stats.inception: false to skip fid_inception")
     with start_run(STAGE, params.to_dict("project", "data", STAGE), params.tracking,
                    experiment=params.project.experiment) as run:
         t0 = time.perf_counter()
@@ -43,24 +52,25 @@ def _run(args) -> None:
             new = tmp / OUT.name
             domain = domain_extractor(str(FEATURE_NET), cuda=cuda)
             stats = {DOMAIN: reference_stats(real, domain, reference_path(new, DOMAIN), batch_size=cfg.batch_size)}
-            inception = inception_extractor(cfg.inception_weights, download=cfg.inception_download, cuda=cuda)
             if inception is not None:
-                stats[INCEPTION] = reference_stats(real, inception, reference_path(new, INCEPTION),
+                n = cfg.inception_images or len(real)
+                stats[INCEPTION] = reference_stats(real[:n], inception, reference_path(new, INCEPTION),
                                                    batch_size=cfg.batch_size)
             replace_dir(new, OUT)
-        metrics = {"num_real": int(real.shape[0]), "extractors": sorted(stats),
+        metrics = {"num_real": int(real.shape[0]), "split": cfg.split, "extractors": sorted(stats),
+                   "num_real_inception": int(len(stats[INCEPTION].features)) if INCEPTION in stats else 0,
                    **{f"feature_dim_{k}": int(v.mu.shape[0]) for k, v in stats.items()},
                    "inception": inception is not None, "wall_seconds": round(time.perf_counter() - t0, 2)}
         atomic_write_json(METRICS, metrics)
         run.log_metrics({"num_real": metrics["num_real"], "wall_seconds": metrics["wall_seconds"]})
-    skipped = ("" if inception is not None
-               else " (Inception-v3 skipped: no weights; set reference_stats.inception_weights)")
-    print(f"{STAGE}: {', '.join(sorted(stats))} statistics of {real.shape[0]} test images -> {OUT}/{skipped}")
+    skipped = "" if inception is not None else " (Inception-v3 off: reference_stats.inception is false)"
+    print(f"{STAGE}: {', '.join(sorted(stats))} statistics of {real.shape[0]} {cfg.split} images "
+          f"({metrics['num_real_inception']} for Inception) -> {OUT}/{skipped}")
 
 
 def main(argv=None) -> int:
     return run_stage(STAGE, _run, argv,
-                     description="Reference statistics of the real test split per feature extractor.")
+                     description="Reference statistics of the real split per feature extractor.")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,17 @@ from diffusion_core.io import atomic_path, atomic_write_text
 
 SWEEP_COLUMNS = ("trial", "setting", "seed_set", "axis", "status", "schedule", "parameterization", "train_steps",
                  "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples",
-                 "nfe", "fd_domain",
+                 "nfe", "fd_domain", "fid_inception", "kid_inception", "kid_inception_std", "inception_samples",
                  "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd",
                  "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "wall_seconds")
 SETTING_KEYS = ("sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples")
-AVERAGED = ("fd_domain", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "nfe", "wall_seconds")
+AVERAGED = ("fd_domain", "fid_inception", "kid_inception", "kd_domain", "precision_domain", "recall_domain",
+            "class_accuracy", "nfe", "wall_seconds")
+FD_METRICS = ("fd_domain", "fid_inception")  # the Fréchet distances a setting is compared and selected by
 SUMMARY_COLUMNS = ("setting", *SETTING_KEYS, "seed_sets", "nfe", "fd_domain", "fd_domain_std", "fd_domain_min",
-                   "fd_domain_max", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "wall_seconds",
-                   "trials")
+                   "fd_domain_max", "fid_inception", "fid_inception_std", "fid_inception_min", "fid_inception_max",
+                   "inception_samples", "inception_sets", "kid_inception", "kd_domain", "precision_domain",
+                   "recall_domain", "class_accuracy", "wall_seconds", "trials")
 TRAINING_KEYS = ("training", "schedule", "parameterization", "train_steps")
 CROSS_COLUMNS = ("setting", *TRAINING_KEYS, *SUMMARY_COLUMNS[1:])
 
@@ -93,75 +96,101 @@ def summarize(rows: Sequence[dict], axis: str = "sampling") -> list[dict]:
         for k in AVERAGED:
             vals = [r[k] for r in rs if _ok(r.get(k))]
             row[k] = sum(vals) / len(vals) if vals else None
-        fds = [r["fd_domain"] for r in rs if _ok(r.get("fd_domain"))]
-        row["fd_domain_min"], row["fd_domain_max"] = (min(fds), max(fds)) if fds else (None, None)
-        row["fd_domain_std"] = (math.sqrt(sum((v - row["fd_domain"]) ** 2 for v in fds) / (len(fds) - 1))
-                                if len(fds) > 1 else None)
+        for k in FD_METRICS:
+            fds = [r[k] for r in rs if _ok(r.get(k))]
+            row[f"{k}_min"], row[f"{k}_max"] = (min(fds), max(fds)) if fds else (None, None)
+            row[f"{k}_std"] = (math.sqrt(sum((v - row[k]) ** 2 for v in fds) / (len(fds) - 1))
+                               if len(fds) > 1 else None)
+        inc = [r for r in rs if _ok(r.get("fid_inception"))]
+        row["inception_sets"] = len(inc)
+        row["inception_samples"] = min((r["inception_samples"] for r in inc), default=None)
         out.append(row)
     return out
 
 
-def converged_reference(settings: Sequence[dict]) -> dict | None:
+def converged_reference(settings: Sequence[dict], metric: str = "fd_domain") -> dict | None:
     """The DDPM setting with the most steps at the common guidance/eta setting and the most common sample count:
     the band the FD-vs-NFE plot draws (DDPM at the full schedule when the sweep has it)."""
     ref, n = reference_setting(settings), _common_n(settings)
     ddpm = [r for r in settings if r["sampler"] == "ddpm" and (r["guidance"], r["scale"], r["eta"]) == ref
-            and r["num_samples"] == n and _ok(r.get("fd_domain"))]
+            and r["num_samples"] == n and _ok(r.get(metric))]
     return max(ddpm, key=lambda r: r["steps"]) if ddpm else None
 
 
 def select_setting(settings: Sequence[dict], num_samples: int, max_nfe: float | None,
-                   min_class_accuracy: float, min_seed_sets: int = 1) -> dict | None:
-    """The rule evaluate follows: the lowest mean fd_domain among settings with `num_samples` samples per set (FD
-    is biased by N) measured on at least `min_seed_sets` sets (the minimum of noisier means is biased low), NFE <=
+                   min_class_accuracy: float, min_seed_sets: int = 1, metric: str = "fd_domain") -> dict | None:
+    """The rule evaluate follows: the lowest mean `metric` (fd_domain or fid_inception) among settings with
+    `num_samples` samples per set (FD is biased by N; for fid_inception, the Inception sample count of the most
+    common one) measured on at least `min_seed_sets` sets (the minimum of noisier means is biased low), NFE <=
     max_nfe (None: any) and mean class_accuracy >= min_class_accuracy; None if none does. A setting without
     class_accuracy (unconditional) passes that clause only when min_class_accuracy is 0."""
+    if metric not in FD_METRICS:
+        raise ValueError(f"selection metric must be one of {FD_METRICS}, got {metric!r}")
+    sets = "inception_sets" if metric == "fid_inception" else "seed_sets"
+    n_inc = _common_n([r for r in settings if _ok(r.get("inception_samples"))], "inception_samples")
+
     def ok(r):
         acc = r.get("class_accuracy")
-        return (r["num_samples"] == num_samples and r.get("seed_sets", 1) >= min_seed_sets
-                and _ok(r.get("fd_domain")) and _ok(r.get("nfe"))
+        return (r["num_samples"] == num_samples and (r.get(sets) or 1) >= min_seed_sets
+                and _ok(r.get(metric)) and _ok(r.get("nfe"))
+                and (metric != "fid_inception" or r.get("inception_samples") == n_inc)
                 and (max_nfe is None or r["nfe"] <= max_nfe + 1e-9)
                 and ((_ok(acc) and acc >= min_class_accuracy) or min_class_accuracy == 0))
     passing = [r for r in settings if ok(r)]
-    return min(passing, key=lambda r: r["fd_domain"]) if passing else None
+    return min(passing, key=lambda r: r[metric]) if passing else None
 
 
-def _common_n(rows: Sequence[dict]):
-    ns = [r["num_samples"] for r in rows]
+def _common_n(rows: Sequence[dict], key: str = "num_samples"):
+    ns = [r[key] for r in rows]
     return max(ns, key=ns.count, default=None)
 
 
 def plot_fd_vs_nfe(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """Mean fd_domain over seed sets against NFE (log x), error bars one standard deviation over the sets, one
-    line per sampler and grid at the common guidance/eta setting; other settings as loose markers; the converged
-    reference (the DDPM setting with most steps) as a horizontal band, mean +- std. Point labels give the sample
-    count where it differs from the most common one. `rows` are `summarize`'s setting rows."""
+    """Mean fd_domain (left) and, where measured, fid_inception (right) over seed sets against NFE, both axes log,
+    error bars one standard deviation over the sets, one line per sampler and grid at the common guidance/eta
+    setting; other settings (other guidance scales) as loose grey markers; the converged reference (the DDPM setting
+    with most steps) as a horizontal band, mean +- std. Point labels give the sample count where it differs from the
+    most common one. `rows` are `summarize`'s setting rows."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    rows = [r for r in rows if _ok(r.get("fd_domain")) and _ok(r.get("nfe"))]
-    ref = reference_setting(rows)
-    _reference_band(ax, converged_reference(rows))
-    common_n = _common_n(rows)
-    _sampler_lines(ax, [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref], common_n)
-    others = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) != ref]
-    for r in others:
-        ax.plot(r["nfe"], r["fd_domain"], "x", color="grey")
-        ax.annotate(f"{r['sampler']} {_setting(r)}" + (f" eta {r['eta']:g}" if r["eta"] else ""),
-                    (r["nfe"], r["fd_domain"]), fontsize=6, color="grey")
-    _nfe_axis(ax, rows)
-    ax.set_xlabel("network evaluations per sample (NFE)")
-    ax.set_ylabel("fd_domain (lower is better)")
-    if ref is not None:
-        sets = max((r.get("seed_sets") or 1 for r in rows), default=1)
-        ax.set_title(f"FD vs NFE at guidance {_setting({'guidance': ref[0], 'scale': ref[1]})}, eta {ref[2]:g}; "
-                     f"mean +- std over up to {sets} seed sets of {common_n}")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    metrics = [m for m in FD_METRICS if m == "fd_domain" or any(_ok(r.get(m)) for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        _fd_panel(ax, rows, metric)
     _save(fig, path)
 
 
-def _sampler_lines(ax, rows: Sequence[dict], common_n: int | None) -> None:
+def _fd_panel(ax, rows: Sequence[dict], metric: str) -> None:
+    rows = [r for r in rows if _ok(r.get(metric)) and _ok(r.get("nfe"))]
+    ref = reference_setting(rows)
+    n_key = "inception_samples" if metric == "fid_inception" else "num_samples"
+    _reference_band(ax, converged_reference(rows, metric), metric)
+    common_n = _common_n(rows, n_key)
+    _sampler_lines(ax, [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref], common_n, metric, n_key)
+    for r in (r for r in rows if (r["guidance"], r["scale"], r["eta"]) != ref):
+        ax.plot(r["nfe"], r[metric], "x", color="grey")
+        ax.annotate(f"{r['sampler']} {_setting(r)}" + (f" eta {r['eta']:g}" if r["eta"] else ""),
+                    (r["nfe"], r[metric]), fontsize=6, color="grey")
+    _nfe_axis(ax, rows)
+    if rows and min(r[metric] for r in rows) > 0:  # guidance points far above the lines: all stay readable
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.set_yscale("log")
+        for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_fmt(FormatStrFormatter("%g"))
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel(f"{metric} (lower is better, log scale)")
+    if ref is not None:
+        sets = max((r.get("inception_sets" if metric == "fid_inception" else "seed_sets") or 1 for r in rows),
+                   default=1)
+        ax.set_title(f"{metric} vs NFE at guidance {_setting({'guidance': ref[0], 'scale': ref[1]})}, eta "
+                     f"{ref[2]:g}\nmean +- std over up to {sets} seed set(s) of {common_n}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _sampler_lines(ax, rows: Sequence[dict], common_n: int | None, metric: str = "fd_domain",
+                   n_key: str = "num_samples") -> None:
     """One line per sampler and grid (a grid other than trailing is named), error bars one std over the seed sets;
     a point's sample count is written where it differs from common_n."""
     def line_of(r):
@@ -170,23 +199,23 @@ def _sampler_lines(ax, rows: Sequence[dict], common_n: int | None) -> None:
 
     for sampler in sorted({line_of(r) for r in rows}):
         line = sorted((r for r in rows if line_of(r) == sampler), key=lambda r: r["nfe"])
-        err = [r.get("fd_domain_std") or 0.0 for r in line]
-        ax.errorbar([r["nfe"] for r in line], [r["fd_domain"] for r in line], yerr=err, fmt="o-", capsize=3,
+        err = [r.get(f"{metric}_std") or 0.0 for r in line]
+        ax.errorbar([r["nfe"] for r in line], [r[metric] for r in line], yerr=err, fmt="o-", capsize=3,
                     label=sampler)
         for r in line:
-            if r["num_samples"] != common_n:
-                ax.annotate(f"n={r['num_samples']}", (r["nfe"], r["fd_domain"]), fontsize=7)
+            if r[n_key] != common_n:
+                ax.annotate(f"n={r[n_key]}", (r["nfe"], r[metric]), fontsize=7)
 
 
-def _reference_band(ax, band: dict | None) -> None:
+def _reference_band(ax, band: dict | None, metric: str = "fd_domain") -> None:
     """The converged reference as a grey band, mean +- std over its seed sets (nothing without one)."""
     if band is None:
         return
-    sd = band.get("fd_domain_std") or 0.0
-    label = (f"DDPM-{band['steps']} ({band['nfe']:.0f} NFE), {band.get('seed_sets', 1)} set(s)"
-             + (f" +- {sd:.3g}" if sd else ""))
-    ax.axhspan(band["fd_domain"] - sd, band["fd_domain"] + sd, color="grey", alpha=0.25, label=label)
-    ax.axhline(band["fd_domain"], color="grey", lw=1)
+    sd = band.get(f"{metric}_std") or 0.0
+    sets = band.get("inception_sets" if metric == "fid_inception" else "seed_sets") or 1
+    label = f"DDPM-{band['steps']} ({band['nfe']:.0f} NFE), {sets} set(s)" + (f" +- {sd:.3g}" if sd else "")
+    ax.axhspan(band[metric] - sd, band[metric] + sd, color="grey", alpha=0.25, label=label)
+    ax.axhline(band[metric], color="grey", lw=1)
 
 
 def _nfe_axis(ax, rows: Sequence[dict]) -> None:

@@ -31,22 +31,23 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_core.evaluation import DOMAIN, load_reference
+from diffusion_core.evaluation import DOMAIN, INCEPTION, load_reference
 from diffusion_core.io import atomic_write_json, atomic_write_text
-from pipeline.config import load_params, validate_params
+from pipeline.config import ConfigError, load_params, validate_params
 from pipeline.grid import CROSS_AXIS, cross_rows, sampling_trials, setting_name, trial_name, trial_seed
 
 from ._stage import run_stage
 
 STAGE = "sweep"
-SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", "train_diffusion", STAGE)
+SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", "train_diffusion", "reference_stats", STAGE)
 MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER = "models/diffusion", "models/classifier", "models/feature_net", \
     "models/autoencoder"
 REFERENCE, CSV, SUMMARY, PLOTS, METRICS = Path("data/reference"), Path("reports/sweep.csv"), \
     Path("reports/sweep_summary.csv"), Path("reports/sweep"), Path("metrics/sweep.json")
 CROSS_SUMMARY = Path("reports/sweep_training_x_sampling.csv")  # one row per (training setting, sampling setting)
-METRIC_KEYS = ("fd_domain", "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy",
-               "nll_bpd", "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "nfe", "wall_seconds")
+METRIC_KEYS = ("fd_domain", "fid_inception", "kid_inception", "kid_inception_std", "inception_samples", "kd_domain",
+               "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_se",
+               "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "nfe", "wall_seconds")
 
 
 def _enter_trial(config: dict):
@@ -60,6 +61,29 @@ def _enter_trial(config: dict):
     from diffusion_core.metrics.fidelity import domain_extractor
 
     return domain_extractor(FEATURE_NET, cuda=config["device"] == "cuda"), load_reference(REFERENCE, DOMAIN)
+
+
+def _inception(config: dict, trial: dict) -> tuple:
+    """(FID Inception extractor, its reference) for a trial whose seed set is among the first
+    sweep.inception_seed_sets, else (None, None)."""
+    if not config["inception_samples"] or trial.get("seed_set", 0) >= config["inception_seed_sets"]:
+        return None, None
+    rs = config["params"]["reference_stats"]
+    return _inception_extractor(rs["inception_weights"], rs["inception_download"], config["device"] == "cuda"), \
+        load_reference(REFERENCE, INCEPTION)
+
+
+_EXTRACTORS: dict = {}  # one FID Inception per trial actor (Tune reuses actors): 87 MB of weights, read and hashed
+
+
+def _inception_extractor(weights: str | None, download: bool, cuda: bool):
+    from diffusion_core.metrics.fidelity import inception_extractor
+
+    key = (weights, download, cuda)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()
+        _EXTRACTORS[key] = inception_extractor(weights, download=download, cuda=cuda)
+    return _EXTRACTORS[key]
 
 
 def sampling_trial(config: dict) -> None:
@@ -82,7 +106,9 @@ def sampling_trial(config: dict) -> None:
                    seed=trial_seed(t, config["seed"]),
                    batch_size=config["batch_size"], spacing=t.get("spacing", config["spacing"]), bf16=config["bf16"],
                    channels_last=config["channels_last"], device=config["device"])
-    metrics = sample_metrics(out["images"], out["labels"], ref, ext)
+    inception = _inception(config, t)
+    metrics = sample_metrics(out["images"], out["labels"], ref, ext, *inception,
+                             inception_samples=config["inception_samples"])
     k = config["grid_samples"]
     staged = Path(config["staging"]) / f"{trial_name(t)}.npz"
     np.savez(staged.with_suffix(".tmp.npz"), images=out["images"][:k], labels=out["labels"][:k])
@@ -278,7 +304,8 @@ def _row(result, axis: str, max_reports: int = 0) -> tuple[dict, list[dict]]:
 def _brief(row: dict) -> dict:
     """The config and main metrics of a trial or setting row for metrics/sweep.json (empty values dropped)."""
     keys = ("setting", "trial", "schedule", "parameterization", "sampler", "steps", "eta", "spacing", "options",
-            "guidance", "scale", "num_samples", "seed_sets", "nfe", "fd_domain", "fd_domain_std", "kd_domain",
+            "guidance", "scale", "num_samples", "seed_sets", "nfe", "fd_domain", "fd_domain_std", "fid_inception",
+            "fid_inception_std", "inception_samples", "inception_sets", "kid_inception", "kd_domain",
             "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_given_class",
             "trials")
     return {k: row[k] for k in keys if row.get(k) is not None}
@@ -289,11 +316,13 @@ def _selected(settings: list[dict], sw) -> dict | None:
     from pipeline.reports import select_setting
 
     rule = sw.select
-    best = select_setting(settings, sw.num_samples, rule.max_nfe, rule.min_class_accuracy, sw.seed_sets)
+    sets = sw.inception_seed_sets if rule.metric == "fid_inception" else sw.seed_sets
+    best = select_setting(settings, sw.num_samples, rule.max_nfe, rule.min_class_accuracy, sets, rule.metric)
     if best is None:
         return None
-    return {**_brief(best), "trials": best["trials"].split(";"),
-            "rule": f"lowest mean fd_domain over {sw.seed_sets} seed sets of {sw.num_samples} samples, "
+    n = f"the first {sw.inception_samples} of " if rule.metric == "fid_inception" else ""
+    return {**_brief(best), "trials": best["trials"].split(";"), "metric": rule.metric,
+            "rule": f"lowest mean {rule.metric} over {sets} seed sets of {n}{sw.num_samples} samples, "
                     f"NFE <= {rule.max_nfe}, class_accuracy >= {rule.min_class_accuracy}",
             "seeds": [sw.seed, sw.seed + best["seed_sets"] * best["num_samples"]]}
 
@@ -326,12 +355,13 @@ def _run(args) -> None:
     params = load_params(args.params, sections=SECTIONS)
     sw = params.sweep
     train_trials, cross, trials = _grid_trials(params)
-    load_reference(REFERENCE, DOMAIN)  # the one-line "run reference_stats" error when it is missing
+    _check_references(params)
     name, staging = _staging(params)
     previous_run = staging.parent / "mlflow_run_id"  # the MLflow run of the interrupted sweep, if any
     common = {"root": str(Path.cwd().resolve()), "threads": sw.cpus_per_trial, "seed": sw.seed,
               "batch_size": sw.batch_size, "spacing": sw.spacing, "grid_samples": sw.grid_samples, "bf16": sw.bf16,
               "channels_last": sw.channels_last, "staging": str(staging), "cross": cross,
+              "inception_samples": sw.inception_samples, "inception_seed_sets": sw.inception_seed_sets,
               "device": "cuda" if sw.gpus_per_trial else "cpu",  # Ray shows a trial only the GPUs it asked for
               "params": json.loads(json.dumps(params.to_dict(*SECTIONS)))}
     t0 = time.perf_counter()
@@ -346,18 +376,37 @@ def _run(args) -> None:
         _log_trials(rows, histories, params)
         run.log_metrics({"num_trials": summary["num_trials"], "wall_seconds": summary["wall_seconds"]})
         if summary["selected"]:
-            run.log_metrics({f"selected_{k}": summary["selected"][k] for k in ("fd_domain", "fd_domain_std", "nfe")
-                             if k in summary["selected"]})
+            keys = ("fd_domain", "fd_domain_std", "fid_inception", "fid_inception_std", "nfe")
+            run.log_metrics({f"selected_{k}": summary["selected"][k] for k in keys if k in summary["selected"]})
         for path in artifacts:
             run.log_artifact(path, "sweep")
     shutil.rmtree(staging.parent, ignore_errors=True)
     for sub in ("training", "sampling"):
         shutil.rmtree(Path("ray_results") / f"{name}-{sub}", ignore_errors=True)
+    print(_summary_line(rows, summary))
+
+
+def _summary_line(rows: list, summary: dict) -> str:
     sel = summary["selected"]
-    picked = (f"; selected {sel['setting']} (fd_domain {sel['fd_domain']:.4g} over {sel['seed_sets']} set(s), "
+    fid = f", fid_inception {sel['fid_inception']:.4g}" if sel and "fid_inception" in sel else ""
+    picked = (f"; selected {sel['setting']} (fd_domain {sel['fd_domain']:.4g} over {sel['seed_sets']} set(s){fid}, "
               f"{sel['nfe']:.0f} NFE)" if sel else "; no setting passes sweep.select")
-    print(f"{STAGE}: {len(rows)} trials ({summary['num_pruned']} pruned) in {summary['wall_seconds']} s -> {CSV}, "
-          f"{SUMMARY}, {PLOTS}/, {METRICS}{picked}")
+    return (f"{STAGE}: {len(rows)} trials ({summary['num_pruned']} pruned) in {summary['wall_seconds']} s -> {CSV}, "
+            f"{SUMMARY}, {PLOTS}/, {METRICS}{picked}")
+
+
+def _check_references(params) -> None:
+    """One-line errors before Ray starts: a missing reference ("run reference_stats"), or Inception asked of the
+    trials without reference_stats computing its statistics."""
+    sw = params.sweep
+    load_reference(REFERENCE, DOMAIN)
+    if sw.inception_samples:
+        if not params.reference_stats.inception:
+            raise ConfigError("sweep.inception_samples > 0 needs reference_stats.inception: true (or set "
+                              "sweep.inception_samples: 0)")
+        load_reference(REFERENCE, INCEPTION)
+    if sw.select.metric == "fid_inception" and not sw.inception_samples:
+        raise ConfigError("sweep.select.metric fid_inception needs sweep.inception_samples > 0")
 
 
 def _grid_trials(params) -> tuple[list, list, list]:

@@ -154,19 +154,20 @@ def _offline(*args, **kwargs):
 
 def test_inception_skipped_offline_without_weights(net, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("DIFFUSION_INCEPTION_DIR", str(tmp_path / "none_installed"))
     monkeypatch.setattr(socket, "getaddrinfo", _offline)  # offline, whatever the test machine
     real = blobs(20, 7)
     with caplog.at_level(logging.WARNING, logger="diffusion_core.metrics.fidelity"):
-        scores = F.fidelity_scores(real, real, feature_net=net, inception_weights=tmp_path / "missing.pth",
-                                   kid_subset_size=10)
+        scores = F.fidelity_scores(real, real, feature_net=net, kid_subset_size=10)
     assert scores["fid_inception"] is None and scores["kid_inception"] is None
     assert scores["fd_domain"] is not None  # the domain metrics still work offline
-    text = caplog.text
-    assert "missing.pth not found" in text and "fid_inception/kid_inception skipped" in text
+    assert "fid_inception/kid_inception skipped" in caplog.text and "could not be downloaded" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="diffusion_core.metrics.fidelity"):
         assert F.inception_extractor(None, download=False) is None
-    assert "download disabled" in caplog.text
+    assert "download disabled" in caplog.text and "inception fetch" in caplog.text
+    with pytest.raises(MetricsError, match="missing.pth not found"):  # a file the user named is never skipped
+        F.inception_extractor(tmp_path / "missing.pth")
 
 
 def test_nll_bpd_pixel_model_and_latent_refused(tmp_path):

