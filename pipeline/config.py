@@ -82,7 +82,7 @@ def register_section(name: str):
 # ----------------------------------------------------------------------------------------------- sections
 
 Bf16Setting = Union[bool, Literal["auto"]]  # auto: on where the device computes bf16 natively (precision.py)
-DatasetName = Literal["mnist5k", "digits", "swissroll", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
+DatasetName = Literal["mnist5k", "cmnist5k", "digits", "swissroll", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
 
 
 @register_section("project")

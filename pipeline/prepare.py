@@ -22,8 +22,8 @@ def _run(args) -> None:
     cfg = params.prepare
     if cfg.dataset == "swissroll":  # before any work: the next stages would refuse the points one by one
         raise ConfigError("prepare.dataset 'swissroll' is 2-D points, and the pipeline's stages train and evaluate "
-                          "image models: choose an image dataset (mnist5k, digits, mnist, fashion_mnist, cifar10, "
-                          "imagefolder), or use the Swiss roll through the library (README 'The Swiss roll')")
+                          "image models: choose an image dataset (mnist5k, cmnist5k, digits, mnist, fashion_mnist, "
+                          "cifar10, imagefolder), or use the Swiss roll through the library (README 'The Swiss roll')")
     logged = params.to_dict("project", STAGE)
     with start_run(STAGE, logged, params.tracking, experiment=params.project.experiment) as run:
         t0 = time.perf_counter()

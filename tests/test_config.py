@@ -36,7 +36,7 @@ def _flat(d, prefix=""):
             yield prefix + k
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/tiny_rgb.yaml"])
 def test_repo_params_load_and_are_complete(name):
     path = ROOT / name
     params = load_params(path)
@@ -45,6 +45,44 @@ def test_repo_params_load_and_are_complete(name):
     for section in SECTIONS:
         # every key is written out, so the file documents every value that changes results
         assert sorted(_flat(raw.get(section) or {})) == sorted(section_keys(section)), f"{name}: section {section}"
+
+
+# What makes tiny.yaml's run a colour run: the dataset and the one channel count params name (the U-Net's, the
+# classifier's and the feature net's come from the data). And what keeps its two repros (pixel, latent) cheap in CI:
+# 16x16 images (cmnist5k has 16 times digits' pixels), a test split of tiny's size (it has 2.8 times the images), the
+# autoencoder's batch at tiny's pixels per step, and no Ray where tiny's run already tests it (Ray Train's start-up
+# was about 45 of a tiny training stage's 60 CPU seconds, evaluate's Ray tasks 10 of 34, a second trial actor 18 of
+# the sweep's 77)
+TINY_RGB_CHANGES = {
+    "prepare.dataset": ("digits", "cmnist5k"),
+    "train_autoencoder.autoencoder.in_channels": (1, 3),
+    "prepare.image_size": (None, 16),
+    "prepare.test_fraction": (0.2, 0.05),
+    "train_autoencoder.batch_size": (64, 16),
+    **{f"{stage}.scaling.{key}": value for stage in ("train_diffusion", "train_classifier")
+       for key, value in (("num_workers", (2, 1)), ("use_ray", (True, False)))},
+    "sweep.max_concurrent": (2, 1),
+    "evaluate.num_workers": (2, 1),
+}
+
+
+def test_tiny_rgb_is_tiny_in_colour():
+    """configs/tiny_rgb.yaml is configs/tiny.yaml but for TINY_RGB_CHANGES: a key added to or changed in one file
+    and not the other fails here, so the colour e2e run keeps testing what the grey one does."""
+    def flat(path: str) -> dict:
+        raw = yaml.safe_load((ROOT / path).read_text())
+        return {k: _get(raw, k) for k in _flat(raw)}
+
+    grey, rgb = flat("configs/tiny.yaml"), flat("configs/tiny_rgb.yaml")
+    assert set(grey) == set(rgb), f"keys in one file only: {sorted(set(grey) ^ set(rgb))}"
+    changed = {k: (grey[k], rgb[k]) for k in grey if grey[k] != rgb[k]}
+    assert changed == TINY_RGB_CHANGES
+
+
+def _get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
 
 
 def test_unknown_key_suggests_and_lists_accepted():

@@ -174,6 +174,36 @@ def test_embedded_sources():
     assert m.x.shape == (5000, 28, 28, 1) and np.bincount(m.y).tolist() == [500] * 10
 
 
+def test_cmnist5k_colours_mnist5k_reproducibly_and_keeps_the_digits():
+    """cmnist5k: mnist5k's digits and labels, padded to 32x32 RGB; the same bytes on every load; a foreground and
+    a background colour per image that vary over the whole cube; and from the colour image alone (its corner is the
+    background, its pixel farthest from that the stroke) the digit's mask comes back."""
+    c = load_source(PrepareOptions(dataset="cmnist5k"))
+    gray = load_source(PrepareOptions(dataset="mnist5k"))
+    assert c.x.shape == (5000, 32, 32, 3) and c.x.dtype == np.uint8 and c.name == "cmnist5k"
+    assert np.array_equal(c.y, gray.y) and c.class_names == gray.class_names
+    assert np.array_equal(c.x, load_source(PrepareOptions(dataset="cmnist5k", seed=7)).x)  # prepare.seed: the split's
+
+    x = c.x.astype(np.float64)
+    bg = x[:, 0, 0]  # the padding
+    assert (x[:, :2] == bg[:, None, None]).all() and (x[:, :, -2:] == bg[:, None, None]).all()
+    dist = np.linalg.norm(x - bg[:, None, None], axis=-1)
+    far = dist.reshape(len(x), -1).argmax(1)
+    fg = x.reshape(len(x), -1, 3)[np.arange(len(x)), far]
+    assert np.linalg.norm(fg - bg, axis=1).min() >= 140  # 150 apart, less the strokes' grey level and rounding
+    # colour varies: across images, each channel of both colours covers the range, roughly uniformly
+    for colour in (fg, bg):
+        assert colour.min(0).max() < 10 and colour.max(0).min() > 245 and np.all(np.abs(colour.mean(0) - 127.5) < 15)
+        assert len(np.unique(colour, axis=0)) > 4900
+    assert np.corrcoef(fg[:, 0], c.y)[0, 1] ** 2 < 0.01  # colour says nothing of the digit
+    # the digit: each pixel's position on the segment bg -> fg, thresholded, is the grey digit's mask
+    d = fg - bg
+    m = np.einsum("nhwc,nc->nhw", x - bg[:, None, None], d) / np.einsum("nc,nc->n", d, d)[:, None, None]
+    digit = np.pad(gray.x[..., 0], ((0, 0), (2, 2), (2, 2))).astype(np.float64) / 255.0
+    assert np.abs(m * digit.max((1, 2))[:, None, None] - digit).max() < 0.02
+    assert ((m > 0.5) == (digit > 0.5 * digit.max((1, 2))[:, None, None])).mean() > 0.999
+
+
 def _img(path: Path, size, mode="L"):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, 128).save(path)

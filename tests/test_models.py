@@ -277,3 +277,39 @@ def test_build_model_rejects_bad_configs():
         build_model({"kind": "transformer"})
     with pytest.raises(ValueError, match="'channels'.*base_channels"):
         build_model({"kind": "unet", "channels": 32})
+
+
+def test_default_sizes_take_32x32_colour_to_8x8_latents_and_back():
+    """params.yaml's networks as the stages build them (their sections, the library's builders), with the
+    autoencoder's in_channels set to 3: a 32x32 RGB batch encodes to 8x8 latents (4x downsampling, no padding) and
+    decodes to 32x32 RGB; the U-Net (with its attention at 4x4) and the noisy classifier run on those latents."""
+    import yaml
+
+    from diffusion_core.autoencoding import build_autoencoder
+    from diffusion_core.classifiers import build_noisy_classifier
+    from diffusion_core.training import build_denoiser, build_diffusion_from_options
+    from pipeline.config import validate_params
+
+    from .stages import ROOT
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train_autoencoder"]["autoencoder"]["in_channels"] = 3
+    params = validate_params(raw, ["schedule", "diffusion", "train_autoencoder", "train_diffusion", "train_classifier"])
+    ae_opts = params.train_autoencoder.autoencoder.to_options()
+    torch.manual_seed(0)
+    ae = build_autoencoder(ae_opts, 32).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x).mean
+        assert z.shape == (2, ae_opts.latent_channels, 8, 8) == (2, *ae.latent_shape)
+        assert ae.config["padded_size"] == 32 and ae.decode(z).shape == x.shape
+        diffusion = build_diffusion_from_options(params.schedule.to_options(), params.diffusion.to_options())
+        unet = build_denoiser(params.train_diffusion.unet.to_options(), tuple(z.shape[1:]), 10, diffusion.learn_sigma)
+        # levels 8 and 4; self-attention after each res block of the 4x4 level, as its params comment says
+        assert unet.encoder.level_resolutions == [8, 4]
+        attn = sum(isinstance(m, AttentionBlock) for m in unet.encoder.down.modules())
+        assert attn == params.train_diffusion.unet.num_res_blocks
+        t, y = torch.tensor([0, 999]), torch.tensor([3, 7])
+        assert unet(z, t, y).shape == (2, ae_opts.latent_channels * (2 if diffusion.learn_sigma else 1), 8, 8)
+        clf = build_noisy_classifier(params.train_classifier.classifier.to_options(), tuple(z.shape[1:]), 10)
+        assert clf(z, t).shape == (2, 10)

@@ -18,20 +18,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from diffusion_core.checkpoint import load_model_dir
 from diffusion_core.data import load_split
 from diffusion_core.models import NoisyClassifier
 
-from .stages import stage_env
+from .e2e import checkout_env, dvc, dvc_json, git, png_ok, scratch_checkout
+from .stages import TINY
 from .test_no_secrets import SECRETS, assert_store_holds_no_secret_or_environment
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-REPRO_TIMEOUT_S = 1800
-DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def _outputs(stage: dict) -> list[str]:
@@ -42,56 +40,10 @@ def _outputs(stage: dict) -> list[str]:
     return paths
 
 
-def _env(work: Path) -> dict:
-    # SECRETS are fake: no stage may log them (test_no_secrets_in_the_store_or_the_output)
-    return stage_env(**SECRETS, PYTHONPATH=str(work), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DVC_NO_ANALYTICS="1")
-
-
-def _run(work: Path, cmd: list[str], timeout: int, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=work, env={**_env(work), **env}, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def _dvc(work: Path, *args: str, timeout: int = REPRO_TIMEOUT_S, **env: str) -> str:
-    proc = _run(work, [DVC, *args], timeout, **env)
-    return proc.stdout + proc.stderr
-
-
-def _dvc_json(work: Path, *args: str) -> dict | list:
-    return json.loads(_run(work, [DVC, *args, "--json"], 300).stdout)
-
-
-def _git(work: Path, *args: str) -> str:
-    return _run(work, ["git", *args], 60).stdout
-
-
-def _png_ok(path: Path) -> None:
-    with Image.open(path) as im:
-        im.load()
-        assert im.size[0] > 8 and im.size[1] > 8, path
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("pipeline", "diffusion_core", "configs"):
-        shutil.copytree(ROOT / name, work / name, ignore=ignore)
-    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    shutil.copy(ROOT / "configs" / "tiny.yaml", work / "params.yaml")
-    for name in (".gitignore", ".dvcignore"):  # the checkout's own: what git ignores, `dvc exp` cannot record
-        shutil.copy(ROOT / name, work / name)
-    _git(work, "init", "-q")
-    _git(work, "config", "user.name", "e2e")
-    _git(work, "config", "user.email", "e2e@example.invalid")
-    _git(work, "config", "commit.gpgsign", "false")
-    _git(work, "add", "-A")
-    _git(work, "commit", "-q", "-m", "code and params")
-    _dvc(work, "init", "-q")
-    _git(work, "add", "-A")
-    _git(work, "commit", "-q", "-m", "dvc init")
-    log = _dvc(work, "repro")
+    work = scratch_checkout(tmp_path_factory.mktemp("pipeline"), TINY)
+    log = dvc(work, "repro")
     return work, log, yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
 
 
@@ -104,7 +56,7 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
             if p.suffix == ".json":
                 json.loads(p.read_text())
             elif p.suffix == ".png":
-                _png_ok(p)
+                png_ok(p)
             elif p.is_dir():
                 assert any(p.iterdir()), f"{rel} is empty"
     meta = json.loads((work / "data/meta.json").read_text())
@@ -119,7 +71,13 @@ def test_reference_stats(pipeline):
     with np.load(work / "data/reference/reference-domain.npz") as z:
         d = z["mu"].shape[0]
         assert z["sigma"].shape == (d, d) and z["features"].shape[1] == d
-    assert not (work / "data/reference/reference-inception.npz").exists()  # no weights offline: skipped
+    # the FID Inception (installed by make install, offline) on the first reference_stats.inception_images images
+    n = yaml.safe_load((work / "params.yaml").read_text())["reference_stats"]["inception_images"]
+    with np.load(work / "data/reference/reference-inception.npz") as z:
+        assert z["features"].shape == (n, 2048) and z["sigma"].shape == (2048, 2048)
+        assert str(z["extractor"]) == "inception-v3-fid"
+    m = json.loads((work / "metrics/reference_stats.json").read_text())
+    assert m["num_real_inception"] == n and m["split"] == "test"
 
 
 def _runs(work: Path) -> list[tuple[str, str]]:
@@ -204,7 +162,7 @@ def test_sweep_outputs(pipeline):
             # tiny is a class-conditional pixel model trained with label dropout: both bounds, each its own name
             assert float(r["nll_bpd_given_class"]) > 0 and float(r["nll_bpd"]) > 0
     for name in ("fd_vs_nfe", "guidance", "precision_recall", "training", "training_x_sampling"):
-        _png_ok(work / "reports/sweep" / f"{name}.png")
+        png_ok(work / "reports/sweep" / f"{name}.png")
     samplers = {r["sampler"] for r in rows if r["axis"] == "sampling"}
     grids = list((work / "reports/sweep").glob("grid_*.png"))
     assert {g.name.split("_")[1] for g in grids} == samplers
@@ -224,6 +182,14 @@ def test_sweep_outputs(pipeline):
           and int(s["seed_sets"]) >= sw.seed_sets and float(s["nfe"]) <= rule.max_nfe + 1e-9]
     assert sel["setting"] == min(ok, key=lambda s: float(s["fd_domain"]))["setting"]
     assert len(sel["trials"]) == sw.seed_sets
+    # fid_inception on the first sweep.inception_samples of each sampling trial in the first inception_seed_sets
+    for r in sampled:
+        has = int(r["seed_set"] or 0) < sw.inception_seed_sets
+        assert (r["fid_inception"] != "") == has, r["trial"]
+        if has:
+            assert float(r["fid_inception"]) > 0 and int(r["inception_samples"]) == sw.inception_samples
+    for s in settings.values():
+        assert float(s["fid_inception"]) > 0 and int(s["inception_sets"]) == sw.inception_seed_sets
 
 
 def test_evaluate_outputs(pipeline):
@@ -232,14 +198,14 @@ def test_evaluate_outputs(pipeline):
     for key in ("fd_domain", "kd_domain", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd",
                 "nll_bpd_given_class", "nfe", "num_samples"):
         assert isinstance(m[key], (int, float)), key
-    assert "fid_inception" not in m and "kid_inception" not in m  # skipped without weights, not faked
     params = yaml.safe_load((work / "params.yaml").read_text())["evaluate"]
     assert m["num_samples"] == params["num_samples"]
+    assert m["fid_inception"] > 0 and m["inception_samples"] == params["inception_samples"]  # offline, installed
     used = json.loads((work / "reports/evaluate_setting.json").read_text())
     sel = json.loads((work / "metrics/sweep.json").read_text())["selected"]
     assert used["source"] == "sweep" and used["sweep_setting"] == sel["setting"]
     assert (used["sampler"], used["steps"]) == (sel["sampler"], sel["steps"]) and used["sweep_trials"] == sel["trials"]
-    _png_ok(work / "reports/samples.png")
+    png_ok(work / "reports/samples.png")
 
 
 def test_mlflow_holds_one_run_per_stage_and_one_nested_run_per_trial(pipeline):
@@ -260,7 +226,7 @@ def test_mlflow_holds_one_run_per_stage_and_one_nested_run_per_trial(pipeline):
 
 def test_second_repro_is_a_no_op(pipeline):
     work, _, _ = pipeline
-    out = _dvc(work, "repro", timeout=300)
+    out = dvc(work, "repro", timeout=300)
     assert "Running stage" not in out
     assert "up to date" in out.lower()
 
@@ -320,16 +286,16 @@ def experiments(pipeline, tmp_path_factory):
     the workspace; what evaluate wrote (reports/metrics.json) is kept after each run. The variants log to an MLflow
     store of their own, so the one-run-per-stage check holds whichever order the tests run in."""
     work, _, _ = pipeline
-    _git(work, "add", "-A")  # README's `git add -A`: dvc.lock, metrics/, reports/ (data and models are ignored)
-    _git(work, "commit", "-q", "-m", "baseline: dvc repro")
-    head = _git(work, "rev-parse", "HEAD").strip()
+    git(work, "add", "-A")  # README's `git add -A`: dvc.lock, metrics/, reports/ (data and models are ignored)
+    git(work, "commit", "-q", "-m", "baseline: dvc repro")
+    head = git(work, "rev-parse", "HEAD").strip()
     written, logs = {"baseline": json.loads((work / "reports/metrics.json").read_text())}, {}
     store = f"sqlite:///{tmp_path_factory.mktemp('exp_store') / 'mlflow.db'}"
     for name, seed in EXPERIMENTS.items():
-        logs[name] = _dvc(work, "exp", "run", "-n", name, "-S", f"evaluate.seed={seed}", timeout=900,
+        logs[name] = dvc(work, "exp", "run", "-n", name, "-S", f"evaluate.seed={seed}", timeout=900,
                           MLFLOW_TRACKING_URI=store)
         written[name] = json.loads((work / "reports/metrics.json").read_text())
-    return head, written, logs, _dvc_json(work, "exp", "show")
+    return head, written, logs, dvc_json(work, "exp", "show")
 
 
 def _exp_revs(show: list, head: str) -> dict[str, tuple[str, dict]]:
@@ -355,21 +321,21 @@ def test_exp_show_lists_each_variant_with_its_metrics_and_changed_param(pipeline
     work, _, _ = pipeline
     head, written, _, show = experiments
     revs = _exp_revs(show, head)
-    seeds = {"baseline": yaml.safe_load(_git(work, "show", f"{head}:params.yaml"))["evaluate"]["seed"], **EXPERIMENTS}
+    seeds = {"baseline": yaml.safe_load(git(work, "show", f"{head}:params.yaml"))["evaluate"]["seed"], **EXPERIMENTS}
     assert set(revs) == set(seeds)
     for name, (rev, data) in revs.items():
         entry = data["metrics"]["reports/metrics.json"]
         assert "data" in entry, f"{name}: exp show cannot read reports/metrics.json (git-ignored?): {entry}"
         shown = entry["data"]
-        committed = json.loads(_git(work, "show", f"{rev}:reports/metrics.json"))
+        committed = json.loads(git(work, "show", f"{rev}:reports/metrics.json"))
         for key in ("fd_domain", "class_accuracy"):
             assert shown[key] == written[name][key] == committed[key], (name, key)
         assert data["params"]["params.yaml"]["data"]["evaluate"]["seed"] == seeds[name]
-        assert yaml.safe_load(_git(work, "show", f"{rev}:params.yaml"))["evaluate"]["seed"] == seeds[name]
+        assert yaml.safe_load(git(work, "show", f"{rev}:params.yaml"))["evaluate"]["seed"] == seeds[name]
     fds = [written[name]["fd_domain"] for name in revs]
     assert len(set(fds)) == len(fds), "fresh seeds, fresh samples: each variant is measured anew"
     # README's table: the changed param and the two metrics, a row per variant
-    table = _dvc(work, *EXP_TABLE, timeout=300)
+    table = dvc(work, *EXP_TABLE, timeout=300)
     header = next(ln for ln in table.splitlines() if "Experiment" in ln)
     assert {"class_accuracy", "fd_domain", "evaluate.seed"} <= set(header.split())
     for name, seed in EXPERIMENTS.items():
@@ -381,9 +347,9 @@ def test_plots_show_renders_the_loss_curve_and_fd_vs_nfe(pipeline):
     (step, loss) and FD vs NFE (nfe, each sweep setting's mean fd_domain) carry exactly the points in reports/."""
     work, _, _ = pipeline
     try:
-        plots = {name: spec["content"] for name, (spec,) in _dvc_json(work, "plots", "show")["data"].items()
+        plots = {name: spec["content"] for name, (spec,) in dvc_json(work, "plots", "show")["data"].items()
                  if spec["type"] == "vega"}
-        _dvc(work, "plots", "show", timeout=300)
+        dvc(work, "plots", "show", timeout=300)
         html = (work / "dvc_plots/index.html").read_text()
     finally:
         shutil.rmtree(work / "dvc_plots", ignore_errors=True)  # leave the workspace as the other tests expect it
@@ -392,7 +358,9 @@ def test_plots_show_renders_the_loss_curve_and_fd_vs_nfe(pipeline):
     with open(work / "reports/sweep_summary.csv") as f:
         settings = list(csv.DictReader(f))
     expected = {"reports/train_diffusion_loss.json": ("step", "loss", [(r["step"], r["loss"]) for r in loss]),
-                "fd_vs_nfe": ("nfe", "fd_domain", [(float(s["nfe"]), float(s["fd_domain"])) for s in settings])}
+                "fd_vs_nfe": ("nfe", "fd_domain", [(float(s["nfe"]), float(s["fd_domain"])) for s in settings]),
+                "fid_vs_nfe": ("nfe", "fid_inception", [(float(s["nfe"]), float(s["fid_inception"]))
+                                                        for s in settings])}
     assert len(loss) >= 2 and len(settings) >= 2
     for name, (x, y, points) in expected.items():
         for spec in (plots[name], rendered[name]):
@@ -440,7 +408,7 @@ def test_a_killed_sweep_resumes_its_finished_trials(pipeline, tmp_path):
     cmd = [sys.executable, "-m", "pipeline.sweep", "--params", "params.yaml"]
     # Tune saves the experiment state a restore reads every 10 s by default; every 0.5 s here, so the kill lands
     # while the sweep (reused trial actors: a dozen tiny trials in about 15 s) still has trials to run
-    first = subprocess.Popen(cmd, cwd=copy, env={**_env(copy), "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
+    first = subprocess.Popen(cmd, cwd=copy, env={**checkout_env(copy), "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -454,7 +422,7 @@ def test_a_killed_sweep_resumes_its_finished_trials(pipeline, tmp_path):
     recorded = _recorded_trials(copy)
     staged = {p: {p.stat().st_mtime_ns} for p in copy.glob("ray_results/sweep-*/samples/*.npz")}
 
-    rerun = subprocess.Popen(cmd, cwd=copy, env=_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    rerun = subprocess.Popen(cmd, cwd=copy, env=checkout_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     while rerun.poll() is None:  # each trial that runs writes its samples anew: watch them until the sweep ends
         for path, seen in staged.items():

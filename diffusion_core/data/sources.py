@@ -41,6 +41,8 @@ def load_source(cfg: PrepareOptions) -> SourceData:
     name = cfg.dataset
     if name == "mnist5k":
         data = load_mnist5k()
+    elif name == "cmnist5k":
+        data = load_cmnist5k()
     elif name == "digits":
         data = load_digits()
     elif name == "swissroll":
@@ -63,6 +65,35 @@ def load_mnist5k() -> SourceData:
     x, y = mnist_data()
     x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
     return SourceData("mnist5k", "image", x, y.astype(np.int64), DIGIT_NAMES)
+
+
+# The colours are part of the dataset, not of the split: a fixed seed, whatever prepare.seed says.
+CMNIST_SEED = 5000
+CMNIST_MIN_DISTANCE = 150.0  # Euclidean, in 0..255 RGB (the cube's diagonal is 441): the digit stays legible
+
+
+def load_cmnist5k() -> SourceData:
+    """mnist5k's digits padded to 32x32 RGB, each drawn in a colour of its own on a background of its own.
+
+    Per image a foreground and a background colour, uniform in the RGB cube and at least CMNIST_MIN_DISTANCE apart
+    (seeded by CMNIST_SEED): pixel = bg + (fg - bg) * digit / 255, so the digit is the image's projection on fg - bg.
+    """
+    gray = load_mnist5k()
+    mask = np.pad(gray.x[..., 0], ((0, 0), (2, 2), (2, 2))).astype(np.float64)[..., None] / 255.0
+    fg, bg = colour_pairs(len(mask), np.random.default_rng(CMNIST_SEED), CMNIST_MIN_DISTANCE)
+    x = bg[:, None, None, :] + (fg - bg)[:, None, None, :] * mask
+    return SourceData("cmnist5k", "image", np.rint(x).astype(np.uint8), gray.y, DIGIT_NAMES)
+
+
+def colour_pairs(n: int, rng: np.random.Generator, min_distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """`n` (foreground, background) RGB pairs, float64 [n, 3] each in 0..255, uniform in the cube and redrawn until
+    the two are at least `min_distance` apart."""
+    fg, bg = np.empty((n, 3)), np.empty((n, 3))
+    todo = np.arange(n)
+    while len(todo):
+        fg[todo], bg[todo] = rng.integers(0, 256, (2, len(todo), 3))
+        todo = todo[np.linalg.norm(fg[todo] - bg[todo], axis=1) < min_distance]
+    return fg, bg
 
 
 def load_digits() -> SourceData:
@@ -120,8 +151,8 @@ def load_torchvision(name: str, data_dir: Path) -> SourceData:
         except Exception as e:  # noqa: BLE001 - any download failure means the same fix
             where = data_dir / sub if sub else data_dir
             raise DataError(
-                f"{name}: files not found in {where} and download failed ({type(e).__name__}); "
-                f"place {files} in {where} (or go online and rerun)"
+                f"{name}: files not found or failing torchvision's md5 check in {where} and download failed "
+                f"({type(e).__name__}); place {files} in {where} (or go online and rerun)"
             ) from None
         finally:
             socket.setdefaulttimeout(old)

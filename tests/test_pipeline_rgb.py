@@ -1,0 +1,152 @@
+"""Colour end to end: configs/tiny_rgb.yaml (cmnist5k, RGB) under `dvc repro` in a scratch checkout, once in
+pixel space (tiny's own) and once more with train_diffusion and train_classifier in latent space, which reruns only
+the stages that the space feeds. After each repro: every network takes colour, the grids in reports/ are colour,
+`diffusion sample` writes 3-channel samples, evaluate's metrics are finite. Slow: marked `slow`, still run in CI."""
+
+import json
+import math
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from diffusion_core.checkpoint import load_model_dir
+from pipeline.cli import main as diffusion_cli
+
+from .e2e import dvc, scratch_checkout
+from .stages import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY_RGB = ROOT / "configs" / "tiny_rgb.yaml"
+SPACES = ("pixel", "latent")
+SPACE_KEYS = ("train_diffusion", "train_classifier")  # the sections whose `space` says pixel or latent
+SPACE_FED = ["train_classifier", "train_diffusion", "sweep", "evaluate"]  # the stages a change of space reruns
+NETWORKS = ("autoencoder", "diffusion", "classifier", "feature_net")
+
+
+def _set(params: Path, space: str, tracking: bool) -> None:
+    raw = yaml.safe_load(params.read_text())
+    for section in SPACE_KEYS:
+        raw[section]["space"] = space
+    raw["tracking"]["enabled"] = tracking
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """{space: (a copy of that repro's models/, reports/, metrics/ and params.yaml, plus `diffusion sample`'s
+    folder samples/; dvc's output)}, pixel first. MLflow logs the latent repro only: tiny's e2e checks what every
+    stage logs, and the latent models are the colour-specific ones here (their MLflow models decode through the
+    3-channel autoencoder); off, the pixel repro saves about 8 CPU seconds a stage. `tracking` is no DVC param:
+    switching it reruns nothing."""
+    work = scratch_checkout(tmp_path_factory.mktemp("rgb"), TINY_RGB)
+    assert all(yaml.safe_load(TINY_RGB.read_text())[s]["space"] == SPACES[0] for s in SPACE_KEYS)
+    out = {}
+    for space in SPACES:
+        _set(work / "params.yaml", space, tracking=space == "latent")
+        log = dvc(work, "repro")
+        snap = tmp_path_factory.mktemp(space)
+        for name in ("models", "reports", "metrics"):
+            shutil.copytree(work / name, snap / name)
+        shutil.copy(work / "params.yaml", snap / "params.yaml")
+        if space == "latent":
+            shutil.copy(work / "mlflow.db", snap / "mlflow.db")
+            (snap / "mlmodels").mkdir()
+            for i, path in enumerate(work.glob("mlartifacts/models/*/artifacts/MLmodel")):
+                shutil.copy(path, snap / "mlmodels" / f"{i}.yaml")
+        # a latent model decodes through the autoencoder its config.json names, found beside it in the copy
+        argv = ["sample", "--model", str(snap / "models" / "diffusion"), "--num", "4", "--steps", "2",
+                "--guidance", "cfg", "--scale", "1.5", "--no-progress", "--out", str(snap / "samples")]
+        assert diffusion_cli(argv) == 0
+        out[space] = snap, log
+    return out
+
+
+def _colour(path: Path) -> None:
+    """`path` is an RGB image whose channels differ (a grey image saved as RGB would have them equal)."""
+    with Image.open(path) as im:
+        assert im.mode == "RGB", f"{path.name} is {im.mode}"
+        a = np.asarray(im).astype(int)
+    spread = a.max(-1) - a.min(-1)  # per pixel: 0 for grey
+    assert (spread > 32).mean() > 0.05, f"{path.name}: channels nearly equal"
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_every_network_is_built_for_colour(runs, space):
+    """The autoencoder maps 3 channels to 3; the U-Net and the noisy classifier take 3 channels in pixel space and
+    the autoencoder's latent channels in latent space, of cmnist5k's images; the feature net (clean images, pixel
+    space always) takes 3. Loading checks the weights fit those configs."""
+    snap, _ = runs[space]
+    params = yaml.safe_load((snap / "params.yaml").read_text())
+    side, latent_c = params["prepare"]["image_size"], params["train_autoencoder"]["autoencoder"]["latent_channels"]
+    cfg = {name: load_model_dir(snap / "models" / name)[1] for name in NETWORKS}
+    assert cfg["autoencoder"]["model"]["in_channels"] == 3 and cfg["autoencoder"]["model"]["image_size"] == side
+    assert cfg["feature_net"]["model"]["in_channels"] == 3 and cfg["feature_net"]["data"]["shape"] == [3, side, side]
+    net_shape = [3, side, side] if space == "pixel" else [latent_c, side // 4, side // 4]
+    for name in ("diffusion", "classifier"):
+        model, data = cfg[name]["model"], cfg[name]["data"]
+        assert [model["in_channels"], model["image_size"], model["image_size"]] == net_shape, name
+        assert data["space"] == space and data["shape"] == net_shape and data["dataset"] == "cmnist5k", name
+    assert cfg["diffusion"]["model"]["out_channels"] == net_shape[0]
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_image_grids_and_samples_are_colour(runs, space):
+    """Every image grid in reports/ (the data preview, the autoencoder's reconstructions, evaluate's samples, the
+    sweep's grids) is RGB with distinct channels, and so are `diffusion sample`'s images in samples.npz."""
+    snap, _ = runs[space]
+    grids = [*(snap / "reports").glob("*.png"), *(snap / "reports" / "sweep").glob("grid_*.png")]
+    names = {p.name for p in grids}
+    assert {"prepare_samples.png", "autoencoder_recon.png", "samples.png"} <= names and len(names) > 3
+    for path in grids:
+        _colour(path)
+    with np.load(snap / "samples" / "samples.npz") as z:
+        images = z["images"]
+    side = yaml.safe_load((snap / "params.yaml").read_text())["prepare"]["image_size"]
+    assert images.shape == (4, side, side, 3) and images.dtype == np.uint8
+    assert (images.max(-1).astype(int) - images.min(-1) > 32).mean() > 0.05
+    _colour(snap / "samples" / "grid.png")
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_evaluate_metrics_are_finite(runs, space):
+    snap, _ = runs[space]
+    m = json.loads((snap / "reports" / "metrics.json").read_text())
+    numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {"fd_domain", "kd_domain", "class_accuracy", "num_samples"} <= set(numbers)
+    assert ("nll_bpd" in numbers) == (space == "pixel")  # bits/dim of the pixels: pixel models only
+    assert all(math.isfinite(v) for v in numbers.values()), numbers
+
+
+def test_the_latent_repro_reran_only_what_the_space_feeds(runs):
+    (_, pixel), (_, latent) = runs["pixel"], runs["latent"]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert sorted(re.findall(r"Running stage '(\w+)'", pixel)) == sorted(stages)
+    assert sorted(re.findall(r"Running stage '(\w+)'", latent)) == sorted(SPACE_FED)
+
+
+def test_mlflow_holds_the_latent_repros_runs_and_colour_models(runs):
+    """One finished MLflow run per stage the latent repro ran; the latent diffusion model MLflow holds returns RGB
+    images of the data's size (decoded by the autoencoder), and the latent classifier takes the latents."""
+    snap, _ = runs["latent"]
+    with sqlite3.connect(snap / "mlflow.db") as db:
+        all_runs = db.execute("SELECT run_uuid, name, status FROM runs").fetchall()
+        nested = {uid for (uid,) in db.execute("SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId'")}
+    assert sorted(name for uid, name, _ in all_runs if uid not in nested) == sorted(SPACE_FED)
+    assert {status for *_, status in all_runs} == {"FINISHED"}
+    params = yaml.safe_load((snap / "params.yaml").read_text())
+    side, latent_c = params["prepare"]["image_size"], params["train_autoencoder"]["autoencoder"]["latent_channels"]
+    signatures = {}
+    for path in (snap / "mlmodels").iterdir():
+        mlmodel = yaml.safe_load(path.read_text())
+        name = Path(mlmodel["flavors"]["python_function"]["artifacts"]["model"]["uri"]).name
+        signatures[name] = {k: json.loads(mlmodel["signature"][k]) for k in ("inputs", "outputs")}
+    assert sorted(signatures) == ["classifier", "diffusion"]
+    assert signatures["diffusion"]["outputs"][0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, side, side, 3]}
+    assert signatures["classifier"]["inputs"][0]["tensor-spec"]["shape"] == [-1, latent_c, side // 4, side // 4]
