@@ -48,11 +48,12 @@ def test_repo_params_load_and_are_complete(name):
 
 
 # What makes tiny.yaml's run a colour run: the dataset and the one channel count params name (the U-Net's, the
-# classifier's and the feature net's come from the data). And what keeps its two repros (pixel, latent) cheap in CI:
-# 16x16 images (cmnist5k has 16 times digits' pixels), a test split of tiny's size (it has 2.8 times the images), the
-# autoencoder's batch at tiny's pixels per step, and no Ray where tiny's run already tests it (Ray Train's start-up
-# was about 45 of a tiny training stage's 60 CPU seconds, evaluate's Ray tasks 10 of 34, a second trial actor 18 of
-# the sweep's 77)
+# classifier's and the feature net's come from the data). And what keeps its two repros (pixel, latent) cheap in CI,
+# each measured: 16x16 images (cmnist5k has 16 times digits' pixels), a test split of tiny's size (it has 2.8 times
+# the images), the autoencoder's batch at tiny's pixels per step, no Ray where tiny's run already tests it (Ray
+# Train's start-up was about 45 of a tiny training stage's 60 CPU seconds, evaluate's Ray tasks 10 of 34, a second
+# trial actor 18 of the sweep's 77), and fid_inception in evaluate only (the sweep's, the same function, cost 60 CPU
+# seconds a repro; tiny's run tests it)
 TINY_RGB_CHANGES = {
     "prepare.dataset": ("digits", "cmnist5k"),
     "train_autoencoder.autoencoder.in_channels": (1, 3),
@@ -62,6 +63,7 @@ TINY_RGB_CHANGES = {
     **{f"{stage}.scaling.{key}": value for stage in ("train_diffusion", "train_classifier")
        for key, value in (("num_workers", (2, 1)), ("use_ray", (True, False)))},
     "sweep.max_concurrent": (2, 1),
+    "sweep.inception_samples": (8, 0),
     "evaluate.num_workers": (2, 1),
 }
 

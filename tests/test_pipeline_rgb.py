@@ -1,7 +1,8 @@
 """Colour end to end: configs/tiny_rgb.yaml (cmnist5k, RGB) under `dvc repro` in a scratch checkout, once in
 pixel space (tiny's own) and once more with train_diffusion and train_classifier in latent space, which reruns only
 the stages that the space feeds. After each repro: every network takes colour, the grids in reports/ are colour,
-`diffusion sample` writes 3-channel samples, evaluate's metrics are finite. Slow: marked `slow`, still run in CI."""
+`diffusion sample` writes 3-channel samples, evaluate's metrics (fid_inception among them) are finite; MLflow holds
+the latent repro's colour models. Slow (about 4 minutes, 270 CPU seconds): marked `slow`, still run in CI."""
 
 import json
 import math
@@ -116,10 +117,12 @@ def test_image_grids_and_samples_are_colour(runs, space):
 
 @pytest.mark.parametrize("space", SPACES)
 def test_evaluate_metrics_are_finite(runs, space):
+    """Every figure evaluate wrote is a finite number: the domain ones, FID on the colour samples, and bits/dim where
+    the model is a pixel model."""
     snap, _ = runs[space]
     m = json.loads((snap / "reports" / "metrics.json").read_text())
     numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert {"fd_domain", "kd_domain", "class_accuracy", "num_samples"} <= set(numbers)
+    assert {"fd_domain", "kd_domain", "fid_inception", "kid_inception", "class_accuracy", "num_samples"} <= set(numbers)
     assert ("nll_bpd" in numbers) == (space == "pixel")  # bits/dim of the pixels: pixel models only
     assert all(math.isfinite(v) for v in numbers.values()), numbers
 
