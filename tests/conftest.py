@@ -73,8 +73,8 @@ def s3(s3_server, monkeypatch, tmp_path):
 
 
 # The longest test files first (wall seconds on 3 xdist workers, 2026-12-06: e2e 300, cluster 290,
-# train_diffusion 235, then tracking 65, kill_mid_write 159, storage 100, ...; pipeline_rgb, the colour e2e, 240
-# alone on a quiet machine, 2026-12-07). `make test` hands whole files to its workers (--dist loadfile
+# train_diffusion 235, then tracking 65, kill_mid_write 159, storage 100, ...; pipeline_rgb, the colour e2e, 311
+# alone, 2026-12-07). `make test` hands whole files to its workers (--dist loadfile
 # --no-loadscope-reorder) in this order, the next one to the first worker that is nearly done: the three longest
 # start at once, and the next ones are ordered to even out the three workers' ends.
 LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster.py", "test_pipeline_rgb.py", "test_train_diffusion.py",

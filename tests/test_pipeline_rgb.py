@@ -2,7 +2,7 @@
 pixel space (tiny's own) and once more with train_diffusion and train_classifier in latent space, which reruns only
 the stages that the space feeds. After each repro: every network takes colour, the grids in reports/ are colour,
 `diffusion sample` writes 3-channel samples, evaluate's metrics (fid_inception among them) are finite; MLflow holds
-the latent repro's colour models. Slow (about 4 minutes, 270 CPU seconds): marked `slow`, still run in CI."""
+the latent repro's colour models. Slow (minutes): marked `slow`, still run in CI."""
 
 import json
 import math
