@@ -36,7 +36,7 @@ def _flat(d, prefix=""):
             yield prefix + k
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/tiny_rgb.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/tiny_rgb.yaml", "configs/colour.yaml"])
 def test_repo_params_load_and_are_complete(name):
     path = ROOT / name
     params = load_params(path)
@@ -68,17 +68,28 @@ TINY_RGB_CHANGES = {
 }
 
 
-def test_tiny_rgb_is_tiny_in_colour():
-    """configs/tiny_rgb.yaml is configs/tiny.yaml but for TINY_RGB_CHANGES: a key added to or changed in one file
-    and not the other fails here, so the colour e2e run keeps testing what the grey one does."""
+def _changed(base: str, other: str) -> dict:
+    """{dotted key: (value in base, value in other)} for every key whose value differs; both files hold the same keys."""
     def flat(path: str) -> dict:
         raw = yaml.safe_load((ROOT / path).read_text())
         return {k: _get(raw, k) for k in _flat(raw)}
 
-    grey, rgb = flat("configs/tiny.yaml"), flat("configs/tiny_rgb.yaml")
-    assert set(grey) == set(rgb), f"keys in one file only: {sorted(set(grey) ^ set(rgb))}"
-    changed = {k: (grey[k], rgb[k]) for k in grey if grey[k] != rgb[k]}
-    assert changed == TINY_RGB_CHANGES
+    a, b = flat(base), flat(other)
+    assert set(a) == set(b), f"keys in one file only: {sorted(set(a) ^ set(b))}"
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def test_tiny_rgb_is_tiny_in_colour():
+    """configs/tiny_rgb.yaml is configs/tiny.yaml but for TINY_RGB_CHANGES: a key added to or changed in one file
+    and not the other fails here, so the colour e2e run keeps testing what the grey one does."""
+    assert _changed("configs/tiny.yaml", "configs/tiny_rgb.yaml") == TINY_RGB_CHANGES
+
+
+def test_colour_is_the_default_run_in_colour():
+    """configs/colour.yaml (README's colour run) is params.yaml with the colour dataset and 3 channels, nothing else:
+    its figures compare with the grey default run's."""
+    assert _changed("params.yaml", "configs/colour.yaml") == {
+        "prepare.dataset": ("mnist5k", "cmnist5k"), "train_autoencoder.autoencoder.in_channels": (1, 3)}
 
 
 def _get(d: dict, dotted: str):
