@@ -1,4 +1,4 @@
-"""End to end (issue 6): wall time of the default `dvc repro` on a fresh clone, per stage, and of a no-op rerun.
+"""End to end: wall time of the default `dvc repro` on a fresh clone, per stage, and of a no-op rerun.
 
     python -m bench.e2e [--dir DIR]     # DIR: a fresh clone to run in (default: clone this repo into /tmp)
     python -m bench.e2e --params configs/colour.yaml    # that file as the clone's params.yaml (groups.e2e_colour)

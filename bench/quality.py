@@ -1,4 +1,4 @@
-"""Quality at the default budget, side by side with diffusers (issue 5): a slow benchmark, not part of `--quick`.
+"""Quality at the default budget, side by side with diffusers: a slow benchmark, not part of `--quick`.
 
     python -m bench.quality --run DIR            # DIR: a folder where the default `dvc repro` finished
 

@@ -1,4 +1,4 @@
-"""Distributed, memory and latent-vs-pixel figures (issue 6).
+"""Distributed, memory and latent-vs-pixel figures.
 
 - `ray_2workers_vs_single_process`: the train_diffusion stage (default U-Net, 8x8 images from the digits source,
   global batch 64) with 2 Ray workers x 1 thread against 1 process x 2 threads without Ray. The ratio uses the

@@ -1,4 +1,4 @@
-"""Training choices at the default budget, each judged by the same samplers (issue 12, "What to build" 3).
+"""Training choices at the default budget, each judged by the same samplers.
 
     python -m bench.training_study --run RUN_DIR [--variants v_minsnr5 edm ...] [--sets 3] [--points KEY ...]
 
@@ -24,7 +24,7 @@ VARIANTS = {  # name -> {dotted params key: value}
     "v_shift+2": {"schedule.logsnr_shift": 2.0},  # less noise at every t (Hoogeboom et al. 2023's rule for d < 64)
     "v_shift-2": {"schedule.logsnr_shift": -2.0},  # more noise at every t
 }
-POINTS = ["dpmpp3m-10-logsnr", "dpmpp2m-10-logsnr", "ddim-50-trailing"]  # the few-step samplers issue 12 judges
+POINTS = ["dpmpp3m-10-logsnr", "dpmpp2m-10-logsnr", "ddim-50-trailing"]  # the few-step samplers the study judges
 
 
 def variant_params(base: dict, overrides: dict) -> dict:

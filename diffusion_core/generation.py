@@ -214,8 +214,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     (-1 = unconditional), "seeds": int64 [N], "nfe": denoiser evaluations per sample, "seconds": wall time}.
     `steps=None` runs the full schedule. Without `classes`, cfg and classifier guidance cycle through all classes;
     no guidance on a class-conditional model then samples unconditionally (the null class).
-    `bf16` / `channels_last` run the denoiser under bf16 autocast / in channels_last memory format (FastDenoiser:
-    2.8x faster for the default latent model on an AMX CPU; off by default, which keeps samples bitwise fp32);
+    `bf16` / `channels_last` run the denoiser under bf16 autocast / in channels_last memory format (FastDenoiser;
+    its speed-up: bench/README.md; off by default, which keeps samples bitwise fp32);
     bf16="auto" turns it on only where the device computes bf16 natively (`precision.bf16_is_fast`).
     (Over 40 lines only through its options and this docstring: the body is one batching loop.)
     """

@@ -2,9 +2,7 @@
 
 Autocast to bf16 is fast only where the hardware computes in bf16: CUDA GPUs that support it, x86 CPUs with
 AVX512-BF16 or AMX-BF16, ARM CPUs with the BF16 extension. Elsewhere PyTorch emulates it, and that costs more
-than it saves: the default latent U-Net's training step took 6.4 s under bf16 against 0.38 s in fp32 (batch 32,
-one thread) on an AVX2-only AMD EPYC, while on the AMX Xeon the defaults were tuned on bf16 was the faster one
-(bench/train_diffusion_speed.py).
+than it saves, many times over (bench/train_diffusion_speed.py; figures in bench/README.md).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def _add_sample(sub) -> None:
                         "karras (rho=7 sigmas); snapped to the model's timesteps")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--bf16", action="store_true",
-                   help="run the network under bf16 autocast (sampler math stays float32; ~2x faster on CPUs with "
+                   help="run the network under bf16 autocast (sampler math stays float32; faster on CPUs with "
                         "bf16 units, samples no longer bitwise those of fp32)")
     p.add_argument("--channels-last", action="store_true", help="run the network in channels_last memory format")
     p.add_argument("--autoencoder", metavar="DIR", default=None,

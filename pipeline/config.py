@@ -256,7 +256,7 @@ class TrainDiffusionConfig(RayTrainingSection):
     conditional: bool = True
     label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # classifier-free guidance: p(label -> null class)
     ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.995
-    bf16: Bf16Setting = "auto"  # autocast; auto: only on bf16 hardware (emulated bf16 trained 17x slower)
+    bf16: Bf16Setting = "auto"  # autocast; auto: only on bf16 hardware (emulated bf16 is far slower)
     channels_last: bool = False
     checkpoint_every: PosInt = 250
     keep_checkpoints: PosInt = 3

@@ -6,8 +6,8 @@ driver from Tune's results so SQLite has one writer):
 - training-time axis (`sweep.training`): schedule x parameterization, each trial a short training run from scratch
   with train_diffusion's settings otherwise. The loop runs in-process inside the Tune function trainable (the
   library's `Trainer` + `train_loop`, the same code each Ray Train worker of train_diffusion runs, with
-  one worker): a TorchTrainer nested in a Tune trial would need its own worker group per trial (2 more processes
-  and ~10 s of start-up each on a 2-core machine) and could not report to ASHA before it finished. Every
+  one worker): a TorchTrainer nested in a Tune trial would need its own worker group per trial (2 more processes,
+  each with its start-up) and could not report to ASHA before it finished. Every
   `eval_every` steps the trial samples `eval_samples` images and reports fd_domain, so ASHA stops the worse ones.
   A trial that finishes then samples every setting of `sweep.training.samplers` (same seeds as the sampling
   grid): samplers x formulation/schedule on the same trained models, reports/sweep_training_x_sampling.csv.
@@ -260,8 +260,7 @@ def _tune(trainable, trials: list[dict], common: dict, sw, name: str, scheduler=
         tuner = tune.Tuner(
             trainable, param_space=space,
             # one trial actor serves trial after trial (a process with its torch and Ray imports once per actor, not
-            # per trial): the tiny sweep took half the CPU (46.6 against 94.9 s) and time (24 against 54 s) here,
-            # with the same sampling table
+            # per trial)
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=sw.max_concurrent,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(path.parent), verbose=0,

@@ -1,4 +1,4 @@
-"""Bad input, table-driven, through the real command lines (issue 7): every case runs `pipeline.<stage>` or
+"""Bad input, table-driven, through the real command lines: every case runs `pipeline.<stage>` or
 `pipeline.cli sample` as `__main__` of a process of its own, in its own temp folder, and must give
 
 - a non-zero exit code,

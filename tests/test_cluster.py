@@ -1,4 +1,4 @@
-"""Beyond one disk (issue 13): train_diffusion with its storage root on an S3 server (moto's, on 127.0.0.1).
+"""Beyond one disk: train_diffusion with its storage root on an S3 server (moto's, on 127.0.0.1).
 
 Ray Train persists its checkpoints under <root>/ray_results, so a worker group restarted after a lost worker
 resumes from the store, not from a disk only the dead worker's node could read; the finished model is published

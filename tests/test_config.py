@@ -69,7 +69,7 @@ TINY_RGB_CHANGES = {
 
 
 def _changed(base: str, other: str) -> dict:
-    """{dotted key: (value in base, value in other)} for every key whose value differs; both files hold the same keys."""
+    """{dotted key: (value in base, value in other)} for each key whose value differs; both files hold the same keys."""
     def flat(path: str) -> dict:
         raw = yaml.safe_load((ROOT / path).read_text())
         return {k: _get(raw, k) for k in _flat(raw)}

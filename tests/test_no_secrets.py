@@ -1,4 +1,4 @@
-"""No secrets and no environment in MLflow (issue 7, safety): real stage runs with fake secrets in their environment
+"""No secrets and no environment in MLflow (safety): real stage runs with fake secrets in their environment
 (and, for prepare, a credential inside a params URI); afterwards none appears anywhere in the MLflow store (params,
 tags, any byte of the SQLite file, any artifact) nor in the stage's output, and no param or tag is an environment
 variable. `prepare` and `train_diffusion` (in-process, its artifacts include sample grids) are run here; every

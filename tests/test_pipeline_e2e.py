@@ -253,7 +253,7 @@ def test_no_secrets_in_the_store_or_the_output(pipeline):
     assert_store_holds_no_secret_or_environment(work, list(SECRETS.values()))
 
 
-# Ray's own chatter seen in a default `make repro` (issue #15): the Train placement-group cleaner polling a State API
+# Ray's own chatter seen in a default `make repro`: the Train placement-group cleaner polling a State API
 # that a dashboard-less local Ray does not have (546 lines), one INFO line per ray.train.report of every rank, the
 # preemption watcher's set-up error; and the rank-0 worker's lines printed twice (Train's print patch)
 RAY_NOISE = ("Failed to query Ray Train Controller", "Reporting training result", "has constructor arguments in the")

@@ -1,4 +1,4 @@
-"""Static safety checks (issue 7): servers the docs start bind to 127.0.0.1; nothing loads pickles unsafely."""
+"""Static safety checks: servers the docs start bind to 127.0.0.1; nothing loads pickles unsafely."""
 
 from __future__ import annotations
 
