@@ -62,22 +62,6 @@ def worker_params(params, sections) -> dict:
     return out
 
 
-def publish_model(folder: str | os.PathLike, project) -> str | None:
-    """Publish a finished model folder as <storage root>/<folder> (a new version, its LATEST pointer written last:
-    diffusion_core.storage) and say where; None without a storage root. `diffusion sample --model URL` reads it."""
-    root = storage_root(project)
-    if not root:
-        return None
-    from pathlib import Path
-
-    from diffusion_core.storage import join, publish_dir
-
-    url = join(root, Path(folder).as_posix())
-    version = publish_dir(folder, url)
-    print(f"published {folder}/ to {url} (version {version})", flush=True)
-    return url
-
-
 def one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in msg:

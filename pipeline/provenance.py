@@ -190,20 +190,3 @@ def model_files(prov: dict, title: str, what: str) -> dict[str, str]:
     uri = (prov["mlflow"] or {}).get("model_uri") or "runs:/<run_id>/model (tracking was off for this run)"
     usage = USAGE[prov["stage"]].format(model_dir=prov["model_dir"], uri=uri)
     return {PROVENANCE_FILE: json.dumps(prov, indent=2) + "\n", CARD_FILE: model_card(prov, title, what, usage)}
-
-
-def finish_model(run, folder: str | os.PathLike, metrics_path: str | os.PathLike, metrics: dict, project,
-                 **log_model: object) -> None:
-    """The common end of a training stage once its model folder is written: the metrics file, the folder
-    published under the storage root, and the folder logged as an MLflow model (`log_model`: that call's
-    options, e.g. register_as)."""
-    from diffusion_core.io import atomic_write_json
-
-    from ._stage import publish_model
-
-    atomic_write_json(metrics_path, metrics)
-    publish_model(folder, project)
-    if run.active:
-        from pipeline.mlflow_models import log_model_folder
-
-        log_model_folder(run, folder, **log_model)

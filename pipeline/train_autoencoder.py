@@ -24,7 +24,8 @@ from diffusion_core.data import load_split, read_meta
 from diffusion_core.data.preview import save_image_grid
 from diffusion_core.training import NumericalError
 from pipeline.config import ConfigError, load_params
-from pipeline.provenance import data_checksums, finish_model, model_files, provenance
+from pipeline.provenance import data_checksums, model_files, provenance
+from pipeline.publish import finish_model
 from pipeline.tracking import start_run
 
 from ._stage import run_stage, stage_device

@@ -18,7 +18,8 @@ from diffusion_core.classifiers import classification_accuracy, train_feature_ne
 from diffusion_core.data import DataError, load_split, read_meta
 from diffusion_core.models import FeatureNet
 from pipeline.config import load_params
-from pipeline.provenance import data_checksums, finish_model, model_files, provenance
+from pipeline.provenance import data_checksums, model_files, provenance
+from pipeline.publish import finish_model
 from pipeline.tracking import start_run
 
 from ._stage import run_stage, stage_device

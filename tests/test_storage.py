@@ -333,7 +333,8 @@ def test_a_restarted_group_that_ray_gives_no_checkpoint_resumes_from_the_store(t
     newest checkpoint of its run key on the store: its own run's, or an earlier job's when that one is newer."""
     import json
 
-    from pipeline import train_diffusion
+    from pipeline import training_stage
+    from pipeline.train_diffusion import STAGE
 
     store = tmp_path / "ray_results"
     _store_checkpoint(store, "train_diffusion-now", 10, "k1")
@@ -348,11 +349,13 @@ def test_a_restarted_group_that_ray_gives_no_checkpoint_resumes_from_the_store(t
             self.loaded, self.step = path, json.loads((path / "config.json").read_text())["training_step"]
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_diffusion, "latest_ray_checkpoint", lambda: None)
-    config = {"store_resume": True, "ray_storage": str(store), "run_key": "k1", "ray_run": "train_diffusion-now",
-              "params": {"train_diffusion": {"steps": 80}}}
+    monkeypatch.setattr(training_stage, "latest_ray_checkpoint", lambda: None)
+    config = training_stage.WorkerConfig(params={"train_diffusion": {"steps": 80}}, ws={}, data_checksums={},
+                                         input_models=None, ray_storage=str(store), ray_run="train_diffusion-now",
+                                         run_key="k1", store_resume=True)
+    worker = training_stage.Worker(STAGE, None, config, rank=0, world=1, tracking_root="")
     trainer = Trainer()
     newest = max(20, earlier_step)
-    assert train_diffusion._resume(trainer, config, rank=0) == f"r{newest}"
+    assert worker.resume(trainer) == f"r{newest}"
     assert trainer.step == newest and trainer.loaded.name == f"step-{newest:08d}"
     assert says.format(store=store) in capsys.readouterr().out
