@@ -82,7 +82,7 @@ def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int |
                    guidance_kind: str, scale: float, classifier_bundle: ClassifierBundle | None,
                    classes: Sequence[int] | None, batch_size: int, spacing: str, options: dict | None = None) -> dict:
     """SamplingError (one line) for every option or combination that cannot work; returns the sampler's options.
-    (Over 40 lines: a flat list of independent checks, one per option, kept in the one place that validates them.)"""
+    A flat list of independent checks, one per option, kept in the one place that validates them."""
     T = bundle.diffusion.num_timesteps
     try:
         resolved = sampler_options(sampler, eta, options)
@@ -217,7 +217,6 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     `bf16` / `channels_last` run the denoiser under bf16 autocast / in channels_last memory format (FastDenoiser;
     its speed-up: bench/README.md; off by default, which keeps samples bitwise fp32);
     bf16="auto" turns it on only where the device computes bf16 natively (`precision.bf16_is_fast`).
-    (Over 40 lines only through its options and this docstring: the body is one batching loop.)
     """
     options = _check_options(bundle, num, sampler, steps, eta, guidance_kind, scale, classifier_bundle, classes,
                              batch_size, spacing, options)

@@ -49,7 +49,7 @@ def _option(text: str) -> tuple[str, float]:
 
 
 def _add_sample(sub) -> None:
-    """`diffusion sample`'s options (over 40 lines: one add_argument per option, choices from the registry)."""
+    """`diffusion sample`'s options: one add_argument per option, choices from the registry."""
     from diffusion_core.generation import GUIDANCE_KINDS
     from diffusion_core.samplers import SAMPLERS, SPACINGS, describe
 

@@ -713,8 +713,8 @@ def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | Non
 
 
 def _explain(e: ValidationError, model: type[BaseModel], section: str, data: Any) -> str:
-    """The one-line message for pydantic's first error: the key path, what was given and what is accepted
-    (over 40 lines: one branch per kind of error pydantic reports)."""
+    """The one-line message for pydantic's first error: the key path, what was given and what is accepted (one
+    branch per kind of error pydantic reports)."""
     err = e.errors(include_url=False)[0]
     loc = tuple(err.get("loc", ()))
     typ = err.get("type", "")

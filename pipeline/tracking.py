@@ -281,8 +281,7 @@ def start_run(
     `stage` that a dead process left RUNNING are marked KILLED first (`close_dead_runs`). continues: the id of the
     run this one resumes (e.g. from its checkpoint), tagged `continues_run`.
 
-    Over 40 lines on purpose: one generator must own the whole lifecycle (its try/finally ends the run with the
-    right status), and ten options take a dozen lines of signature.
+    One generator owns the whole lifecycle: its try/finally ends the run with the right status.
     """
     rank = _detect_rank() if rank is None else rank
     enabled = getattr(cfg, "enabled", True) if cfg is not None else True

@@ -28,7 +28,7 @@ import torch
 from diffusion_core.checkpoint import load_model_dir
 
 from . import zygote
-from .stages import ROOT, dashboard_answers, stage_env
+from .stages import ROOT, dashboard_answers, ray_token_env, stage_env
 from .test_train_diffusion import _cmd, _steps, _wait_for, _workdir
 
 pytestmark = pytest.mark.slow
@@ -143,8 +143,8 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
 
     from .test_train_diffusion import _free_port
 
-    token = secrets.token_hex(16)
-    ray_env = {**stage_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    ray_env = ray_token_env(tmp_path / "home")
+    token = ray_env["RAY_AUTH_TOKEN"]
     train = TRAIN_80  # killed at its second checkpoint on the store (step 20): six more are to come
     dash = _free_port()
     cluster = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", "--dashboard-port", str(dash),

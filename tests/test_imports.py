@@ -37,16 +37,3 @@ def test_library_source_never_names_pipeline_or_engines():
             offenders += [f"{path.relative_to(CORE.parent)}:{node.lineno} {n}" for n in names
                           if n.split(".")[0] in ENGINES + ("pipeline",)]
     assert offenders == [], offenders
-
-
-def test_no_function_over_40_lines_without_its_reason():
-    """Issue 14's rule for diffusion_core/ and pipeline/: a function over 40 lines says why in its docstring
-    (`over 40 lines` and the reason); the rest are split."""
-    root = Path(__file__).resolve().parents[1]
-    unexplained = []
-    for f in sorted([*(root / "diffusion_core").rglob("*.py"), *(root / "pipeline").rglob("*.py")]):
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 40:
-                if "over 40 lines" not in " ".join((ast.get_docstring(node) or "").lower().split()):
-                    unexplained.append(f"{f.relative_to(root)}:{node.name} ({node.end_lineno - node.lineno + 1})")
-    assert not unexplained, f"over 40 lines with no reason in the docstring: {unexplained}"

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -31,7 +30,7 @@ from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.samplers import sample
 from pipeline import train_diffusion
 
-from .stages import dashboard_answers, group_pids, listening_ips, stage_env
+from .stages import dashboard_answers, group_pids, listening_ips, ray_token_env, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -397,10 +396,10 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
     for pkg in ("diffusion_core", "pipeline"):  # the working dir ray uploads holds the code, as the repo root does
         shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    # as the README: Ray's token authentication on (the README generates ~/.ray/auth_token; here the token comes
-    # from the environment, which Ray reads first, so the test leaves the home folder alone)
-    token = secrets.token_hex(16)
-    env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # as the README: Ray's token authentication on (the README generates ~/.ray/auth_token; here a home of the
+    # test's own holds it, and the environment too: the real home folder is left alone)
+    env = ray_token_env(tmp_path / "home")
+    token = env["RAY_AUTH_TOKEN"]
 
     def head_args():
         nonlocal port, dash
