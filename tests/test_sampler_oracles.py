@@ -201,3 +201,20 @@ def test_nfe_is_counted_for_every_sampler(sampler, cfg):
     assert sum(calls) / 8 == get_sampler(sampler).nfe(12, cfg=cfg)
     spec = get_sampler(sampler)
     assert spec.nfe(spec.steps_for_nfe(20, cfg), cfg) <= 20 < spec.nfe(spec.steps_for_nfe(20, cfg) + 1, cfg)
+
+
+@pytest.mark.parametrize("parameterization", ["x0", "v", "mu", "edm"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_on_every_formulation(sampler, parameterization):
+    """The rest of the sampler x formulation matrix (eps: the test above, on every grid): the exact Gaussian
+    denoiser written in each formulation's output (x0, v, the DPM's mean mu, EDM's preconditioned F with sigma_data
+    0.4), and every sampler draws the data's mean and std from it (the same bounds, on the trailing grid)."""
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    options = {"sigma_data": 0.4} if parameterization == "edm" else {}
+    diff = GaussianDiffusion(sched, parameterization, formulation_options=options)
+    model = GaussianDenoiser(sched, MEAN, STD, parameterization, sigma_data=0.4)
+    steps = 250 if sampler in ("ddpm", "ddim", "euler") else 100
+    x = sample(diff, model, (4000, 4), sampler=sampler, steps=steps, spacing="trailing", clip_denoised=False,
+               generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x.mean(0), MEAN, atol=0.03), (x.mean(0), MEAN)
+    _check_std(x, model, grid_timesteps(diff.schedule, steps, "trailing", -5.1)[0])
