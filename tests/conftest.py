@@ -37,7 +37,7 @@ def prepared(tmp_path_factory) -> Path:
     raw["tracking"]["enabled"] = False
     (d / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     res = zygote.run([sys.executable, "-m", "pipeline.prepare", "--params", "tiny.yaml"], cwd=d, env=stage_env(),
-                     timeout=300)
+                     timeout=900)
     assert res.returncode == 0, res.stderr
     return d
 

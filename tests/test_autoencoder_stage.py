@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory) -> Path:
     env = stage_env()
     for stage in STAGES:
         res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(TINY)], cwd=cwd, env=env,
-                         timeout=300)
+                         timeout=900)
         assert res.returncode == 0, f"{stage}: {res.stderr[-2000:]}"
     return cwd
 
@@ -174,7 +174,7 @@ def latent_model(tiny_run) -> Path:
     (tiny_run / "latent.yaml").write_text(yaml.safe_dump(params))
     env = stage_env()
     res = zygote.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "latent.yaml"], cwd=tiny_run,
-                     env=env, timeout=300)
+                     env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return tiny_run / "models" / "diffusion"
 

@@ -416,7 +416,7 @@ def _run_case(case: Case, cwd: Path, A: Path, before: dict[str, str], args: list
     else:
         cmd = [sys.executable, "-m", f"pipeline.{case.stage}", *args]
     t0 = time.monotonic()
-    res = zygote.run(cmd, cwd=cwd, env=base_env(case.env), timeout=180)
+    res = zygote.run(cmd, cwd=cwd, env=base_env(case.env), timeout=600)
     return {"rc": res.returncode, "stderr": res.stderr, "stdout": res.stdout, "seconds": time.monotonic() - t0,
             "before": before, "after": snapshot(cwd), "cmd": cmd}
 
@@ -479,7 +479,7 @@ def test_debug_adds_a_traceback(assets, tmp_path):
     """--debug: the same one `error:` line last, with the traceback above it."""
     with_data(then=lambda cwd: truncate(cwd / "data/shards/train-000000.tar", 0.4))(tmp_path, assets)
     res = subprocess.run([sys.executable, "-m", "pipeline.train_autoencoder", *P, "--debug"], cwd=tmp_path,
-                         env=base_env(), capture_output=True, text=True, timeout=180)
+                         env=base_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 2
     assert "Traceback (most recent call last)" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: shard data/shards/train-000000.tar")

@@ -61,7 +61,7 @@ def _unkilled(prepared, dest: Path, train: dict) -> Path:
     files go changes no weight)."""
     clean = _workdir(prepared, dest, **train)
     proc, lines = _stage(clean, stage_env())
-    assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+    assert proc.wait(timeout=900) == 0, "".join(lines)[-3000:]
     return clean / "models/diffusion"
 
 
@@ -82,7 +82,7 @@ def _assert_same_model(url: str, unkilled: Path, tmp_path: Path, sample: bool = 
             out = tmp_path / f"samples-{len(images)}"
             res = zygote.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", model, "--num", "4",
                               "--steps", "5", "--seed", "3", "--out", str(out), "--no-progress"], cwd=ROOT,
-                             env=stage_env(), timeout=300)
+                             env=stage_env(), timeout=900)
             assert res.returncode == 0, res.stderr[-2000:]
             with np.load(out / "samples.npz") as z:
                 images.append(z["images"])
@@ -112,7 +112,7 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
         # down too (it could still write one), only the store has them when the new group looks
         psutil.wait_procs(workers[:1], timeout=120)
         shutil.rmtree(scratch / "checkpoints")
-        assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+        assert proc.wait(timeout=900) == 0, "".join(lines)[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -194,7 +194,7 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
             shutil.rmtree(local, ignore_errors=True)
         tell("add")  # a replacement joins; the group is placed again across both nodes
         _wait_until(lambda: _job_status(ray_job, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), lambda: "RUNNING",
-                    "the end of the job", timeout=500)
+                    "the end of the job", timeout=900)
         logs = ray_job("logs", job_id).stdout
         assert _job_status(ray_job, job_id) == "SUCCEEDED", logs[-3000:]
     finally:
@@ -235,7 +235,7 @@ def test_a_job_run_again_after_a_lost_cluster_resumes_from_the_store(s3, prepare
     newest = max(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
     cwd = _workdir(prepared, tmp_path / "again", **TRAIN_80)
     proc, lines = _stage(cwd, env)
-    assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+    assert proc.wait(timeout=900) == 0, "".join(lines)[-3000:]
     out = "".join(lines)
     resumed = re.search(rf"train_diffusion: resuming from {s3}/again/ray_results/train_diffusion-\S+/step-(\d+) "
                         rf"\(step (\d+) of 80\)", out)
@@ -245,7 +245,7 @@ def test_a_job_run_again_after_a_lost_cluster_resumes_from_the_store(s3, prepare
     _assert_same_model(f"{s3}/again/models/diffusion", unkilled_80, tmp_path)
 
 
-def _wait_for_dashboard(api: str, token: str, timeout: float = 180) -> None:
+def _wait_for_dashboard(api: str, token: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not dashboard_answers(api, token):
         assert time.time() < deadline, f"the test cluster's dashboard did not answer at {api}"
@@ -259,7 +259,7 @@ def _job_status(ray_job, job_id: str) -> str:
     return next((w for w in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if w in out), "UNKNOWN")
 
 
-def _wait_until(cond, status, what: str, timeout: float = 240, logs=lambda: "") -> None:
+def _wait_until(cond, status, what: str, timeout: float = 600, logs=lambda: "") -> None:
     """Poll cond until it holds; fail if the job ended first (asked every 3 s) or the time ran out."""
     deadline, asked = time.time() + timeout, time.time()
     while not cond():

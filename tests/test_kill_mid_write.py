@@ -111,7 +111,7 @@ def _run(harness: Path, cwd: Path, stage: str, params: Path, kill_at: int = 0, l
     if log:
         env["RENAME_LOG"] = str(log)
     res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], cwd=cwd, env=env,
-                     timeout=300)
+                     timeout=900)
     assert res.returncode == expect, f"{stage} (kill at {kill_at}): rc {res.returncode}\n{res.stderr[-3000:]}"
 
 

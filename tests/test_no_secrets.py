@@ -37,7 +37,7 @@ def _run(tmp_path: Path, stage: str, raw: dict) -> subprocess.CompletedProcess:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     env = stage_env(**SECRETS, OMP_NUM_THREADS="1")
     res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", "p.yaml"], cwd=tmp_path, env=env,
-                     timeout=300)
+                     timeout=900)
     assert res.returncode == 0, res.stderr
     return res
 

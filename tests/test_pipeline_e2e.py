@@ -226,7 +226,7 @@ def test_mlflow_holds_one_run_per_stage_and_one_nested_run_per_trial(pipeline):
 
 def test_second_repro_is_a_no_op(pipeline):
     work, _, _ = pipeline
-    out = dvc(work, "repro", timeout=300)
+    out = dvc(work, "repro", timeout=900)
     assert "Running stage" not in out
     assert "up to date" in out.lower()
 
@@ -335,7 +335,7 @@ def test_exp_show_lists_each_variant_with_its_metrics_and_changed_param(pipeline
     fds = [written[name]["fd_domain"] for name in revs]
     assert len(set(fds)) == len(fds), "fresh seeds, fresh samples: each variant is measured anew"
     # README's table: the changed param and the two metrics, a row per variant
-    table = dvc(work, *EXP_TABLE, timeout=300)
+    table = dvc(work, *EXP_TABLE, timeout=900)
     header = next(ln for ln in table.splitlines() if "Experiment" in ln)
     assert {"class_accuracy", "fd_domain", "evaluate.seed"} <= set(header.split())
     for name, seed in EXPERIMENTS.items():
@@ -349,7 +349,7 @@ def test_plots_show_renders_the_loss_curve_and_fd_vs_nfe(pipeline):
     try:
         plots = {name: spec["content"] for name, (spec,) in dvc_json(work, "plots", "show")["data"].items()
                  if spec["type"] == "vega"}
-        dvc(work, "plots", "show", timeout=300)
+        dvc(work, "plots", "show", timeout=900)
         html = (work / "dvc_plots/index.html").read_text()
     finally:
         shutil.rmtree(work / "dvc_plots", ignore_errors=True)  # leave the workspace as the other tests expect it

@@ -23,7 +23,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 def run_stage(cwd: Path, *args: str, env_extra=None) -> subprocess.CompletedProcess:
     env = stage_env(**(env_extra or {}))
-    return zygote.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env, timeout=300)
+    return zygote.run([sys.executable, "-m", "pipeline.prepare", *args], cwd=cwd, env=env, timeout=900)
 
 
 @pytest.mark.slow

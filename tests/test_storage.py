@@ -123,13 +123,13 @@ def test_cli_samples_from_a_url_as_from_the_folder(s3, tmp_path):
         out = tmp_path / name
         res = zygote.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", model, "--num", "4",
                           "--steps", "3", "--seed", "7", "--out", str(out), "--no-progress"],
-                         cwd=ROOT, env=os.environ.copy(), timeout=300)
+                         cwd=ROOT, env=os.environ.copy(), timeout=900)
         assert res.returncode == 0, res.stderr[-2000:]
         with np.load(out / "samples.npz") as z:
             outs[name] = z["images"]
     assert np.array_equal(outs["url"], outs["local"])
     res = zygote.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", f"{s3}/missing", "--num", "1",
-                      "--out", str(tmp_path / "x")], cwd=ROOT, env=os.environ.copy(), timeout=300)
+                      "--out", str(tmp_path / "x")], cwd=ROOT, env=os.environ.copy(), timeout=900)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "holds no model" in res.stderr
 
 
@@ -165,7 +165,7 @@ def test_dvc_remote_on_the_store_brings_a_runs_outputs_to_another_checkout(s3, t
            "GIT_COMMITTER_EMAIL": "t@t"}
 
     def run(cwd, *cmd):
-        res = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, f"{cmd}: {res.stdout[-1500:]}{res.stderr[-1500:]}"
         return res.stdout
 

@@ -187,7 +187,7 @@ def test_prepare_against_real_mlflow_server(tmp_path, mlflow_server):
     work.mkdir()
     env_stage = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": base}
     res = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(ROOT / "configs/tiny.yaml")],
-                         cwd=work, env=env_stage, capture_output=True, text=True, timeout=180)
+                         cwd=work, env=env_stage, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert not (work / "mlflow.db").exists()
 

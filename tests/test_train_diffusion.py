@@ -111,7 +111,7 @@ def test_two_workers_killed_after_checkpoint_then_resumed(prepared, tmp_path):
     assert killed_at < 60
 
     res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=cwd,
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = int(res.stdout.split("resuming from checkpoints/train_diffusion/step-")[1][:8])
     assert resumed >= killed_at and f"(step {resumed} of 60)" in res.stdout
@@ -192,7 +192,7 @@ def test_kill_9_at_three_random_points_then_resume_to_the_end(prepared, tmp_path
         resumed = next(line for line in list(lines) if "resuming from" in line).strip()
         assert resumed == f"train_diffusion: resuming from {CKPTS}/step-{good:08d} (step {good} of {steps})", resumed
 
-    assert proc.wait(timeout=180) == 0, "".join(lines)[-3000:]
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     assert [g for *_, g in killed_at] == sorted({g for *_, g in killed_at})  # three distinct, growing resume points
     metrics = json.loads((cwd / "metrics" / "train_diffusion.json").read_text())
     assert metrics["steps"] == steps and metrics["samples_seen"] == steps * 32
@@ -419,7 +419,7 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
         while True:  # the dashboard answers before its job agent is up ("No available agent"): retry
             res = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
                                   ".", "--", "python", "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"],
-                                 cwd=job_dir, env=env, capture_output=True, text=True, timeout=400)
+                                 cwd=job_dir, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent" not in res.stderr or time.time() > deadline:
                 break
             time.sleep(2)
@@ -491,7 +491,7 @@ def test_local_run_starts_its_own_ray_beside_a_ray_start_cluster(prepared, tmp_p
     head = _start_head(fresh_args, env, tmp, timeout=120)
     try:
         res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=work,
-                             env=env, capture_output=True, text=True, timeout=300)
+                             env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-2000:]
         assert verify_checkpoint_dir(work / "models/diffusion")  # written by the stage's own two-worker Ray
     finally:
