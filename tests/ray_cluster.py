@@ -31,6 +31,7 @@ def main() -> None:
                     dashboard_agent_listen_port=args.agent_port)
     cluster = Cluster(initialize_head=True, head_node_args=head)
     temp_dirs: list[str] = [head_dir]
+    mark_current(head_dir, cluster.address)
 
     def add_node():
         # a temp dir of its own, as another machine has: nodes sharing the head's session folder also share its
@@ -38,6 +39,7 @@ def main() -> None:
         # (and a log monitor of its own, which Ray's test cluster leaves to the head's: else the prints of a worker
         # on this node never reach the driver)
         temp_dirs.append(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: socket paths must stay < 108 chars
+        mark_current(temp_dirs[-1], cluster.address)
         return cluster.add_node(num_cpus=1, temp_dir=temp_dirs[-1], include_log_monitor=True)
 
     nodes = [add_node()]
@@ -56,6 +58,15 @@ def main() -> None:
         cluster.shutdown()
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def mark_current(temp_dir: str, address: str) -> None:
+    """Write `temp_dir`/ray_current_cluster as `ray start` does (Ray's test cluster does not). A `ray job submit`
+    job's driver is given the address its supervisor finds for "auto" from there; with no such file Ray took any GCS
+    running on this machine, which was another test's (or a `dvc repro`'s) local Ray whenever one ran beside this
+    cluster: its driver then failed to join with InvalidAuthToken (that other cluster's token)."""
+    with open(f"{temp_dir}/ray_current_cluster", "w") as f:
+        f.write(address)
 
 
 def kill_node(cluster: Cluster, node) -> None:

@@ -21,17 +21,12 @@ def stage_env(**extra: str) -> dict:
     return env
 
 
-def ray_token_env(home: Path, **extra: str) -> dict:
-    """stage_env with Ray's token authentication on and one fresh token, given twice: as RAY_AUTH_TOKEN (what Ray
-    reads first) and in `home`/.ray/auth_token with HOME=`home` (what a Ray process that does not see the variable
-    falls back to: the real home's token is another cluster's, and a job's driver that read it failed with
-    InvalidAuthToken). The real home folder is left alone."""
+def ray_token_env(**extra: str) -> dict:
+    """stage_env with Ray's token authentication on and a fresh token in RAY_AUTH_TOKEN, which every Ray process
+    reads before ~/.ray/auth_token: the test's cluster and its clients share it, and the home folder is left alone."""
     import secrets
 
-    token = secrets.token_hex(16)
-    (home / ".ray").mkdir(parents=True, exist_ok=True)
-    (home / ".ray" / "auth_token").write_text(token)
-    return stage_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(home), **extra)
+    return stage_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), **extra)
 
 
 def listening_ips(pids: set[int], port: int | None = None) -> set[str]:

@@ -143,7 +143,7 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
 
     from .test_train_diffusion import _free_port
 
-    ray_env = ray_token_env(tmp_path / "home")
+    ray_env = ray_token_env()
     token = ray_env["RAY_AUTH_TOKEN"]
     train = TRAIN_80  # killed at its second checkpoint on the store (step 20): six more are to come
     dash = _free_port()

@@ -396,9 +396,9 @@ def test_ray_job_submit_against_local_head(prepared, tmp_path):
     for pkg in ("diffusion_core", "pipeline"):  # the working dir ray uploads holds the code, as the repo root does
         shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    # as the README: Ray's token authentication on (the README generates ~/.ray/auth_token; here a home of the
-    # test's own holds it, and the environment too: the real home folder is left alone)
-    env = ray_token_env(tmp_path / "home")
+    # as the README: Ray's token authentication on (the README generates ~/.ray/auth_token; here the token comes
+    # from the environment, which Ray reads first, so the test leaves the home folder alone)
+    env = ray_token_env()
     token = env["RAY_AUTH_TOKEN"]
 
     def head_args():
