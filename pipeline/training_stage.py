@@ -14,6 +14,7 @@ params, run the library's `train_loop`, and on rank 0 `worker.finish(...)`). `ma
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -62,7 +63,7 @@ class Inputs:
     splits: tuple[str, ...] = ("train", "test")  # shard splits the stage reads (their checksums go in provenance)
 
 
-class TrainingStage:
+class TrainingStage(abc.ABC):
     """What one Ray Train stage holds that another does not (module doc)."""
 
     name: str
@@ -83,14 +84,16 @@ class TrainingStage:
         """The stage's own params section."""
         return getattr(params, self.name)
 
+    @abc.abstractmethod
     def inputs(self, params) -> Inputs:
-        raise NotImplementedError
+        """The driver's check, before Ray starts: the shards and input model folders the workers will read."""
 
     def run_key(self, params) -> str | None:
         return None
 
+    @abc.abstractmethod
     def train(self, worker: Worker) -> None:
-        raise NotImplementedError
+        """Every worker's body: model and objective from params, the library's train_loop, rank 0's finish."""
 
 
 @dataclasses.dataclass
