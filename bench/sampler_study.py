@@ -1,6 +1,7 @@
 """Samplers x grids x NFE on trained model folders, 1,000 samples per point, several disjoint seed sets.
 
     python -m bench.sampler_study --run RUN_DIR --models diffusion [diffusion_v ...] [--sets 3] [--num 1000]
+                                  [--inception N]
 
 Sets already in the JSON are kept (a rerun measures only what is missing); `--only-set K --out F` runs one set
 per process (merge the files' lists by hand). RUN_DIR is a repo checkout after `dvc repro` (models/<name>/,
@@ -8,7 +9,8 @@ models/feature_net/, data/reference/). Every point is CFG at evaluate's scale, c
 computes it natively (`bf16="auto"`, as evaluate), seed set k = seeds base + k * num .. (disjoint from the
 sweep's and evaluate's). Writes
 RUN_DIR/reports/sampler_study.json after every point (a crash keeps what was measured) and prints a table:
-fd_domain mean +- std over the sets, class_accuracy, NFE per sample.
+fd_domain mean +- std over the sets, class_accuracy, NFE per sample; with `--inception N`, fid_inception and
+kid_inception of each set's first N samples against RUN_DIR's Inception reference too.
 """
 
 from __future__ import annotations
@@ -61,16 +63,27 @@ def main(argv=None) -> int:
                     help="run seed set K only (several processes, one set each, with their own --out)")
     ap.add_argument("--points", nargs="*", default=None, help="sampler-steps-spacing keys to run (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default RUN/reports/sampler_study.json)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: sets run side by side)")
+    ap.add_argument("--inception", type=int, default=0, metavar="N",
+                    help="fid_inception/kid_inception on each set's first N samples (0: none)")
     args = ap.parse_args(argv)
 
-    from diffusion_core.evaluation import sample_metrics
+    from diffusion_core.evaluation import INCEPTION, load_reference, sample_metrics
     from diffusion_core.generation import generate
     from diffusion_core.io import atomic_write_json
     from diffusion_core.precision import bf16_is_fast
     from diffusion_core.pretrained import load_diffusion_dir
 
     out_path, results, ref, extractor = study_context(args.run, args.out, "sampler_study.json")
+    import torch
+
+    torch.set_num_threads(args.threads)
     points = [p for p in POINTS if args.points is None or _key(p) in args.points]
+    inception = inception_ref = None
+    if args.inception:
+        from diffusion_core.metrics.fidelity import inception_extractor
+
+        inception, inception_ref = inception_extractor(), load_reference(args.run / "data" / "reference", INCEPTION)
     for name in args.models:
         bundle = load_diffusion_dir(args.run / "models" / name)
         for p in points:
@@ -83,10 +96,13 @@ def main(argv=None) -> int:
                 o = generate(bundle, args.num, sampler=p[0], steps=p[1], spacing=p[2], options=p[3],
                              guidance_kind="cfg", scale=args.scale, seed=args.seed + k * args.num, batch_size=250,
                              bf16="auto", channels_last=True)
-                m = sample_metrics(o["images"], o["labels"], ref, extractor)
+                m = sample_metrics(o["images"], o["labels"], ref, extractor, inception, inception_ref,
+                                   inception_samples=args.inception or None)
                 rows.append({"set": k, "fd_domain": m["fd_domain"], "kd_domain": m["kd_domain"],
                              "class_accuracy": m["class_accuracy"], "nfe": o["nfe"], "bf16": bf16_is_fast("cpu"),
-                             "seconds": round(time.perf_counter() - t0, 1)})
+                             "seconds": round(time.perf_counter() - t0, 1),
+                             **{key: m[key] for key in ("fid_inception", "kid_inception", "inception_samples")
+                                if key in m}})
                 atomic_write_json(out_path, results)
                 print(f"{name} {_key(p)} set {k}: fd_domain {m['fd_domain']:.3f} acc {m['class_accuracy']:.3f} "
                       f"nfe {o['nfe']:g} ({rows[-1]['seconds']} s)", flush=True)
@@ -95,15 +111,22 @@ def main(argv=None) -> int:
 
 
 def table(results: dict) -> str:
-    lines = ["| model | point | NFE | fd_domain (mean ± std, sets) | class_accuracy |", "|---|---|---|---|---|"]
+    lines = ["| model | point | NFE | fd_domain (mean ± std, sets) | fid_inception (mean ± std, sets, N) | "
+             "class_accuracy |", "|---|---|---|---|---|---|"]
     for name, pts in results.items():
         for key, rows in pts.items():
-            fds = [r["fd_domain"] for r in rows]
-            sd = statistics.stdev(fds) if len(fds) > 1 else float("nan")
             acc = statistics.mean(r["class_accuracy"] for r in rows)
-            lines.append(f"| {name} | {key} | {rows[0]['nfe']:g} | {statistics.mean(fds):.3f} ± {sd:.3f} ({len(fds)}) "
-                         f"| {acc:.3f} |")
+            inc = [r for r in rows if "fid_inception" in r]
+            fid = (f"{_spread([r['fid_inception'] for r in inc])}, N={min(r['inception_samples'] for r in inc)}"
+                   if inc else "")
+            lines.append(f"| {name} | {key} | {rows[0]['nfe']:g} | {_spread([r['fd_domain'] for r in rows])} "
+                         f"| {fid} | {acc:.3f} |")
     return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.3f} ± {sd:.3f} ({len(values)})"
 
 
 if __name__ == "__main__":
