@@ -1,4 +1,4 @@
-"""Shared building blocks: timestep embedding, ResBlock, self-attention, down/upsampling, config helper."""
+"""Shared building blocks: time and guidance-scale embeddings, ResBlock, attention, down/upsampling, config helper."""
 
 from __future__ import annotations
 
@@ -73,6 +73,36 @@ class ConditionEmbedding(nn.Module):
         elif y is not None:
             raise ValueError("class labels y were given to an unconditional model (num_classes=None)")
         return emb
+
+
+class GuidanceEmbedding(nn.Module):
+    """w [B] (a guidance scale) -> [B, emb_dim]: MLP(sinusoid(w)) with a zero last layer (Meng et al. 2023, sec. 4).
+
+    Added to the time embedding, it starts at exactly zero, so a student built from a teacher's weights (only these
+    keys missing) outputs the teacher's values until training moves it.
+    """
+
+    def __init__(self, freq_dim: int, emb_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, emb_dim), nn.SiLU(), zero_module(nn.Linear(emb_dim, emb_dim)))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(w, self.freq_dim))
+
+
+def condition_embedding(embed: ConditionEmbedding, guidance: GuidanceEmbedding | None, t: torch.Tensor,
+                        y: torch.Tensor | None, w: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """embed(t, y) + guidance(w): a guidance_input model needs w [B]; any other refuses one."""
+    emb = embed(t, y, batch_size)
+    if guidance is None:
+        if w is not None:
+            raise ValueError("a guidance scale w was given to a model built without guidance_input")
+        return emb
+    if w is None:
+        raise ValueError("a model built with guidance_input needs the guidance scale w [B]")
+    w = torch.as_tensor(w, device=emb.device)
+    return emb + guidance(w.expand(batch_size) if w.ndim == 0 else w)
 
 
 class ResBlock(nn.Module):

@@ -13,8 +13,10 @@ from .layers import (
     ConditionEmbedding,
     Downsample,
     EmbedSequential,
+    GuidanceEmbedding,
     ResBlock,
     Upsample,
+    condition_embedding,
     group_norm,
     model_config,
     zero_module,
@@ -112,6 +114,8 @@ class UNet(nn.Module):
 
     Class-conditional models embed num_classes + 1 classes; index num_classes (or y=None) is the null class used
     by classifier-free guidance. Output channels are doubled with learn_sigma (Improved DDPM's learned range).
+    With guidance_input, forward takes a guidance scale w [B] whose embedding is added to the time embedding (a
+    distilled student's input, see distillation.py).
     """
 
     kind = "unet"
@@ -120,7 +124,7 @@ class UNet(nn.Module):
                  base_channels: int = 32, channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1,
                  attention_resolutions: Sequence[int] = (7,), num_heads: int = 4, dropout: float = 0.0,
                  num_classes: int | None = None, learn_sigma: bool = False, use_scale_shift_norm: bool = True,
-                 num_groups: int = 8, mid_attention: bool = True):
+                 num_groups: int = 8, mid_attention: bool = True, guidance_input: bool = False):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
@@ -129,7 +133,8 @@ class UNet(nn.Module):
             base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
             attention_resolutions=attention_resolutions, num_heads=num_heads, dropout=dropout,
             num_classes=num_classes, learn_sigma=learn_sigma, use_scale_shift_norm=use_scale_shift_norm,
-            num_groups=num_groups, mid_attention=mid_attention)
+            num_groups=num_groups, mid_attention=mid_attention,
+            **({"guidance_input": True} if guidance_input else {}))  # only when set: existing configs unchanged
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.in_channels, self.image_size = in_channels, image_size
         emb_dim = 4 * base_channels
@@ -141,8 +146,12 @@ class UNet(nn.Module):
         self.decoder = UNetDecoder(self.encoder.out_channels, out_channels * (2 if learn_sigma else 1), base_channels,
                                    channel_mult, num_res_blocks, self.encoder.level_resolutions, attention_resolutions,
                                    skip_channels=self.encoder.skip_channels, **kw)
+        # built last: the other layers draw the same initial weights as without guidance_input
+        self.guidance_embed = GuidanceEmbedding(base_channels, emb_dim) if guidance_input else None
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = F.silu(self.embed(t, y, x_t.shape[0]))  # SiLU once here instead of in every ResBlock
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        emb = condition_embedding(self.embed, self.guidance_embed, t, y, w, x_t.shape[0])
+        emb = F.silu(emb)  # SiLU once here instead of in every ResBlock
         h, skips = self.encoder(x_t, emb)
         return self.decoder(h, emb, skips)

@@ -1,0 +1,184 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2) with the guidance scale as a student input (Meng et al.
+2023, "On distillation of guided diffusion models").
+
+A student takes N deterministic DDIM steps where its teacher takes 2N: one student step t -> t_next must land where
+the teacher's two steps t -> t_mid -> t_next land. On the discrete VP process z_t = alpha_t x0 + sigma_t eps with
+alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), and t = -1 the end (ab = 1: alpha 1, sigma 0), the DDIM step (Song et
+al. 2021 eq. 12, eta 0) from an x0 estimate x is z_s = alpha_s x + sigma_s (z_t - alpha_t x) / sigma_t.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .diffusion import GaussianDiffusion, extract
+from .guidance import cfg_label_dropout
+from .losses import mean_flat
+from .samplers.common import NoiseSource
+
+
+def _half_step(num_timesteps: int, student_steps: int) -> int:
+    """T / (2N): the distance between a student timestep and the teacher's midpoint."""
+    T, N = int(num_timesteps), int(student_steps)
+    if N < 1 or T % (2 * N):
+        raise ValueError(f"student_steps must be >= 1 and 2 * student_steps must divide the schedule's {T} timesteps "
+                         f"(the teacher takes the midpoints), got student_steps={N}")
+    return T // (2 * N)
+
+
+def student_grid(num_timesteps: int, student_steps: int) -> torch.Tensor:
+    """The student's N timesteps, ascending: t_k = T - 1 - k T/N, k < N (the samplers' `trailing` N-step grid).
+
+    A student step goes from t_k to t_k - T/N (-1 after the last: the data); the teacher's 2N-step trailing grid adds
+    the midpoints t_k - T/(2N). 2N must divide T, so that the grids are exact and nested: a student of N/2 steps
+    distils this one in turn.
+    """
+    stride = 2 * _half_step(num_timesteps, student_steps)
+    return torch.arange(1, int(student_steps) + 1, dtype=torch.int64) * stride - 1
+
+
+def teacher_steps(t: torch.Tensor, num_timesteps: int, student_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_mid, t_next) [B] for student timesteps t [B]: t - T/(2N) and t - T/N (-1: the end)."""
+    half = _half_step(num_timesteps, student_steps)
+    return t - half, t - 2 * half
+
+
+def _alpha_sigma(diffusion: GaussianDiffusion, t: torch.Tensor, x: torch.Tensor):
+    """(alpha_t, sigma_t) in x's dtype, shaped to broadcast against x; t = -1 gives (1, 0). Computed in float64."""
+    ab = torch.cat([torch.ones(1, dtype=torch.float64), diffusion.schedule.alphas_cumprod])
+    return extract(ab.sqrt(), t + 1, x), extract((1.0 - ab).sqrt(), t + 1, x)
+
+
+def ddim_step(diffusion: GaussianDiffusion, z_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+              t_next: torch.Tensor) -> torch.Tensor:
+    """z_next = alpha_next x0 + sigma_next (z_t - alpha_t x0) / sigma_t: DDIM with eta 0 (Song et al. eq. 12)."""
+    a, s = _alpha_sigma(diffusion, t, z_t)
+    a_next, s_next = _alpha_sigma(diffusion, t_next, z_t)
+    return a_next * x0 + s_next * (z_t - a * x0) / s
+
+
+def two_step_target(diffusion: GaussianDiffusion, teacher_x0: Callable, z_t: torch.Tensor, t: torch.Tensor,
+                    t_mid: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """x~ [B, ...]: the x0 for which ONE DDIM step t -> t_next lands on the teacher's two (Algorithm 2).
+
+    z_mid = DDIM(z_t, x^(z_t, t); t -> t_mid), z_next = DDIM(z_mid, x^(z_mid, t_mid); t_mid -> t_next) and
+    x~ = (z_next - (sigma_next / sigma_t) z_t) / (alpha_next - (sigma_next / sigma_t) alpha_t), the solution of
+    alpha_next x~ + sigma_next (z_t - alpha_t x~) / sigma_t = z_next; t_next = -1 gives x~ = z_next.
+    `teacher_x0(z, t)` is the (guided) teacher's x0 estimate; t, t_mid, t_next are schedule indices [B].
+    """
+    z_mid = ddim_step(diffusion, z_t, teacher_x0(z_t, t), t, t_mid)
+    z_next = ddim_step(diffusion, z_mid, teacher_x0(z_mid, t_mid), t_mid, t_next)
+    a, s = _alpha_sigma(diffusion, t, z_t)
+    a_next, s_next = _alpha_sigma(diffusion, t_next, z_t)
+    ratio = s_next / s
+    return (z_next - ratio * z_t) / (a_next - ratio * a)
+
+
+def model_x0(net: Callable, diffusion: GaussianDiffusion, z_t: torch.Tensor, t: torch.Tensor, y=None,
+             w: torch.Tensor | None = None) -> torch.Tensor:
+    """A network's x0 estimate at schedule indices t: net(model input, model timestep, y[, w]) read through the
+    diffusion's parameterization (mean channels only)."""
+    args = (y,) if w is None else (y, w)
+    out = net(diffusion.formulation.model_input(diffusion, z_t, t), diffusion.model_timesteps(t), *args)
+    return diffusion.x0_from_output(z_t, t, diffusion.split_output(out.to(z_t.dtype))[0])
+
+
+class DistillationObjective:
+    """Progressive distillation's loss for `Trainer`: the student learns in one DDIM step the frozen teacher's two.
+
+    t is uniform on `student_grid`, z_t = alpha_t x0 + sigma_t eps, x~ = two_step_target of the teacher and the
+    per-sample loss is the paper's truncated-SNR weighting of the student's x0 error,
+        L = max(SNR(t), 1) mean_dims (x^_student(z_t) - x~)^2,
+    an x0 loss at low SNR and an eps loss at high SNR. With `scale_range` (lo, hi) a guidance scale w ~ U[lo, hi] is
+    drawn per sample, the teacher is classifier-free guided at w (eps = eps(z, null) + w (eps(z, y) - eps(z, null)),
+    null = num_classes) and the student, built with guidance_input, is called net(x, t, y, w) (Meng et al. 2023).
+    Without it the teacher is conditional on y (unconditional without classes). `label_dropout` turns labels into the
+    null class, for which the guided teacher is the unconditional one at every w. `teacher_diffusion`: the teacher's
+    parameterization when it differs from `diffusion`'s (the student's); the schedule must be the same.
+    """
+
+    def __init__(self, teacher: Callable, diffusion: GaussianDiffusion, student_steps: int,
+                 num_classes: int | None = None, scale_range: Sequence[float] | None = None,
+                 label_dropout: float = 0.0, teacher_diffusion: GaussianDiffusion | None = None):
+        _half_step(diffusion.num_timesteps, student_steps)
+        if scale_range is not None and (num_classes is None or not 0 <= scale_range[0] <= scale_range[1]):
+            raise ValueError(f"scale_range needs a class-conditional teacher (num_classes) and 0 <= lo <= hi, got "
+                             f"{scale_range} with num_classes={num_classes}")
+        self.teacher_diffusion = teacher_diffusion or diffusion
+        if not torch.equal(self.teacher_diffusion.schedule.alphas_cumprod, diffusion.schedule.alphas_cumprod):
+            raise ValueError("the teacher's and the student's diffusion must share one schedule")
+        self.teacher, self.diffusion, self.student_steps = teacher, diffusion, int(student_steps)
+        self.num_classes, self.label_dropout = num_classes, label_dropout
+        self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
+        if isinstance(teacher, nn.Module):
+            teacher.eval().requires_grad_(False)
+
+    def timestep_probs(self) -> torch.Tensor:
+        """Mass 1/N on each of the student grid's timesteps, 0 elsewhere."""
+        probs = torch.zeros(self.diffusion.num_timesteps, dtype=torch.float64)
+        probs[student_grid(self.diffusion.num_timesteps, self.student_steps)] = 1.0 / self.student_steps
+        return probs
+
+    def teacher_x0(self, z_t: torch.Tensor, t: torch.Tensor, y=None, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's x0 estimate; with w [B], guided. Mixing eps, v or x0 is the same: at fixed z_t each is an
+        affine function of the others, and the mix's weights (1 - w, w) sum to one."""
+        d = self.teacher_diffusion
+        if w is None:
+            return model_x0(self.teacher, d, z_t, t, y)
+        null = torch.full_like(y, self.num_classes)
+        zz, tt = torch.cat([z_t, z_t]), torch.cat([t, t])
+        cond, uncond = model_x0(self.teacher, d, zz, tt, torch.cat([y, null])).chunk(2)
+        return uncond + w.view(-1, *([1] * (z_t.dim() - 1))) * (cond - uncond)
+
+    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.diffusion
+        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        if self.num_classes is None:
+            y = None
+        elif y is None:
+            raise ValueError("a class-conditional distillation needs labels y")
+        else:
+            y = cfg_label_dropout(y.to(x0.device), self.num_classes, self.label_dropout, generator=g)
+        w = None
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            w = (lo + (hi - lo) * torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).to(x0.device, x0.dtype)
+        z_t = d.q_sample(x0, t, noise)
+        t_mid, t_next = teacher_steps(t, d.num_timesteps, self.student_steps)
+        with torch.no_grad():
+            target = two_step_target(d, lambda z, s: self.teacher_x0(z, s, y, w), z_t, t, t_mid, t_next)
+        error = mean_flat((model_x0(net, d, z_t, t, y, w) - target) ** 2)
+        return d.snr(t).clamp(min=1.0).to(error.dtype) * error, {}
+
+
+@torch.no_grad()
+def sample_student(net: Callable, diffusion: GaussianDiffusion, shape: Sequence[int], student_steps: int, y=None,
+                   w: float | torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   x_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Samples [B, ...] from N deterministic DDIM steps over `student_grid`, one call of `net` per step.
+
+    x_T: the start (float64 keeps the loop in float64), else drawn from `generator` as `samplers.sample` draws it;
+    w: the guidance scale (a float or [B]) of a student built with guidance_input.
+    """
+    if x_T is None:
+        params = net.parameters() if isinstance(net, nn.Module) else iter(())
+        device = next(params, torch.empty(0)).device
+        x_T = NoiseSource(shape, device, torch.float32, generator)()
+    z = x_T
+    if w is not None:
+        w = torch.as_tensor(w, dtype=z.dtype, device=z.device).expand(z.shape[0])
+    if y is not None:
+        y = torch.as_tensor(y, dtype=torch.long, device=z.device)
+    for i in student_grid(diffusion.num_timesteps, student_steps).flip(0).tolist():
+        t = torch.full((z.shape[0],), i, dtype=torch.long, device=z.device)
+        t_next = teacher_steps(t, diffusion.num_timesteps, student_steps)[1]
+        z = ddim_step(diffusion, z, model_x0(net, diffusion, z, t, y, w), t, t_next)
+    return z
+
+
+__all__ = ["DistillationObjective", "ddim_step", "model_x0", "sample_student", "student_grid", "teacher_steps",
+           "two_step_target"]
