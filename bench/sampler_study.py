@@ -28,6 +28,9 @@ POINTS = [  # (sampler, steps, spacing, options)
     ("heun", 10, "karras", {}), ("dpmpp2m_sde", 20, "logsnr", {}),
     ("dpmpp2m", 10, "logsnr", {}), ("dpmpp3m", 10, "logsnr", {}), ("ddim", 50, "logsnr", {}),
     ("ddpm", 1000, "trailing", {}),  # the converged reference: 2,000 NFE with CFG, ~30 min a set on one core
+    # the grids of distill's students (models/student: --models student --points ddim-1-trailing ...), and the
+    # teacher's own DDIM on them
+    ("ddim", 1, "trailing", {}), ("ddim", 2, "trailing", {}), ("ddim", 4, "trailing", {}), ("ddim", 8, "trailing", {}),
 ]
 
 

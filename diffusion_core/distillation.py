@@ -9,6 +9,8 @@ al. 2021 eq. 12, eta 0) from an x0 estimate x is z_s = alpha_s x + sigma_s (z_t 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from typing import Callable, Sequence
 
 import torch
@@ -17,6 +19,8 @@ from torch import nn
 from .diffusion import GaussianDiffusion, extract
 from .guidance import cfg_label_dropout
 from .losses import mean_flat
+from .models import StudentFamily, build_model, unwrap_model
+from .models.layers import model_config
 from .samplers.common import NoiseSource
 
 
@@ -98,11 +102,14 @@ class DistillationObjective:
     Without it the teacher is conditional on y (unconditional without classes). `label_dropout` turns labels into the
     null class, for which the guided teacher is the unconditional one at every w. `teacher_diffusion`: the teacher's
     parameterization when it differs from `diffusion`'s (the student's); the schedule must be the same.
+    `teacher_guidance_input`: the teacher is itself a w-input student (progressive rounds after the first) and is
+    called net(x, t, y, w) once instead of guided; `teacher_bf16`: the teacher's calls under bf16 autocast.
     """
 
     def __init__(self, teacher: Callable, diffusion: GaussianDiffusion, student_steps: int,
                  num_classes: int | None = None, scale_range: Sequence[float] | None = None,
-                 label_dropout: float = 0.0, teacher_diffusion: GaussianDiffusion | None = None):
+                 label_dropout: float = 0.0, teacher_diffusion: GaussianDiffusion | None = None,
+                 teacher_guidance_input: bool = False, teacher_bf16: bool = False):
         _half_step(diffusion.num_timesteps, student_steps)
         if scale_range is not None and (num_classes is None or not 0 <= scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range needs a class-conditional teacher (num_classes) and 0 <= lo <= hi, got "
@@ -112,6 +119,7 @@ class DistillationObjective:
             raise ValueError("the teacher's and the student's diffusion must share one schedule")
         self.teacher, self.diffusion, self.student_steps = teacher, diffusion, int(student_steps)
         self.num_classes, self.label_dropout = num_classes, label_dropout
+        self.teacher_guidance_input, self.teacher_bf16 = bool(teacher_guidance_input), bool(teacher_bf16)
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
         if isinstance(teacher, nn.Module):
             teacher.eval().requires_grad_(False)
@@ -126,8 +134,8 @@ class DistillationObjective:
         """The teacher's x0 estimate; with w [B], guided. Mixing eps, v or x0 is the same: at fixed z_t each is an
         affine function of the others, and the mix's weights (1 - w, w) sum to one."""
         d = self.teacher_diffusion
-        if w is None:
-            return model_x0(self.teacher, d, z_t, t, y)
+        if w is None or self.teacher_guidance_input:  # a student of an earlier round takes w itself
+            return model_x0(self.teacher, d, z_t, t, y, w if self.teacher_guidance_input else None)
         null = torch.full_like(y, self.num_classes)
         zz, tt = torch.cat([z_t, z_t]), torch.cat([t, t])
         cond, uncond = model_x0(self.teacher, d, zz, tt, torch.cat([y, null])).chunk(2)
@@ -149,10 +157,87 @@ class DistillationObjective:
             w = (lo + (hi - lo) * torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).to(x0.device, x0.dtype)
         z_t = d.q_sample(x0, t, noise)
         t_mid, t_next = teacher_steps(t, d.num_timesteps, self.student_steps)
-        with torch.no_grad():
+        autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16) if self.teacher_bf16 else \
+            contextlib.nullcontext()
+        with torch.no_grad(), autocast:
             target = two_step_target(d, lambda z, s: self.teacher_x0(z, s, y, w), z_t, t, t_mid, t_next)
         error = mean_flat((model_x0(net, d, z_t, t, y, w) - target) ** 2)
         return d.snr(t).clamp(min=1.0).to(error.dtype) * error, {}
+
+
+def check_rounds(rounds: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
+    """The student step counts of progressive rounds, each half the one before (8, 4, 2, 1); ValueError otherwise.
+    The first round's teacher takes 2 * rounds[0] DDIM steps."""
+    rounds = tuple(int(n) for n in rounds)
+    if not rounds or any(b * 2 != a for a, b in zip(rounds, rounds[1:])):
+        raise ValueError(f"progressive rounds must halve the step count each round (e.g. [8, 4, 2, 1]), got "
+                         f"{list(rounds)}")
+    for n in rounds:
+        _half_step(num_timesteps, n)
+    return rounds
+
+
+class ProgressiveDistillation(nn.Module):
+    """What a progressive-distillation run trains and checkpoints (Salimans & Ho 2022, Algorithm 2, all rounds).
+
+    `student`: the network being trained (the teacher's architecture, with guidance_input when the guidance scale is
+    its input), initialised from the teacher's weights; `original`: the frozen teacher model; `family`: the frozen
+    students of the finished rounds (StudentFamily, one per entry of `rounds`); `round`: a buffer, the index of the
+    round in progress (restored with a checkpoint, so a resumed run neither repeats nor skips a round change).
+    Round k distils `teacher(k)` at 2 * rounds[k] steps into the student at rounds[k]; round 0's teacher is the
+    original (guided by two calls), round k's is the family member of round k-1 (the guidance scale as its input).
+    `forward` is the student's, so the trainer (and DDP) train the student alone.
+    """
+
+    kind = "progressive_distillation"
+
+    def __init__(self, original: nn.Module, rounds: Sequence[int], num_timesteps: int, guidance_input: bool):
+        super().__init__()
+        base = unwrap_model(original).config
+        net = {**base, **({"guidance_input": True} if guidance_input else {})}
+        self.rounds = check_rounds(rounds, num_timesteps)
+        self.config = model_config(self.kind, net=net, rounds=list(self.rounds), teacher=base)
+        self.original = copy.deepcopy(unwrap_model(original)).eval().requires_grad_(False)
+        self.student = build_model(net)
+        missing = self.student.load_state_dict(self.original.state_dict(), strict=False).missing_keys
+        if any(not k.startswith("guidance_embed.") for k in missing):
+            raise ValueError(f"the student does not take the teacher's weights: missing {missing[:3]}")
+        self.family = StudentFamily(net, self.rounds).eval().requires_grad_(False)
+        self.register_buffer("round", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x_t, t, y=None, w=None):
+        return self.student(x_t, t, y, w) if w is not None else self.student(x_t, t, y)
+
+    def train(self, mode: bool = True):
+        """Only the student trains: the teachers stay in eval mode (no dropout in the targets)."""
+        super().train(mode)
+        self.original.eval()
+        self.family.eval()
+        return self
+
+    def teacher(self, k: int) -> tuple[nn.Module, bool]:
+        """(round k's teacher, whether it takes w itself)."""
+        if k == 0:
+            return self.original, False
+        return self.family.member(self.rounds[k - 1]), "guidance_input" in self.config["net"]
+
+    @torch.no_grad()
+    def close_rounds(self, k: int) -> None:
+        """Enter round k (k = len(rounds): all done): each finished round's student joins the family, once. Call
+        it on every rank before round k's first step and after the last round."""
+        while int(self.round) < k:
+            done = int(self.round)
+            self.family.member(self.rounds[done]).load_state_dict(self.student.state_dict())
+            self.round.fill_(done + 1)
+
+
+def progressive_objective(state: ProgressiveDistillation, k: int, diffusion: GaussianDiffusion,
+                          num_classes: int | None, scale_range: Sequence[float] | None, label_dropout: float = 0.0,
+                          teacher_bf16: bool = False) -> DistillationObjective:
+    """Round k's objective: `state.teacher(k)` at 2 * rounds[k] steps -> the student at rounds[k]."""
+    teacher, takes_w = state.teacher(k)
+    return DistillationObjective(teacher, diffusion, state.rounds[k], num_classes, scale_range, label_dropout,
+                                 teacher_guidance_input=takes_w, teacher_bf16=teacher_bf16)
 
 
 @torch.no_grad()
@@ -180,5 +265,5 @@ def sample_student(net: Callable, diffusion: GaussianDiffusion, shape: Sequence[
     return z
 
 
-__all__ = ["DistillationObjective", "ddim_step", "model_x0", "sample_student", "student_grid", "teacher_steps",
-           "two_step_target"]
+__all__ = ["DistillationObjective", "ProgressiveDistillation", "check_rounds", "ddim_step", "model_x0",
+           "progressive_objective", "sample_student", "student_grid", "teacher_steps", "two_step_target"]

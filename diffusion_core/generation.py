@@ -227,9 +227,14 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     labels = sample_labels(num, classes, start)
     seeds = np.arange(seed + start, seed + start + num, dtype=np.int64)
     device = check_device(device)
-    fast = FastDenoiser(bundle.model.to(device).eval(), bf16=resolve_bf16(bf16, device), channels_last=channels_last)
+    net, guidance, grid = bundle.model.to(device).eval(), None, {}
+    if bundle.config.get("student"):  # one call per step, the guidance scale its input, its own grid from T-1
+        net, grid = _student_member(bundle, sampler, steps, options, guidance_kind, scale, spacing), \
+            {"lambda_min": None}
+    else:
+        guidance = _guidance(guidance_kind, scale, bundle, classifier_bundle, device)
+    fast = FastDenoiser(net, bf16=resolve_bf16(bf16, device), channels_last=channels_last)
     model = _CountingModel(fast, drop_y=bundle.num_classes is None)
-    guidance = _guidance(guidance_kind, scale, bundle, classifier_bundle, device)
     pixel = not bundle.is_latent
     bar = None
     if progress:
@@ -243,7 +248,7 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
             y = None if classes is None else torch.as_tensor(labels[lo:hi], device=device)
             x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=sampler, steps=steps,
                         options=options, spacing=spacing, seeds=seeds[lo:hi].tolist(), y=y, clip_denoised=pixel,
-                        guidance=guidance, device=device)
+                        guidance=guidance, device=device, **grid)
             chunks.append(bundle.to_images(x0).float().cpu())
             if bar is not None:
                 bar.update(hi - lo)
@@ -255,6 +260,42 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     data = {"images": to_uint8(x)} if x.ndim == 4 else {"points": x.numpy().astype(np.float32)}
     return {**data, "labels": labels, "seeds": seeds, "nfe": model.evals / num,
             "seconds": time.perf_counter() - start, "options": options}
+
+
+class _GuidedStudent(torch.nn.Module):
+    """A distilled student with its guidance scale bound: forward(x_t, t, y) = member(x_t, t, y, w)."""
+
+    def __init__(self, member: torch.nn.Module, w: float):
+        super().__init__()
+        self.member, self.w = member, float(w)
+
+    def forward(self, x_t, t, y=None):
+        return self.member(x_t, t, y, torch.full((x_t.shape[0],), self.w, device=x_t.device))
+
+
+def _student_member(bundle: DiffusionBundle, sampler: str, steps: int | None, options: dict, guidance_kind: str,
+                    scale: float, spacing: str) -> torch.nn.Module:
+    """The member of a student family (models/student) for `steps`, checked against the grid it was distilled on;
+    `--guidance cfg --scale W` becomes its input w (none: w = 1, the conditional model, or the null class)."""
+    student = bundle.config["student"]
+    if (sampler, spacing) != (student["sampler"], student["spacing"]) or options.get("eta", 0.0) != 0.0:
+        raise SamplingError(f"a distilled student samples on the grid it was distilled for: sampler "
+                            f"{student['sampler']}, spacing {student['spacing']}, eta 0; got {sampler}, {spacing}, "
+                            f"eta {options.get('eta', 0.0):g}: set those (or leave them at their defaults)")
+    family = bundle.model
+    if steps not in family.steps:
+        raise SamplingError(f"this student was distilled for {', '.join(map(str, family.steps))} steps, not "
+                            f"{steps}: pass --steps with one of them")
+    if guidance_kind == "classifier":
+        raise SamplingError("a distilled student has classifier-free guidance built in, not classifier guidance: "
+                            "use --guidance cfg --scale W (or none)")
+    member = family.member(steps)
+    if not student.get("guidance_input"):
+        if guidance_kind == "cfg" and scale != 1.0:
+            raise SamplingError(f"this student was distilled from the conditional teacher (scale 1) without the "
+                                f"guidance scale as an input; scale {scale:g} needs distill.scale_range")
+        return member
+    return _GuidedStudent(member, scale if guidance_kind == "cfg" else 1.0)
 
 
 def _guidance(kind: str, scale: float, bundle: DiffusionBundle, classifier_bundle: ClassifierBundle | None,

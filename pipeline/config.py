@@ -63,6 +63,7 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 PosIntTuple = Annotated[tuple[PosInt, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)]
+Scale = Annotated[float, Field(ge=0)]  # a guidance scale
 
 SECTIONS: dict[str, type[Section]] = {}
 
@@ -269,6 +270,38 @@ class TrainDiffusionConfig(RayTrainingSection):
 
 
 
+@register_section("distill")
+class DistillConfig(RayTrainingSection):
+    """Progressive distillation of models/diffusion into few-step students (stage distill): `steps` in all, split
+    evenly over the rounds; round k's student takes rounds[k] steps where its teacher takes twice as many."""
+
+    method: Literal["progressive"] = "progressive"
+    space: Literal["pixel", "latent"] | None = None  # null: the teacher's (set: checked against it)
+    rounds: PosIntTuple = (8, 4, 2, 1)  # student steps per round, each half the one before
+    steps: PosInt = 800
+    lr: PosFloat = 2e-4
+    warmup_steps: NonNegInt = 0
+    scale_range: Annotated[tuple[Scale, Scale], BeforeValidator(_list_to_tuple)] | None = (1.0, 3.0)  # w ~ U[lo, hi]
+    label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # null-class samples: the unconditional teacher
+    bf16: Bf16Setting = "auto"
+    checkpoint_every: PosInt = 100
+    keep_checkpoints: PosInt = 2
+
+    @model_validator(mode="after")
+    def _rounds(self):
+        if any(b * 2 != a for a, b in zip(self.rounds, self.rounds[1:])):
+            raise ValueError(f"rounds must halve the step count each round (e.g. [8, 4, 2, 1]), got "
+                             f"{list(self.rounds)}")
+        if self.steps % len(self.rounds):
+            raise ValueError(f"steps {self.steps} must split evenly over the {len(self.rounds)} rounds")
+        if self.scale_range is not None and self.scale_range[0] > self.scale_range[1]:
+            raise ValueError(f"scale_range must be [low, high] with low <= high, got {list(self.scale_range)}")
+        return self
+
+    def train_options(self, **more: Any):
+        return super().train_options(bf16=self.bf16, fix_hint="lower distill.lr or enable grad_clip", **more)
+
+
 class NoisyClassifierNetConfig(Section):
     """Size of the noisy classifier (a U-Net encoder half); in-channels, image size and classes come from the data."""
 
@@ -325,7 +358,6 @@ def _check_sampler_options(samplers: Iterable[str], options: Mapping[str, float]
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 Eta = Annotated[float, Field(ge=0, le=1)]
-Scale = Annotated[float, Field(ge=0)]
 
 
 @register_section("reference_stats")
@@ -371,8 +403,11 @@ class SweepTrainingConfig(Section):
 
 
 class SweepGridConfig(Section):
-    """One block of the sampling-time grid: every combination of its lists is a trial."""
+    """One block of the sampling-time grid: every combination of its lists is a trial. `model: student` samples
+    distill's models/student (DDIM on its trailing grid at the step counts it was distilled for, the CFG scale its
+    input) beside models/diffusion's samplers."""
 
+    model: Literal["diffusion", "student"] = "diffusion"
     samplers: Annotated[tuple[SamplerName, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)]
     steps: PosIntTuple
     etas: Annotated[tuple[Eta, ...], BeforeValidator(_list_to_tuple), Field(min_length=1)] = (0.0,)  # DDIM only
@@ -386,6 +421,11 @@ class SweepGridConfig(Section):
     @model_validator(mode="after")
     def _options_exist(self):
         _check_sampler_options(self.samplers, self.options, "sweep.sampling options")
+        if self.model == "student" and (self.samplers != ("ddim",) or self.etas != (0.0,)
+                                        or self.spacings not in (None, ("trailing",))
+                                        or "classifier" in self.guidance):
+            raise ValueError("a model: student block samples the students' own grid: samplers [ddim], etas [0], "
+                             "spacings null or [trailing], guidance cfg or none")
         return self
 
 
@@ -399,6 +439,8 @@ class SweepSelectConfig(Section):
     min_class_accuracy."""
 
     metric: Literal["fd_domain", "fid_inception"] = "fd_domain"  # fid_inception: on sweep.inception_samples each
+    models: Annotated[tuple[Literal["diffusion", "student"], ...], BeforeValidator(_list_to_tuple),
+                      Field(min_length=1)] = ("diffusion", "student")  # which folders' settings it may pick
     max_nfe: PosInt | None = 50  # null: any NFE
     min_class_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.97
 
@@ -436,6 +478,7 @@ class EvaluateConfig(Section):
     setting (metrics/sweep.json, under sweep.select's rule) and ignores those fields here; `params` uses them."""
 
     setting: Literal["params", "sweep"] = "params"
+    model: Literal["diffusion", "student"] = "diffusion"  # student: distill's models/student (ddim, its step counts)
     sampler: SamplerName = "ddim"
     steps: PosInt | None = 50  # null: the full schedule
     eta: Eta = 0.0
@@ -479,6 +522,7 @@ class Params:
         encode_latents: EncodeLatentsConfig
         train_diffusion: TrainDiffusionConfig
         train_classifier: TrainClassifierConfig
+        distill: DistillConfig
         train_feature_net: TrainFeatureNetConfig
         reference_stats: ReferenceStatsConfig
         sweep: SweepConfig

@@ -30,9 +30,10 @@ STAGE = "evaluate"
 SECTIONS = ("project", "tracking", "data", "reference_stats", STAGE)
 MODEL, CLASSIFIER, FEATURE_NET, REFERENCE = "models/diffusion", "models/classifier", "models/feature_net", \
     Path("data/reference")
+FOLDERS = {"diffusion": MODEL, "student": "models/student"}  # a setting's `model`: the folder it samples
 OUT, SAMPLES, USED = Path("reports/metrics.json"), Path("reports/samples.png"), Path("reports/evaluate_setting.json")
 SWEEP_METRICS = Path("metrics/sweep.json")
-SETTING_KEYS = ("sampler", "steps", "eta", "spacing", "options", "guidance", "scale")
+SETTING_KEYS = ("model", "sampler", "steps", "eta", "spacing", "options", "guidance", "scale")
 
 
 class SettingError(ValueError):
@@ -57,7 +58,8 @@ def resolve_setting(cfg, sweep_metrics: Path = SWEEP_METRICS) -> dict:
         raise SettingError(f"evaluate seeds {cfg.seed}..{cfg.seed + cfg.num_samples - 1} overlap the seeds "
                            f"{lo}..{hi - 1} the sweep chose {sel['setting']} on: move evaluate.seed to >= {hi}")
     setting = {k: sel.get(k) for k in SETTING_KEYS}
-    setting.update(options=dict(setting["options"] or {}), eta=setting["eta"] or 0.0,
+    setting.update(model=setting["model"] or "diffusion", options=dict(setting["options"] or {}),
+                   eta=setting["eta"] or 0.0,
                    spacing=setting["spacing"] or "trailing",
                    scale=1.0 if setting["scale"] is None else setting["scale"])
     return {**setting, "source": "sweep", "sweep_setting": sel["setting"], "sweep_trials": sel["trials"],
@@ -67,19 +69,22 @@ def resolve_setting(cfg, sweep_metrics: Path = SWEEP_METRICS) -> dict:
 
 
 def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
-    """Samples start..start+num-1 of the evaluation set (runs in a Ray task or in-process)."""
+    """Samples start..start+num-1 of the evaluation set (runs in a Ray task or in-process); kwargs["model"] is the
+    setting's model folder, the rest goes to generate."""
     os.chdir(root)
     from diffusion_core.generation import generate, load_classifier_dir
     from diffusion_core.pretrained import load_diffusion_dir
 
-    bundle = load_diffusion_dir(MODEL)
+    kwargs = dict(kwargs)
+    bundle = load_diffusion_dir(kwargs.pop("model"))
     clf = load_classifier_dir(CLASSIFIER) if kwargs["guidance_kind"] == "classifier" else None
     return generate(bundle, num, classifier_bundle=clf, start=start, **kwargs)
 
 
 def _sample(cfg, setting: dict, workers: int, device) -> dict:
     """The evaluation set: in this process on a GPU (project.device) or with one worker, else over Ray tasks."""
-    kwargs = {"device": str(device), "sampler": setting["sampler"], "steps": setting["steps"], "eta": setting["eta"],
+    kwargs = {"model": FOLDERS[setting["model"]], "device": str(device), "sampler": setting["sampler"],
+              "steps": setting["steps"], "eta": setting["eta"],
               "options": setting["options"], "guidance_kind": setting["guidance"], "scale": setting["scale"],
               "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": setting["spacing"], "bf16": cfg.bf16,
               "channels_last": cfg.channels_last}
@@ -153,7 +158,7 @@ def _metrics(params, bundle, out: dict, ref, ref_inception, cuda: bool) -> dict:
                                         download=params.reference_stats.inception_download, cuda=cuda)
     metrics = sample_metrics(out["images"], out["labels"], ref, domain_extractor(FEATURE_NET, cuda=cuda), inception,
                              ref_inception, inception_samples=cfg.inception_samples)
-    if cfg.nll_samples >= 2 and not bundle.is_latent:
+    if cfg.nll_samples >= 2 and not bundle.is_latent and not bundle.config.get("student"):  # a model's bound
         shards = Path("data/shards")
         x_test, y_test = load_split(shards, "test", meta=read_meta(shards),
                                     verify_checksums=params.data.verify_checksums)
@@ -169,8 +174,9 @@ def _run(args) -> None:
     from pipeline.tracking import start_run
 
     params = load_params(args.params, sections=SECTIONS)
-    cfg, bundle = params.evaluate, load_diffusion_dir(MODEL)  # fail before Ray starts if the model is missing
+    cfg = params.evaluate
     setting, device = resolve_setting(cfg), stage_device(params.project)
+    bundle = load_diffusion_dir(FOLDERS[setting["model"]])  # fail before Ray starts if the model is missing
     ref, ref_inception = load_reference(REFERENCE, DOMAIN), load_reference(
         REFERENCE, INCEPTION, required=params.reference_stats.inception)
     with start_run(STAGE, params.to_dict("project", "reference_stats", STAGE), params.tracking,
@@ -178,7 +184,8 @@ def _run(args) -> None:
         t0 = time.perf_counter()
         sweep = {"sweep_setting": setting["sweep_setting"]} if setting["source"] == "sweep" else {}
         run.set_tags({"setting_source": setting["source"], **sweep, **run_links(  # the runs that trained them
-            {"training_run_id": MODEL, "classifier_run_id": CLASSIFIER, "feature_net_run_id": FEATURE_NET})})
+            {"training_run_id": FOLDERS[setting["model"]], "classifier_run_id": CLASSIFIER,
+             "feature_net_run_id": FEATURE_NET})})
         run.log_params({"used": {k: setting[k] for k in SETTING_KEYS}})
         out = _sample(cfg, setting, min(cfg.num_workers, cfg.num_samples), device)
         metrics = _metrics(params, bundle, out, ref, ref_inception, cuda=device.type == "cuda")
@@ -191,11 +198,11 @@ def _run(args) -> None:
         k = min(cfg.grid_samples, len(out["images"]))
         save_image_grid(out["images"][:k], SAMPLES, nrow=10, scale=max(1, 56 // out["images"].shape[1]))
         run.log_metrics(metrics)
-        if run.active:  # the figures on the model registry's version of models/diffusion
+        if run.active:  # the figures on the model registry's version of the folder sampled
             from pipeline.mlflow_models import tag_registered_version
             from pipeline.provenance import training_run_id
 
-            tag_registered_version(training_run_id(MODEL), metrics, run.run_id)
+            tag_registered_version(training_run_id(FOLDERS[setting["model"]]), metrics, run.run_id)
         run.log_artifact(SAMPLES, STAGE)
         run.log_artifact(OUT, STAGE)
         run.log_artifact(USED, STAGE)
@@ -207,7 +214,9 @@ def _summary_line(setting: dict, metrics: dict, skipped: list[str]) -> str:
     src = f"sweep's {setting['sweep_setting']}" if setting["source"] == "sweep" else "params"
     fid = (f", fid_inception {metrics['fid_inception']:.4g} on {metrics['inception_samples']}"
            if "fid_inception" in metrics else "")
-    return (f"{STAGE}: {setting['sampler']}-{setting['steps']} ({src}): fd_domain {metrics['fd_domain']:.4g} on "
+    student = "the distilled student's " if setting["model"] == "student" else ""
+    return (f"{STAGE}: {student}{setting['sampler']}-{setting['steps']} ({src}): "
+            f"fd_domain {metrics['fd_domain']:.4g} on "
             f"{metrics['num_samples']} samples{fid}, {metrics['nfe']:.0f} NFE -> {OUT}, {SAMPLES}{note}")
 
 

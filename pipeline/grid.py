@@ -38,7 +38,8 @@ def sampling_trials(grid_blocks: Iterable[Any], default_num_samples: int, num_ti
                 block.samplers, block.steps, block.etas, block.guidance, block.scales, spacings):
             setting = {"sampler": sampler, "steps": int(steps), "eta": float(eta) if sampler == "ddim" else 0.0,
                        "guidance": guidance, "scale": None if guidance == "none" else float(scale),
-                       "num_samples": n, "spacing": spacing, "options": options}
+                       "num_samples": n, "spacing": spacing, "options": options,
+                       **({"model": "student"} if getattr(block, "model", "diffusion") == "student" else {})}
             key = json.dumps(setting, sort_keys=True)
             if key not in seen:
                 seen.add(key)
@@ -59,7 +60,8 @@ def setting_name(trial: dict) -> str:
     eta = f"-eta{trial['eta']:g}" if trial["sampler"] == "ddim" else ""
     grid = f"-{trial['spacing']}" if trial.get("spacing", "trailing") != "trailing" else ""
     opts = "".join(f"-{k}{v:g}" for k, v in sorted((trial.get("options") or {}).items()))
-    return f"{trial['sampler']}-{trial['steps']}{eta}{grid}{opts}-{g}-n{trial['num_samples']}"
+    student = "student-" if trial.get("model") == "student" else ""
+    return f"{student}{trial['sampler']}-{trial['steps']}{eta}{grid}{opts}-{g}-n{trial['num_samples']}"
 
 
 CROSS_AXIS = "training_x_sampling"  # sweep.csv's axis of a short-trained model under one sampling setting

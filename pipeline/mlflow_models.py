@@ -169,10 +169,11 @@ def signature(folder: str | os.PathLike, diffusion: bool, autoencoder: str | os.
 
 
 def input_example(folder: str | os.PathLike, diffusion: bool) -> Any:
-    """A small input that MLflow stores with the model and checks the model answers (one sample, two steps)."""
+    """A small input that MLflow stores with the model and checks the model answers (one sample, two steps; a
+    distilled student's fewest steps)."""
     config = _read_config(folder)
     if diffusion:
-        return {"num_samples": 1, "seed": 0, "steps": 2}
+        return {"num_samples": 1, "seed": 0, "steps": min(config["student"]["steps"]) if config.get("student") else 2}
     model = config["model"]
     x = np.zeros((1, model["in_channels"], model["image_size"], model["image_size"]), dtype=np.float32)
     return {"x_t": x, "t": np.zeros(1, dtype=np.int64)} if model["kind"] == "noisy_classifier" else x

@@ -40,9 +40,10 @@ MODEL_ARTIFACT = "model"  # the MLflow model's name inside its run: runs:/<run_i
 TIMING_KEYS = ("wall_seconds", "train_seconds", "samples_per_second")
 
 
-def registered_name(experiment: str) -> str:
-    """Name of the diffusion model in MLflow's model registry: `<project.experiment>-diffusion`."""
-    return f"{experiment}-diffusion"
+def registered_name(experiment: str, kind: str = "diffusion") -> str:
+    """Name of a model in MLflow's model registry: `<project.experiment>-diffusion` (train_diffusion),
+    `<project.experiment>-student` (distill)."""
+    return f"{experiment}-{kind}"
 
 
 def rel(path: str | os.PathLike) -> str:
@@ -129,6 +130,19 @@ In Python (sample i uses seed + i):
     images = generate(load_diffusion_dir("{model_dir}"), 16, sampler="ddim", steps=50, seed=0)["images"]  # uint8
 
 """ + _MLFLOW_USE + """    images = m.predict({{"num_samples": 16, "seed": 0, "sampler": "ddim", "steps": 50}})
+""",
+    "distill": """Sample a student with the CLI: one network call per step, the guidance scale its input:
+
+    diffusion sample --model {model_dir} --steps 1 --guidance cfg --scale 2 --num 16 --seed 0 --out samples/
+    diffusion sample --model {model_dir} --steps 4 --guidance cfg --scale 2 --class 3 --out three.png
+
+In Python (sample i uses seed + i; the sampler and grid are the folder's: ddim, trailing):
+
+    from diffusion_core.generation import generate
+    from diffusion_core.pretrained import load_diffusion_dir
+    images = generate(load_diffusion_dir("{model_dir}"), 16, steps=1, guidance_kind="cfg", scale=2.0)["images"]
+
+""" + _MLFLOW_USE + """    images = m.predict({{"num_samples": 16, "steps": 1, "guidance": "cfg", "scale": 2.0}})
 """,
     "train_autoencoder": """    from diffusion_core.checkpoint import load_model_dir
     ae, config = load_model_dir("{model_dir}")

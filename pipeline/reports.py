@@ -17,11 +17,11 @@ from typing import Any, Iterable, Sequence
 from diffusion_core.io import atomic_path, atomic_write_text
 
 SWEEP_COLUMNS = ("trial", "setting", "seed_set", "axis", "status", "schedule", "parameterization", "train_steps",
-                 "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples",
+                 "model", "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples",
                  "nfe", "fd_domain", "fid_inception", "kid_inception", "kid_inception_std", "inception_samples",
                  "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd",
                  "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "wall_seconds")
-SETTING_KEYS = ("sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples")
+SETTING_KEYS = ("model", "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples")
 AVERAGED = ("fd_domain", "fid_inception", "kid_inception", "kd_domain", "precision_domain", "recall_domain",
             "class_accuracy", "nfe", "wall_seconds")
 FD_METRICS = ("fd_domain", "fid_inception")  # the Fréchet distances a setting is compared and selected by
@@ -118,12 +118,14 @@ def converged_reference(settings: Sequence[dict], metric: str = "fd_domain") -> 
 
 
 def select_setting(settings: Sequence[dict], num_samples: int, max_nfe: float | None,
-                   min_class_accuracy: float, min_seed_sets: int = 1, metric: str = "fd_domain") -> dict | None:
+                   min_class_accuracy: float, min_seed_sets: int = 1, metric: str = "fd_domain",
+                   models: Sequence[str] = ("diffusion", "student")) -> dict | None:
     """The rule evaluate follows: the lowest mean `metric` (fd_domain or fid_inception) among settings with
     `num_samples` samples per set (FD is biased by N; for fid_inception, the Inception sample count of the most
     common one) measured on at least `min_seed_sets` sets (the minimum of noisier means is biased low), NFE <=
     max_nfe (None: any) and mean class_accuracy >= min_class_accuracy; None if none does. A setting without
-    class_accuracy (unconditional) passes that clause only when min_class_accuracy is 0."""
+    class_accuracy (unconditional) passes that clause only when min_class_accuracy is 0. `models`: the folders the
+    pick may sample (a row without `model` is models/diffusion's; `student`: distill's)."""
     if metric not in FD_METRICS:
         raise ValueError(f"selection metric must be one of {FD_METRICS}, got {metric!r}")
     sets = "inception_sets" if metric == "fid_inception" else "seed_sets"
@@ -131,7 +133,8 @@ def select_setting(settings: Sequence[dict], num_samples: int, max_nfe: float | 
 
     def ok(r):
         acc = r.get("class_accuracy")
-        return (r["num_samples"] == num_samples and (r.get(sets) or 1) >= min_seed_sets
+        return ((r.get("model") or "diffusion") in models
+                and r["num_samples"] == num_samples and (r.get(sets) or 1) >= min_seed_sets
                 and _ok(r.get(metric)) and _ok(r.get("nfe"))
                 and (metric != "fid_inception" or r.get("inception_samples") == n_inc)
                 and (max_nfe is None or r["nfe"] <= max_nfe + 1e-9)
@@ -189,13 +192,18 @@ def _fd_panel(ax, rows: Sequence[dict], metric: str) -> None:
         ax.legend(fontsize=8)
 
 
+def sampler_of(r: dict) -> str:
+    """What a sweep row's line is named by: its sampler, or `student` for distill's students (their own DDIM)."""
+    return "student" if r.get("model") == "student" else (r.get("sampler") or "train")
+
+
 def _sampler_lines(ax, rows: Sequence[dict], common_n: int | None, metric: str = "fd_domain",
                    n_key: str = "num_samples") -> None:
-    """One line per sampler and grid (a grid other than trailing is named), error bars one std over the seed sets;
-    a point's sample count is written where it differs from common_n."""
+    """One line per sampler and grid (a grid other than trailing is named; distill's students are `student`),
+    error bars one std over the seed sets; a point's sample count is written where it differs from common_n."""
     def line_of(r):
         sp = r.get("spacing") or "trailing"
-        return r["sampler"] if sp == "trailing" else f"{r['sampler']} ({sp})"
+        return sampler_of(r) if sp == "trailing" else f"{sampler_of(r)} ({sp})"
 
     for sampler in sorted({line_of(r) for r in rows}):
         line = sorted((r for r in rows if line_of(r) == sampler), key=lambda r: r["nfe"])
@@ -236,7 +244,7 @@ def plot_guidance(rows: Sequence[dict], path: str | os.PathLike) -> None:
     groups: dict[tuple, list] = defaultdict(list)
     for r in rows:
         if r.get("scale") is not None and _ok(r.get("fd_domain")):
-            groups[(r["guidance"], r["sampler"], r["steps"], r["eta"])].append(r)
+            groups[(r["guidance"], sampler_of(r), r["steps"], r["eta"])].append(r)
     if any(len(rs) > 1 for rs in groups.values()):  # single-scale groups say nothing about the scale's effect
         groups = {k: rs for k, rs in groups.items() if len(rs) > 1}
     for (g, s, n, eta), rs in sorted(groups.items()):
@@ -259,8 +267,8 @@ def plot_precision_recall(rows: Sequence[dict], path: str | os.PathLike) -> None
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 5))
     rows = [r for r in rows if _ok(r.get("precision_domain")) and _ok(r.get("recall_domain"))]
-    for sampler in sorted({r["sampler"] or "train" for r in rows}):
-        rs = [r for r in rows if (r["sampler"] or "train") == sampler]
+    for sampler in sorted({sampler_of(r) for r in rows}):
+        rs = [r for r in rows if sampler_of(r) == sampler]
         ax.scatter([r["recall_domain"] for r in rs], [r["precision_domain"] for r in rs], label=sampler)
         for r in rs:
             ax.annotate(r.get("setting") or r["trial"], (r["recall_domain"], r["precision_domain"]), fontsize=6)

@@ -42,6 +42,7 @@ STAGE = "sweep"
 SECTIONS = ("project", "tracking", "data", "schedule", "diffusion", "train_diffusion", "reference_stats", STAGE)
 MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER = "models/diffusion", "models/classifier", "models/feature_net", \
     "models/autoencoder"
+STUDENT = "models/student"  # distill's students, sampled by `model: student` blocks
 REFERENCE, CSV, SUMMARY, PLOTS, METRICS = Path("data/reference"), Path("reports/sweep.csv"), \
     Path("reports/sweep_summary.csv"), Path("reports/sweep"), Path("metrics/sweep.json")
 CROSS_SUMMARY = Path("reports/sweep_training_x_sampling.csv")  # one row per (training setting, sampling setting)
@@ -98,7 +99,7 @@ def sampling_trial(config: dict) -> None:
     watch = Stopwatch()
     ext, ref = _enter_trial(config)
     t = config["trial"]
-    bundle = load_diffusion_dir(MODEL)
+    bundle = load_diffusion_dir(STUDENT if t.get("model") == "student" else MODEL)
     clf = load_classifier_dir(CLASSIFIER) if t["guidance"] == "classifier" else None
     out = generate(bundle, t["num_samples"], sampler=t["sampler"], steps=t["steps"], eta=t["eta"],
                    options=t.get("options"), guidance_kind=t["guidance"],
@@ -302,11 +303,10 @@ def _row(result, axis: str, max_reports: int = 0) -> tuple[dict, list[dict]]:
 
 def _brief(row: dict) -> dict:
     """The config and main metrics of a trial or setting row for metrics/sweep.json (empty values dropped)."""
-    keys = ("setting", "trial", "schedule", "parameterization", "sampler", "steps", "eta", "spacing", "options",
-            "guidance", "scale", "num_samples", "seed_sets", "nfe", "fd_domain", "fd_domain_std", "fid_inception",
-            "fid_inception_std", "inception_samples", "inception_sets", "kid_inception", "kd_domain",
-            "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_given_class",
-            "trials")
+    keys = ("setting", "trial", "schedule", "parameterization", "model", "sampler", "steps", "eta", "spacing",
+            "options", "guidance", "scale", "num_samples", "seed_sets", "nfe", "fd_domain", "fd_domain_std",
+            "fid_inception", "fid_inception_std", "inception_samples", "inception_sets", "kid_inception", "kd_domain",
+            "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_given_class", "trials")
     return {k: row[k] for k in keys if row.get(k) is not None}
 
 
@@ -316,24 +316,26 @@ def _selected(settings: list[dict], sw) -> dict | None:
 
     rule = sw.select
     sets = sw.inception_seed_sets if rule.metric == "fid_inception" else sw.seed_sets
-    best = select_setting(settings, sw.num_samples, rule.max_nfe, rule.min_class_accuracy, sets, rule.metric)
+    best = select_setting(settings, sw.num_samples, rule.max_nfe, rule.min_class_accuracy, sets, rule.metric,
+                          rule.models)
     if best is None:
         return None
     n = f"the first {sw.inception_samples} of " if rule.metric == "fid_inception" else ""
     return {**_brief(best), "trials": best["trials"].split(";"), "metric": rule.metric,
             "rule": f"lowest mean {rule.metric} over {sets} seed sets of {n}{sw.num_samples} samples, "
-                    f"NFE <= {rule.max_nfe}, class_accuracy >= {rule.min_class_accuracy}",
+                    f"NFE <= {rule.max_nfe}, class_accuracy >= {rule.min_class_accuracy}, "
+                    f"models {' or '.join(rule.models)}",
             "seeds": [sw.seed, sw.seed + best["seed_sets"] * best["num_samples"]]}
 
 
 def _grids(rows: list[dict], staging: Path, target_nfe: int | None) -> dict[str, Path]:
     """One sample grid per sampler at (nearest to) a common NFE; returns {sampler: png}."""
     from diffusion_core.data.preview import save_image_grid
-    from pipeline.reports import reference_setting
+    from pipeline.reports import reference_setting, sampler_of
 
     ref = reference_setting(rows)
     pool = [r for r in rows if (r["guidance"], r["scale"], r["eta"]) == ref and not r.get("seed_set")] or rows
-    by_sampler = {s: [r for r in pool if r["sampler"] == s] for s in sorted({r["sampler"] for r in pool})}
+    by_sampler = {s: [r for r in pool if sampler_of(r) == s] for s in sorted(set(map(sampler_of, pool)))}
     common = set.intersection(*({round(r["nfe"]) for r in rs} for rs in by_sampler.values())) if by_sampler else set()
     target = target_nfe or (max(common) if common else min(max(r["nfe"] for r in rs) for rs in by_sampler.values()))
     out = {}
@@ -408,11 +410,31 @@ def _check_references(params) -> None:
         raise ConfigError("sweep.select.metric fid_inception needs sweep.inception_samples > 0")
 
 
+def _check_students(sw) -> None:
+    """`model: student` blocks need distill's folder and ask only the step counts it was distilled for."""
+    if any(b.model == "student" for b in sw.training.samplers):
+        raise ConfigError("sweep.training.samplers cannot use model: student (the students are distilled from "
+                          "models/diffusion, not from the short trainings): drop the model key there")
+    blocks = [(i, b) for i, b in enumerate(sw.sampling) if b.model == "student"]
+    if not blocks:
+        return
+    path = Path(STUDENT) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"sweep.sampling has model: student blocks but {STUDENT}/ is missing: run distill first")
+    distilled = json.loads(path.read_text())["student"]["steps"]
+    for i, b in blocks:
+        bad = [n for n in b.steps if n not in distilled]
+        if bad:
+            raise ConfigError(f"sweep.sampling[{i}] (model: student) asks {bad[0]} steps; {STUDENT} was distilled "
+                              f"for {', '.join(map(str, distilled))}: use those (distill.rounds)")
+
+
 def _grid_trials(params) -> tuple[list, list, list]:
     """(training trials, the sampling settings each is crossed with, sampling trials of models/diffusion)."""
     sw, tc = params.sweep, params.sweep.training
     T = json.loads((Path(MODEL) / "config.json").read_text())["diffusion"]["num_timesteps"]
     train_trials = [{"schedule": s, "parameterization": p} for s in tc.schedules for p in tc.parameterizations]
+    _check_students(sw)
     cross = sampling_trials(tc.samplers, sw.num_samples, params.schedule.num_timesteps, sw.spacing, sw.seed_sets)
     return train_trials, cross, sampling_trials(sw.sampling, sw.num_samples, T, sw.spacing, sw.seed_sets)
 
@@ -475,8 +497,8 @@ def _reports(rows: list, histories: dict, sw, staging: Path, t0: float) -> tuple
     reports.plot_training(histories, plots["training"])
     grids = _grids(sampled, staging, sw.grid_nfe) if sampled else {}
     at_n = [r for r in settings if r["num_samples"] == sw.num_samples and r["fd_domain"] is not None]
-    best = {s: _brief(min((r for r in at_n if r["sampler"] == s), key=lambda r: r["fd_domain"]))
-            for s in sorted({r["sampler"] for r in at_n})}
+    best = {s: _brief(min((r for r in at_n if reports.sampler_of(r) == s), key=lambda r: r["fd_domain"]))
+            for s in sorted(set(map(reports.sampler_of, at_n)))}
     trained = [r for r in rows if r["axis"] == "training" and r["fd_domain"] is not None]
     reference = reports.converged_reference(settings)
     summary = {"num_trials": len(rows), "num_settings": len(settings),

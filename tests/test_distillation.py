@@ -282,3 +282,147 @@ def test_student_from_teacher_weights_is_the_teacher_until_trained(cls, kw, shap
         student(x, t, y)
     randomize(student.guidance_embed, seed=2)  # a trained w-embedding: the output now depends on w
     assert not torch.allclose(student(x, t, y, torch.zeros(shape[0])), student(x, t, y, torch.full((shape[0],), 3.0)))
+
+
+# ------------------------------------------------------------------ all rounds in one module, sampling a family
+
+
+def _rounds_run(steps_per_round, stop_after=None, resume=None, rounds=(2, 1)):
+    """ProgressiveDistillation of a random class-conditional MLP teacher (v) over `rounds` through one Trainer, the
+    way the distill stage drives it; stops after `stop_after` steps (a checkpoint state), or resumes from one."""
+    from diffusion_core.distillation import ProgressiveDistillation, progressive_objective
+    from diffusion_core.resample import make_timestep_sampler
+
+    sched = NoiseSchedule.from_name("cosine", 8)
+    d = GaussianDiffusion(sched, "v")
+    torch.manual_seed(0)
+    teacher = randomize(MLPDenoiser(dim=2, hidden=16, num_layers=2, num_classes=2), seed=3)
+    torch.manual_seed(1)
+    state = ProgressiveDistillation(teacher, rounds, 8, guidance_input=True)
+    objective = lambda k: progressive_objective(state, k, d, 2, (1.0, 3.0), 0.1)  # noqa: E731
+    trainer = Trainer(state, objective(0), "uniform", TrainOptions(lr=1e-2, seed=0), "cpu")
+    if resume is not None:
+        state.load_state_dict(resume["weights"])
+        trainer.load_state_dict(resume["trainer"])
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(64) % 2
+    for k in range(len(rounds)):
+        end = (k + 1) * steps_per_round
+        if trainer.step >= end:
+            continue
+        state.close_rounds(k)
+        trainer.objective = objective(k)
+        trainer.sampler = make_timestep_sampler("uniform", 8, trainer.objective.timestep_probs())
+        while trainer.step < end:
+            trainer.train_step(x, y)
+            if trainer.step == stop_after:
+                return {"weights": {k: v.clone() for k, v in state.state_dict().items()},
+                        "trainer": trainer.state_dict()}, state
+    state.close_rounds(len(rounds))
+    return None, state
+
+
+def test_progressive_rounds_fill_the_family_once_and_resume_bitwise():
+    """Round k's student joins the family at the round's end (never twice: the round index is in the state dict),
+    the original teacher and the family stay frozen, and a run stopped at any step (a round's last step
+    included) and resumed from that state ends bitwise where the uninterrupted run ends."""
+    _, full = _rounds_run(4)
+    assert int(full.round) == 2
+    original = full.original.state_dict()
+    assert not full.original.training and not full.family.training
+    assert all(not p.requires_grad for p in [*full.original.parameters(), *full.family.parameters()])
+    # the 1-step member is the final student; the 2-step member differs from it (it stopped training at step 4)
+    one, two = full.family.member(1).state_dict(), full.family.member(2).state_dict()
+    assert all(torch.equal(one[k], v) for k, v in full.student.state_dict().items())
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+    for stop in (3, 4, 5):
+        saved, _ = _rounds_run(4, stop_after=stop)
+        _, resumed = _rounds_run(4, resume=saved)
+        assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items()), stop
+    assert all(torch.equal(v, full.original.state_dict()[k]) for k, v in original.items())
+
+
+def test_train_mode_leaves_the_teachers_in_eval():
+    from diffusion_core.distillation import ProgressiveDistillation
+
+    teacher = UNet(in_channels=1, image_size=8, num_classes=3, **{**TINY, "dropout": 0.5})
+    state = ProgressiveDistillation(teacher, (2, 1), 8, guidance_input=True).train()
+    assert state.student.training and not state.original.training and not state.family.training
+    with pytest.raises(ValueError, match="halve"):
+        ProgressiveDistillation(teacher, (4, 1), 8, guidance_input=True)
+
+
+def test_the_registrys_ddim_on_the_trailing_grid_is_the_students_sampler():
+    """generate() samples a student family member with the registry's DDIM (trailing grid from T - 1, eta 0, w as
+    the member's input): the same trajectory as distillation.sample_student, one call per step."""
+    from diffusion_core.generation import _GuidedStudent
+
+    sched = NoiseSchedule.from_name("cosine", T)
+    d = GaussianDiffusion(sched, "v")
+    net = randomize(MLPDenoiser(dim=2, hidden=32, num_layers=2, num_classes=2, guidance_input=True), seed=4).eval()
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(64) % 2
+    for steps in (1, 2, 4):
+        calls = []
+        guided = _GuidedStudent(net, 2.0)
+        counted = lambda *a: calls.append(1) or guided(*a)  # noqa: E731
+        got = sample(d, counted, x_T.shape, sampler="ddim", steps=steps, spacing="trailing", x_T=x_T, y=y,
+                     clip_denoised=False, lambda_min=None)
+        want = sample_student(net, d, x_T.shape, steps, y=y, w=2.0, x_T=x_T)
+        assert len(calls) == steps
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32, the same steps written twice
+    other = sample(d, _GuidedStudent(net, 2.0), x_T.shape, sampler="ddim", steps=4, spacing="leading", x_T=x_T, y=y,
+                   clip_denoised=False, lambda_min=None)
+    assert (other - want).abs().max() > 1e-2  # another grid is another trajectory: the comparison can fail
+
+
+def _student_folder(path, guidance_input=True):
+    """A student family folder as the distill stage writes it (random members of 2 and 1 steps, T = 40)."""
+    from diffusion_core.checkpoint import save_model_dir
+    from diffusion_core.models import StudentFamily
+    from tests.tiny_models import DIFFUSION
+
+    net = UNet(in_channels=1, image_size=8, num_classes=3, guidance_input=guidance_input, **TINY).config
+    family = StudentFamily(net, [2, 1])
+    for seed, member in enumerate(family.members.values()):
+        randomize(member, seed=seed + 7)
+    data = {"space": "pixel", "shape": [1, 8, 8], "num_classes": 3, "class_names": ["a", "b", "c"],
+            "dataset": "tiny", "kind": "image", "label_dropout": 0.1}
+    student = {"method": "progressive", "steps": [2, 1], "sampler": "ddim", "spacing": "trailing",
+               "guidance_input": guidance_input, "scale_range": [1.0, 3.0] if guidance_input else None}
+    save_model_dir(path, family, {"diffusion": {**DIFFUSION, "num_timesteps": 40, "parameterization": "v"},
+                                  "data": data, "latent": None, "student": student})
+    return path, family
+
+
+def test_a_student_folder_samples_through_generate_with_one_call_per_step(tmp_path):
+    from diffusion_core.generation import SamplingError, generate
+    from diffusion_core.pretrained import load_diffusion_dir
+
+    path, family = _student_folder(tmp_path / "student")
+    bundle = load_diffusion_dir(path)
+    kw = dict(num=6, sampler="ddim", spacing="trailing", classes=[0, 1, 2], seed=3)
+    out = {}
+    for steps in (1, 2):
+        for scale in (1.0, 3.0):
+            r = generate(bundle, steps=steps, guidance_kind="cfg", scale=scale, **kw)
+            assert r["nfe"] == steps  # guidance is the member's input: no unconditional pass
+            out[steps, scale] = r["images"]
+    assert not (out[1, 1.0] == out[2, 1.0]).all()  # each step count samples with its own member
+    # the library's student sampler from the same seeds gives the same one-step samples, up to uint8 rounding
+    x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(3 + i)) for i in range(6)])
+    d = GaussianDiffusion(NoiseSchedule.from_name("cosine", 40), "v")
+    for w in (1.0, 3.0):
+        want = sample_student(family.member(1), d, x_T.shape, 1, y=torch.tensor([0, 1, 2] * 2), w=w, x_T=x_T)
+        got = torch.as_tensor(out[1, w]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        assert (got - want.clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6, w
+    assert (torch.as_tensor(out[1, 1.0]) != torch.as_tensor(out[1, 3.0])).any()  # w reaches the member
+    for bad, match in ((dict(steps=3), "distilled for 2, 1 steps"), (dict(steps=2, sampler="dpmpp3m"), "grid"),
+                       (dict(steps=2, spacing="logsnr"), "grid"), (dict(steps=None), "distilled for"),
+                       (dict(steps=2, guidance_kind="classifier"), "classifier")):
+        with pytest.raises(SamplingError, match=match):
+            generate(bundle, **{**kw, "guidance_kind": "cfg", "scale": 2.0, **bad})
+    plain = load_diffusion_dir(_student_folder(tmp_path / "plain", guidance_input=False)[0])
+    assert generate(plain, steps=1, guidance_kind="cfg", scale=1.0, **kw)["nfe"] == 1
+    with pytest.raises(SamplingError, match="without the guidance scale"):
+        generate(plain, steps=1, guidance_kind="cfg", scale=2.0, **kw)

@@ -24,8 +24,9 @@ from .stages import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"train_autoencoder": "models/autoencoder", "train_feature_net": "models/feature_net",
-          "train_classifier": "models/classifier", "train_diffusion": "models/diffusion"}
+          "train_classifier": "models/classifier", "train_diffusion": "models/diffusion", "distill": "models/student"}
 REGISTERED = "diffusion-tiny-diffusion"  # tiny.yaml's project.experiment + "-diffusion"
+STUDENT = "diffusion-tiny-student"  # distill's
 
 
 # ----------------------------------------------------------------------------------------------- save_model_dir
@@ -64,9 +65,10 @@ def test_extra_files_are_written_inside_the_atomic_save_and_ignored_by_the_loade
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory) -> Path:
-    """prepared data -> train_autoencoder, train_feature_net, train_classifier, train_diffusion (in-process, one
-    worker, few steps), reference_stats, evaluate (setting: params), all tracked in one local MLflow store."""
+    """prepared data -> train_autoencoder, train_feature_net, train_classifier, train_diffusion, distill (in-process,
+    one worker, few steps), reference_stats, evaluate (setting: params), all tracked in one local MLflow store."""
     from pipeline import (
+        distill,
         evaluate,
         reference_stats,
         train_autoencoder,
@@ -80,7 +82,7 @@ def trained(prepared, tmp_path_factory) -> Path:
     raw = yaml.safe_load(TINY.read_text())
     raw["train_autoencoder"].update(steps=20, log_every=20)
     raw["train_feature_net"].update(steps=20)
-    for stage in ("train_classifier", "train_diffusion"):
+    for stage in ("train_classifier", "train_diffusion", "distill"):
         raw[stage].update(steps=10)
         raw[stage]["scaling"].update(num_workers=1, use_ray=False)
     raw["train_diffusion"].update(checkpoint_every=10, sample_every=0)
@@ -91,8 +93,8 @@ def trained(prepared, tmp_path_factory) -> Path:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.chdir(cwd)
     try:
-        for module in (train_autoencoder, train_feature_net, train_classifier, train_diffusion, reference_stats,
-                       evaluate):
+        for module in (train_autoencoder, train_feature_net, train_classifier, train_diffusion, distill,
+                       reference_stats, evaluate):
             assert module.main(["--params", "params.yaml"]) == 0, module.STAGE
     finally:
         os.chdir(old_cwd)
@@ -143,7 +145,7 @@ def test_model_folder_holds_its_card_and_provenance(trained, stage):
 
     # the checksums are those of the shard files the stage read, hashed here independently
     shard_dir = trained / "data" / "shards"
-    splits = ("train",) if stage == "train_diffusion" else ("train", "test")
+    splits = ("train",) if stage in ("train_diffusion", "distill") else ("train", "test")
     files = sorted(p for split in splits for p in shard_dir.glob(f"{split}-*.tar"))
     assert files and prov["data"]["shards"] == {
         p.relative_to(trained).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
@@ -192,6 +194,31 @@ def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder
             assert np.array_equal(images, direct)  # same seed, same images as the folder sampled directly
         other = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict({**request, "seed": 8})
         assert not np.array_equal(other, direct)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_student_loads_from_registry_and_samples_like_the_folder(trained, monkeypatch):
+    """distill registers its student family; the MLflow model samples it like the folder, one call per step."""
+    import mlflow
+
+    from diffusion_core.generation import generate
+    from diffusion_core.pretrained import load_diffusion_dir
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
+    try:
+        run_id = _runs(trained)["distill"]
+        assert mlflow.MlflowClient().get_model_version(STUDENT, "1").run_id == run_id
+        prov = json.loads((trained / "models/student/provenance.json").read_text())
+        assert prov["inputs"]["models/diffusion"]["mlflow_run_id"] == _runs(trained)["train_diffusion"]
+        request = {"num_samples": 3, "seed": 7, "steps": 1, "guidance": "cfg", "scale": 2.0, "class_label": 4}
+        direct = generate(load_diffusion_dir(trained / "models" / "student"), 3, steps=1, seed=7,
+                          guidance_kind="cfg", scale=2.0, classes=[4])
+        assert direct["nfe"] == 1
+        images = mlflow.pyfunc.load_model(f"models:/{STUDENT}/1").predict(request)
+        assert np.array_equal(images, direct["images"])
     finally:
         mlflow.set_tracking_uri(None)
 

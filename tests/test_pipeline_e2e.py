@@ -208,6 +208,25 @@ def test_evaluate_outputs(pipeline):
     png_ok(work / "reports/samples.png")
 
 
+def test_distilled_students_sample_from_their_folder_in_one_call_a_step(pipeline):
+    """distill ran on 2 Ray workers after train_diffusion; its family samples by path at each distilled step count
+    with classifier-free guidance as an input (NFE = steps), and refuses a step count it was not distilled for."""
+    from diffusion_core.generation import SamplingError, generate
+    from diffusion_core.pretrained import load_diffusion_dir
+
+    work, log, _ = pipeline
+    assert log.index("Running stage 'distill'") > log.index("Running stage 'train_diffusion'")
+    metrics = json.loads((work / "metrics/distill.json").read_text())
+    rounds = yaml.safe_load(TINY.read_text())["distill"]["rounds"]
+    assert metrics["rounds"] == rounds and all(np.isfinite(metrics[f"final_loss_{n}_steps"]) for n in rounds)
+    bundle = load_diffusion_dir(work / "models/student")
+    for steps in rounds:
+        r = generate(bundle, 4, steps=steps, guidance_kind="cfg", scale=2.0, classes=[1, 2])
+        assert r["nfe"] == steps and r["images"].shape[0] == 4
+    with pytest.raises(SamplingError, match="distilled for"):
+        generate(bundle, 4, steps=3, guidance_kind="cfg", scale=2.0)
+
+
 def test_mlflow_holds_one_run_per_stage_and_one_nested_run_per_trial(pipeline):
     work, _, stages = pipeline
     db = sqlite3.connect(work / "mlflow.db")

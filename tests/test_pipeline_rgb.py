@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 TINY_RGB = ROOT / "configs" / "tiny_rgb.yaml"
 SPACES = ("pixel", "latent")
 SPACE_KEYS = ("train_diffusion", "train_classifier")  # the sections whose `space` says pixel or latent
-SPACE_FED = ["train_classifier", "train_diffusion", "sweep", "evaluate"]  # the stages a change of space reruns
+SPACE_FED = ["train_classifier", "train_diffusion", "distill", "sweep", "evaluate"]  # what a change of space reruns
 NETWORKS = ("autoencoder", "diffusion", "classifier", "feature_net")
 
 
@@ -65,6 +65,9 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         argv = ["sample", "--model", str(snap / "models" / "diffusion"), "--num", "4", "--steps", "2",
                 "--guidance", "cfg", "--scale", "1.5", "--no-progress", "--out", str(snap / "samples")]
         assert diffusion_cli(argv) == 0
+        student = ["sample", "--model", str(snap / "models" / "student"), "--num", "4", "--steps", "1",
+                   "--guidance", "cfg", "--scale", "2", "--no-progress", "--out", str(snap / "student_samples")]
+        assert diffusion_cli(student) == 0  # distill's students, one call per step, decoded like their teacher
         out[space] = snap, log
     return out
 
@@ -100,7 +103,8 @@ def test_every_network_is_built_for_colour(runs, space):
 @pytest.mark.parametrize("space", SPACES)
 def test_image_grids_and_samples_are_colour(runs, space):
     """Every image grid in reports/ (the data preview, the autoencoder's reconstructions, evaluate's samples, the
-    sweep's grids) is RGB with distinct channels, and so are `diffusion sample`'s images in samples.npz."""
+    sweep's grids) is RGB with distinct channels, and so are `diffusion sample`'s images in samples.npz; the
+    distilled student samples colour images of the same size in one network call."""
     snap, _ = runs[space]
     grids = [*(snap / "reports").glob("*.png"), *(snap / "reports" / "sweep").glob("grid_*.png")]
     names = {p.name for p in grids}
@@ -113,6 +117,8 @@ def test_image_grids_and_samples_are_colour(runs, space):
     assert images.shape == (4, side, side, 3) and images.dtype == np.uint8
     assert (images.max(-1).astype(int) - images.min(-1) > 32).mean() > 0.05
     _colour(snap / "samples" / "grid.png")
+    with np.load(snap / "student_samples" / "samples.npz") as z:
+        assert z["images"].shape == (4, side, side, 3) and float(z["nfe"]) == 1.0
 
 
 @pytest.mark.parametrize("space", SPACES)

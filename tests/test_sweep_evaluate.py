@@ -258,3 +258,31 @@ def test_evaluate_takes_the_sweeps_selection_on_fresh_seeds(tmp_path):
     params = validate_params({"evaluate": {"sampler": "heun", "steps": 6, "options": {"s_churn": 5}}},
                              ["evaluate"]).evaluate
     assert resolve_setting(params, tmp_path / "nope.json")["options"] == {"s_churn": 5}
+
+
+def test_students_are_their_own_line_and_the_rule_may_pick_them_or_not(tmp_path):
+    """`model: student` rows (distill's students) summarise as their own settings, may be selected, and are left out
+    when sweep.select.models leaves them out; a student block that asks another sampler is refused."""
+    from pipeline.config import SECTIONS
+    from pipeline.grid import sampling_trials, setting_name
+    from pipeline.reports import sampler_of
+
+    block = SECTIONS["sweep"].model_fields["sampling"].annotation.__args__[0]
+    trials = sampling_trials([block(model="student", samplers=["ddim"], steps=[1, 2], scales=[2.0])], 1000, 1000,
+                             default_seed_sets=3)
+    assert len(trials) == 6 and all(t["model"] == "student" for t in trials)
+    assert setting_name(trials[0]) == "student-ddim-1-eta0-cfg2-n1000"
+    with pytest.raises(ValueError, match="students' own grid"):
+        block(model="student", samplers=["dpmpp3m"], steps=[1])
+    rows = _trial_rows()
+    for t in trials:
+        rows.append({**t, "trial": setting_name(t) + f"-s{t['seed_set']}", "setting": setting_name(t),
+                     "axis": "sampling", "nfe": float(t["steps"]), "fd_domain": 0.2 + 0.01 * t["seed_set"],
+                     "class_accuracy": 0.99})
+    s = summarize(rows)
+    student = [r for r in s if r.get("model") == "student"]
+    assert [r["setting"] for r in student] == ["student-ddim-1-eta0-cfg2-n1000", "student-ddim-2-eta0-cfg2-n1000"]
+    assert {sampler_of(r) for r in student} == {"student"} and sampler_of(s[0]) == "ddim"
+    assert select_setting(s, 1000, 50, 0.97)["setting"] == "student-ddim-1-eta0-cfg2-n1000"
+    assert select_setting(s, 1000, 50, 0.97, models=("diffusion",))["setting"] == "ddpm-20"
+    plot_fd_vs_nfe(s, tmp_path / "fd.png")  # a line of its own ("student") beside the samplers'

@@ -31,7 +31,7 @@ PRELOAD = ("torch", "numpy", "yaml", "PIL.Image", "mlflow", "ray", "diffusion_co
            "pipeline.config", "pipeline._stage")
 ENTRY_POINTS = ("pipeline.cli", "pipeline.prepare", "pipeline.train_feature_net", "pipeline.train_autoencoder",
                 "pipeline.train_diffusion", "pipeline.train_classifier", "pipeline.encode_latents",
-                "pipeline.reference_stats", "pipeline.evaluate", "pipeline.sweep")
+                "pipeline.reference_stats", "pipeline.evaluate", "pipeline.sweep", "pipeline.distill")
 
 
 # ----------------------------------------------------------------------------------------------- the server

@@ -10,10 +10,11 @@ from .autoencoder import AutoencoderKL, DiagonalGaussian
 from .classifier import FeatureNet, NoisyClassifier
 from .ema import EMA, unwrap_model
 from .mlp import MLPDenoiser
+from .student import StudentFamily
 from .unet import UNet
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    cls.kind: cls for cls in (UNet, MLPDenoiser, NoisyClassifier, FeatureNet, AutoencoderKL)}
+    cls.kind: cls for cls in (UNet, MLPDenoiser, NoisyClassifier, FeatureNet, AutoencoderKL, StudentFamily)}
 
 
 def build_model(config: dict) -> nn.Module:
@@ -32,4 +33,4 @@ def build_model(config: dict) -> nn.Module:
 
 
 __all__ = ["AutoencoderKL", "DiagonalGaussian", "EMA", "FeatureNet", "MLPDenoiser", "MODEL_REGISTRY",
-           "NoisyClassifier", "UNet", "build_model", "unwrap_model"]
+           "NoisyClassifier", "StudentFamily", "UNet", "build_model", "unwrap_model"]
