@@ -110,7 +110,7 @@ class DistillationObjective:
                  num_classes: int | None = None, scale_range: Sequence[float] | None = None,
                  label_dropout: float = 0.0, teacher_diffusion: GaussianDiffusion | None = None,
                  teacher_guidance_input: bool = False, teacher_bf16: bool = False):
-        _half_step(diffusion.num_timesteps, student_steps)
+        self._check_steps(diffusion.num_timesteps, student_steps)
         if scale_range is not None and (num_classes is None or not 0 <= scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range needs a class-conditional teacher (num_classes) and 0 <= lo <= hi, got "
                              f"{scale_range} with num_classes={num_classes}")
@@ -124,10 +124,19 @@ class DistillationObjective:
         if isinstance(teacher, nn.Module):
             teacher.eval().requires_grad_(False)
 
+    @staticmethod
+    def _check_steps(num_timesteps: int, student_steps: int) -> None:
+        _half_step(num_timesteps, student_steps)
+
+    def grid(self) -> torch.Tensor:
+        """The timesteps the student is trained at, ascending."""
+        return student_grid(self.diffusion.num_timesteps, self.student_steps)
+
     def timestep_probs(self) -> torch.Tensor:
-        """Mass 1/N on each of the student grid's timesteps, 0 elsewhere."""
+        """Mass 1/N on each of the grid's N timesteps, 0 elsewhere."""
+        grid = self.grid()
         probs = torch.zeros(self.diffusion.num_timesteps, dtype=torch.float64)
-        probs[student_grid(self.diffusion.num_timesteps, self.student_steps)] = 1.0 / self.student_steps
+        probs[grid] = 1.0 / len(grid)
         return probs
 
     def teacher_x0(self, z_t: torch.Tensor, t: torch.Tensor, y=None, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,9 +150,8 @@ class DistillationObjective:
         cond, uncond = model_x0(self.teacher, d, zz, tt, torch.cat([y, null])).chunk(2)
         return uncond + w.view(-1, *([1] * (z_t.dim() - 1))) * (cond - uncond)
 
-    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
-                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        d = self.diffusion
+    def _draw(self, x0: torch.Tensor, y: torch.Tensor | None, g: torch.Generator):
+        """(noise, labels after dropout or None, guidance scales w [B] or None), all from `g`."""
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
         if self.num_classes is None:
             y = None
@@ -155,12 +163,61 @@ class DistillationObjective:
         if self.scale_range is not None:
             lo, hi = self.scale_range
             w = (lo + (hi - lo) * torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).to(x0.device, x0.dtype)
-        z_t = d.q_sample(x0, t, noise)
-        t_mid, t_next = teacher_steps(t, d.num_timesteps, self.student_steps)
-        autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16) if self.teacher_bf16 else \
+        return noise, y, w
+
+    @contextlib.contextmanager
+    def _teacher_mode(self, x: torch.Tensor):
+        """No gradients, and bf16 autocast with teacher_bf16."""
+        autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.teacher_bf16 else \
             contextlib.nullcontext()
         with torch.no_grad(), autocast:
+            yield
+
+    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.diffusion
+        noise, y, w = self._draw(x0, y, g)
+        z_t = d.q_sample(x0, t, noise)
+        t_mid, t_next = teacher_steps(t, d.num_timesteps, self.student_steps)
+        with self._teacher_mode(x0):
             target = two_step_target(d, lambda z, s: self.teacher_x0(z, s, y, w), z_t, t, t_mid, t_next)
+        error = mean_flat((model_x0(net, d, z_t, t, y, w) - target) ** 2)
+        return d.snr(t).clamp(min=1.0).to(error.dtype) * error, {}
+
+
+class ConsistencyObjective(DistillationObjective):
+    """Consistency distillation (Song et al. 2023, Algorithm 2) for `Trainer`, in the discrete VP form: one network
+    f(z_t, t) = x^ maps any point of the teacher's probability-flow trajectory to its end, so it samples in any
+    number of steps (sampler `consistency`).
+
+    The grid is N timesteps t_k = k T/N - 1 (k = 1..N) and t_0 = -1 (the data). t = t_k is uniform on it, z_t =
+    alpha_t x0 + sigma_t eps, the teacher takes one DDIM step z_t -> z_prev at t_{k-1} (guided at w as in
+    DistillationObjective) and the target is the student's own x0 estimate there without gradient (iCT's target,
+    Song & Dhariwal 2023: EMA decay 0), or z_prev itself at t_0 (the boundary condition f(z, -1) = z). Per-sample
+    loss: max(SNR(t), 1) mean_dims (f(z_t, t) - target)^2. N must divide T.
+    """
+
+    @staticmethod
+    def _check_steps(num_timesteps: int, student_steps: int) -> None:
+        if int(student_steps) < 1 or int(num_timesteps) % int(student_steps):
+            raise ValueError(f"the consistency grid's {student_steps} steps must divide the schedule's "
+                             f"{num_timesteps} timesteps")
+
+    def grid(self) -> torch.Tensor:
+        stride = self.diffusion.num_timesteps // self.student_steps
+        return torch.arange(1, self.student_steps + 1, dtype=torch.int64) * stride - 1
+
+    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.diffusion
+        noise, y, w = self._draw(x0, y, g)
+        z_t = d.q_sample(x0, t, noise)
+        t_prev = t - d.num_timesteps // self.student_steps
+        with self._teacher_mode(x0):
+            z_prev = ddim_step(d, z_t, self.teacher_x0(z_t, t, y, w), t, t_prev)
+        with torch.no_grad():
+            end = (t_prev < 0).view(-1, *([1] * (x0.dim() - 1)))
+            target = torch.where(end, z_prev, model_x0(net, d, z_prev, t_prev.clamp(min=0), y, w))
         error = mean_flat((model_x0(net, d, z_t, t, y, w) - target) ** 2)
         return d.snr(t).clamp(min=1.0).to(error.dtype) * error, {}
 
@@ -265,5 +322,5 @@ def sample_student(net: Callable, diffusion: GaussianDiffusion, shape: Sequence[
     return z
 
 
-__all__ = ["DistillationObjective", "ProgressiveDistillation", "check_rounds", "ddim_step", "model_x0",
-           "progressive_objective", "sample_student", "student_grid", "teacher_steps", "two_step_target"]
+__all__ = ["ConsistencyObjective", "DistillationObjective", "ProgressiveDistillation", "check_rounds", "ddim_step",
+           "model_x0", "progressive_objective", "sample_student", "student_grid", "teacher_steps", "two_step_target"]

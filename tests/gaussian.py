@@ -65,3 +65,14 @@ class GaussianDenoiser(torch.nn.Module):
         """Var(x0 | x_t) per dim, [len(t), D]."""
         ab = self.ab[t.long()].view(-1, 1)
         return self.s ** 2 * (1 - ab) / (ab * self.s ** 2 + 1 - ab)
+
+
+class GaussianConsistency(GaussianDenoiser):
+    """The exact consistency function of N(m, s^2) data: f(x_t, t) is where the probability-flow ODE through x_t
+    ends at the data (u = (x_t - sqrt(ab) m) / sqrt(ab s^2 + 1 - ab) is constant along it, so f = m + s u),
+    written as the denoiser's output of its parameterization."""
+
+    def posterior_x0(self, x_t, t):
+        ab = self.ab[t.long()].view(-1, *([1] * (x_t.dim() - 1)))
+        u = (x_t.double() - ab.sqrt() * self.m) / (ab * self.s ** 2 + 1 - ab).sqrt()
+        return self.m + self.s * u, ab

@@ -264,8 +264,8 @@ CASES: dict[str, Case] = {
     "guidance scale < 0 (params)": params_case("evaluate", {"evaluate": {"scale": -2.0}},
                                                "evaluate.scale must be a number >= 0", "got -2.0"),
     "unknown sampler (params)": params_case("evaluate", {"evaluate": {"sampler": "ddimm"}},
-                                            "evaluate.sampler must be one of ddim, ddpm, dpmpp2m, dpmpp2m_sde, "
-                                            "dpmpp3m, euler, heun", "did you mean 'ddim'?"),
+                                            "evaluate.sampler must be one of consistency, ddim, ddpm, dpmpp2m, "
+                                            "dpmpp2m_sde, dpmpp3m, euler, heun", "did you mean 'ddim'?"),
     "test_fraction = 1": params_case("prepare", {"prepare": {"test_fraction": 1.0}},
                                      "prepare.test_fraction must be a number in (0, 1)", "got 1.0"),
     "test_fraction = 0": params_case("prepare", {"prepare": {"test_fraction": 0.0}},

@@ -426,3 +426,53 @@ def test_a_student_folder_samples_through_generate_with_one_call_per_step(tmp_pa
     assert generate(plain, steps=1, guidance_kind="cfg", scale=1.0, **kw)["nfe"] == 1
     with pytest.raises(SamplingError, match="without the guidance scale"):
         generate(plain, steps=1, guidance_kind="cfg", scale=2.0, **kw)
+
+
+def test_consistency_distillation_learns_the_exact_teachers_ode_map_on_gaussian_data():
+    """ConsistencyObjective on the exact eps teacher of N(MEAN, STD^2): a small v-student's one call from x_T lands
+    where the teacher's 8-step DDIM (the grid it was distilled on) lands, far closer than the teacher's own one step,
+    and its 2-step consistency samples keep the spread of that map's samples."""
+    from diffusion_core.distillation import ConsistencyObjective
+
+    sched = NoiseSchedule.from_name("cosine", T)
+    d_teacher, d_student = GaussianDiffusion(sched, "eps"), GaussianDiffusion(sched, "v")
+    teacher = GaussianDenoiser(sched, MEAN, STD, "eps")
+    objective = ConsistencyObjective(teacher, d_student, 8, teacher_diffusion=d_teacher)
+    assert objective.grid().tolist() == [124, 249, 374, 499, 624, 749, 874, 999]
+    torch.manual_seed(0)
+    student = MLPDenoiser(dim=2, hidden=64, num_layers=2)
+    drawn = _train(student, objective, 600, lambda g: (MEAN + STD * torch.randn(256, 2, generator=g), None))
+    assert set(drawn.unique().tolist()) == set(objective.grid().tolist())
+    student.eval()
+    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))
+    kw = dict(spacing="trailing", x_T=x_T, clip_denoised=False, lambda_min=None)
+    ref = sample(d_teacher, teacher, x_T.shape, sampler="ddim", steps=8, **kw)
+    one = sample(d_student, student, x_T.shape, sampler="consistency", steps=1, **kw)
+    teacher1 = sample(d_teacher, teacher, x_T.shape, sampler="ddim", steps=1, **kw)
+    assert _mse(one, ref) * 10 < _mse(teacher1, ref), (_mse(one, ref), _mse(teacher1, ref))
+    two = sample(d_student, student, x_T.shape, sampler="consistency", steps=2,
+                 generator=torch.Generator().manual_seed(5), **kw)
+    # the teacher's 8-step DDIM ends at E[x0 | z_124], narrower than the data: that is the map distilled
+    assert torch.allclose(two.std(0), ref.std(0), rtol=0.1) and torch.allclose(two.mean(0), MEAN, atol=0.05)
+
+
+def test_consistency_target_is_the_teachers_ddim_step_then_the_student(tmp_path):
+    """The objective's loss is max(SNR, 1) times the squared distance of the student's x0 at (z_t, t) to its own
+    no-grad x0 at the teacher's one DDIM step back, or to that step itself at the grid's end (t_prev = -1)."""
+    from diffusion_core.distillation import ConsistencyObjective
+
+    sched = NoiseSchedule.from_name("cosine", 8)
+    d = GaussianDiffusion(sched, "x0")
+    teacher = GaussianDenoiser(sched, MEAN, STD, "x0")
+    net = lambda x, t, y=None: torch.tanh(x) * (1 + t.view(-1, 1) / 10)  # noqa: E731 - an x0 'student'
+    objective = ConsistencyObjective(teacher, d, 4)
+    x0 = MEAN + STD * torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1, 3, 5, 7, 1, 7])
+    loss, _ = objective(net, x0, None, t, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    z = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    prev = t - 2
+    z_prev = _ddim(sched, z.double(), teacher.posterior_x0(z, t)[0], t, prev).float()
+    target = torch.where((prev < 0)[:, None], z_prev, net(z_prev, prev.clamp(min=0)))
+    want = d.snr(t).clamp(min=1.0).float() * ((net(z, t) - target) ** 2).mean(1)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)

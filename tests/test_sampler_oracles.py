@@ -12,10 +12,12 @@ from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.samplers import SAMPLERS, SPACINGS, get_sampler, sample
 from diffusion_core.samplers.dpm_solver import _differences, _ode_step
 from diffusion_core.samplers.grids import KARRAS_RHO, grid_timesteps
-from tests.gaussian import GaussianDenoiser
+from tests.gaussian import GaussianConsistency, GaussianDenoiser
 
 MEAN, STD = torch.tensor([0.5, -0.3, 0.0, 0.2]), torch.tensor([0.25, 0.4, 0.3, 0.5])
 STOCHASTIC = {"ddim": {"eta": 1.0}, "euler": {"s_churn": 20.0}, "heun": {"s_churn": 20.0}}
+# samplers of a denoiser E[x0 | x_t]; `consistency` samples a consistency function (its own oracle below)
+DENOISER_SAMPLERS = sorted(set(SAMPLERS) - {"consistency"})
 
 
 def _setup(name="cosine"):
@@ -24,7 +26,7 @@ def _setup(name="cosine"):
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", DENOISER_SAMPLERS)
 def test_every_sampler_and_grid_reproduces_gaussian_data(sampler, spacing):
     """With the exact denoiser, every sampler on every grid draws the data's mean and std.
 
@@ -204,7 +206,7 @@ def test_nfe_is_counted_for_every_sampler(sampler, cfg):
 
 
 @pytest.mark.parametrize("parameterization", ["x0", "v", "mu", "edm"])
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", DENOISER_SAMPLERS)
 def test_every_sampler_runs_on_every_formulation(sampler, parameterization):
     """The rest of the sampler x formulation matrix (eps: the test above, on every grid): the exact Gaussian
     denoiser written in each formulation's output (x0, v, the DPM's mean mu, EDM's preconditioned F with sigma_data
@@ -218,3 +220,25 @@ def test_every_sampler_runs_on_every_formulation(sampler, parameterization):
                generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x.mean(0), MEAN, atol=0.03), (x.mean(0), MEAN)
     _check_std(x, model, grid_timesteps(diff.schedule, steps, "trailing", -5.1)[0])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_consistency_sampling_of_the_exact_consistency_function_draws_the_data(steps):
+    """With Gaussian data's exact consistency function, multistep consistency sampling draws N(m, s^2) at any step
+    count (each fresh noising gives the exact marginal at that level), and one step is the exact ODE map of x_T;
+    the same sampler on the posterior-mean denoiser collapses the spread (it is not a sampler of denoisers)."""
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    diff = GaussianDiffusion(sched, "v")
+    f = GaussianConsistency(sched, MEAN, STD, "v")
+    x_T = torch.randn(8000, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kw = dict(sampler="consistency", steps=steps, spacing="trailing", clip_denoised=False, lambda_min=None)
+    x = sample(diff, f, x_T.shape, generator=torch.Generator().manual_seed(4), x_T=x_T, **kw)
+    assert torch.allclose(x.mean(0).float(), MEAN, atol=0.02) and torch.allclose(x.std(0).float(), STD, rtol=0.03)
+    if steps == 1:  # the ODE's invariant u at t = 999, carried to the data: m + s u
+        ab = sched.alphas_cumprod[999]
+        u = (x_T - ab.sqrt() * MEAN.double()) / (ab * STD.double() ** 2 + 1 - ab).sqrt()
+        torch.testing.assert_close(x, MEAN.double() + STD.double() * u)
+        assert ((x - _exact_ode_end(sched, x_T, 999, 0)).abs().max() / STD.min()) < 0.05  # and ~ its point at t = 0
+    collapsed = sample(diff, GaussianDenoiser(sched, MEAN, STD, "v"), x_T.shape,
+                       generator=torch.Generator().manual_seed(4), x_T=x_T, **kw)
+    assert (collapsed.std(0).float() < 0.9 * STD).all()

@@ -224,7 +224,8 @@ def test_cfg_only_touches_mean_channels_of_learned_variance():
 def test_bad_sampler_arguments():
     diff, model = _setup("cosine")
     with pytest.raises(ValueError,
-                       match="unknown sampler 'lms'; accepted: ddim, ddpm, dpmpp2m, dpmpp2m_sde, dpmpp3m, euler, heun"):
+                       match="unknown sampler 'lms'; accepted: consistency, ddim, ddpm, dpmpp2m, dpmpp2m_sde, "
+                             "dpmpp3m, euler, heun"):
         sample(diff, model, (2, 4), sampler="lms")
     with pytest.raises(ValueError, match="steps must be in 1..1000"):
         sample(diff, model, (2, 4), steps=1001)
