@@ -234,6 +234,17 @@ def check_rounds(rounds: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
     return rounds
 
 
+def student_from_teacher(teacher: nn.Module, guidance_input: bool) -> nn.Module:
+    """A new network of the teacher's architecture (with guidance_input: the guidance scale an input, its
+    embedding zero-initialised) holding the teacher's weights: at start it computes what the teacher computes."""
+    config = {**unwrap_model(teacher).config, **({"guidance_input": True} if guidance_input else {})}
+    student = build_model(config)
+    missing = student.load_state_dict(unwrap_model(teacher).state_dict(), strict=False).missing_keys
+    if any(not k.startswith("guidance_embed.") for k in missing):
+        raise ValueError(f"the student does not take the teacher's weights: missing {missing[:3]}")
+    return student
+
+
 class ProgressiveDistillation(nn.Module):
     """What a progressive-distillation run trains and checkpoints (Salimans & Ho 2022, Algorithm 2, all rounds).
 
@@ -251,14 +262,11 @@ class ProgressiveDistillation(nn.Module):
     def __init__(self, original: nn.Module, rounds: Sequence[int], num_timesteps: int, guidance_input: bool):
         super().__init__()
         base = unwrap_model(original).config
-        net = {**base, **({"guidance_input": True} if guidance_input else {})}
         self.rounds = check_rounds(rounds, num_timesteps)
-        self.config = model_config(self.kind, net=net, rounds=list(self.rounds), teacher=base)
         self.original = copy.deepcopy(unwrap_model(original)).eval().requires_grad_(False)
-        self.student = build_model(net)
-        missing = self.student.load_state_dict(self.original.state_dict(), strict=False).missing_keys
-        if any(not k.startswith("guidance_embed.") for k in missing):
-            raise ValueError(f"the student does not take the teacher's weights: missing {missing[:3]}")
+        self.student = student_from_teacher(self.original, guidance_input)
+        net = self.student.config
+        self.config = model_config(self.kind, net=net, rounds=list(self.rounds), teacher=base)
         self.family = StudentFamily(net, self.rounds).eval().requires_grad_(False)
         self.register_buffer("round", torch.zeros((), dtype=torch.int64))
 
@@ -323,4 +331,5 @@ def sample_student(net: Callable, diffusion: GaussianDiffusion, shape: Sequence[
 
 
 __all__ = ["ConsistencyObjective", "DistillationObjective", "ProgressiveDistillation", "check_rounds", "ddim_step",
-           "model_x0", "progressive_objective", "sample_student", "student_grid", "teacher_steps", "two_step_target"]
+           "model_x0", "progressive_objective", "sample_student", "student_from_teacher", "student_grid",
+           "teacher_steps", "two_step_target"]

@@ -20,6 +20,7 @@ import torch
 
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .io import atomic_path
+from .models import StudentFamily
 from .precision import Bf16, resolve_bf16
 from .pretrained import DiffusionBundle
 from .samplers import SAMPLERS, SPACINGS, sample, sampler_options  # noqa: F401 (re-exported)
@@ -282,20 +283,26 @@ def _student_member(bundle: DiffusionBundle, sampler: str, steps: int | None, op
         raise SamplingError(f"a distilled student samples on the grid it was distilled for: sampler "
                             f"{student['sampler']}, spacing {student['spacing']}, eta 0; got {sampler}, {spacing}, "
                             f"eta {options.get('eta', 0.0):g}: set those (or leave them at their defaults)")
-    family = bundle.model
-    if steps not in family.steps:
-        raise SamplingError(f"this student was distilled for {', '.join(map(str, family.steps))} steps, not "
+    family = bundle.model  # a StudentFamily (progressive), or one network for every step count (consistency)
+    distilled = family.steps if isinstance(family, StudentFamily) else tuple(student["steps"])
+    if steps not in distilled:
+        raise SamplingError(f"this student was distilled for {', '.join(map(str, distilled))} steps, not "
                             f"{steps}: pass --steps with one of them")
     if guidance_kind == "classifier":
         raise SamplingError("a distilled student has classifier-free guidance built in, not classifier guidance: "
                             "use --guidance cfg --scale W (or none)")
-    member = family.member(steps)
+    member = family.member(steps) if isinstance(family, StudentFamily) else family
     if not student.get("guidance_input"):
         if guidance_kind == "cfg" and scale != 1.0:
             raise SamplingError(f"this student was distilled from the conditional teacher (scale 1) without the "
                                 f"guidance scale as an input; scale {scale:g} needs distill.scale_range")
         return member
     return _GuidedStudent(member, scale if guidance_kind == "cfg" else 1.0)
+
+
+def default_sampler(bundle: DiffusionBundle) -> str:
+    """The sampler a folder samples with when none is named: a distilled student's own, else ddim."""
+    return (bundle.config.get("student") or {}).get("sampler", "ddim")
 
 
 def _guidance(kind: str, scale: float, bundle: DiffusionBundle, classifier_bundle: ClassifierBundle | None,

@@ -63,7 +63,8 @@ def _add_sample(sub) -> None:
         formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="diffusion model folder (e.g. models/diffusion) "
                    "or its URL on shared storage (s3://bucket/run/models/diffusion; fetched into the local cache)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampler (see the list below)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="sampler (see the list below; default: ddim, or a distilled student's own)")
     p.add_argument("--steps", type=int, default=50, metavar="N",
                    help="grid points (1..T of the model); NFE per sample is printed (heun: 2N-1, cfg doubles)")
     p.add_argument("--eta", type=float, default=None, metavar="E",
@@ -103,7 +104,7 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from diffusion_core.generation import check_device, generate, load_classifier_dir, save_samples
+    from diffusion_core.generation import check_device, default_sampler, generate, load_classifier_dir, save_samples
     from diffusion_core.pretrained import load_diffusion_dir
 
     check_device(args.device)  # before loading: a bad --device is the user's typo, not a corrupt checkpoint
@@ -111,7 +112,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                                 autoencoder=args.autoencoder)
     clf = load_classifier_dir(args.classifier, map_location=args.device) if args.classifier else None
     classes = [args.class_] if args.class_ is not None else args.classes
-    result = generate(bundle, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+    result = generate(bundle, args.num, sampler=args.sampler or default_sampler(bundle), steps=args.steps, eta=args.eta,
                       options=dict(args.options),
                       guidance_kind=args.guidance, scale=args.scale, classifier_bundle=clf, classes=classes,
                       seed=args.seed, batch_size=args.batch_size, spacing=args.spacing,

@@ -272,12 +272,15 @@ class TrainDiffusionConfig(RayTrainingSection):
 
 @register_section("distill")
 class DistillConfig(RayTrainingSection):
-    """Progressive distillation of models/diffusion into few-step students (stage distill): `steps` in all, split
-    evenly over the rounds; round k's student takes rounds[k] steps where its teacher takes twice as many."""
+    """Few-step students of models/diffusion (stage distill). progressive: `steps` in all, split evenly over the
+    rounds; round k's student takes rounds[k] steps where its teacher takes twice as many. consistency: one student
+    trained `steps` steps on a grid of `consistency_grid` timesteps, sampled at each of `rounds` steps (each must
+    divide the grid)."""
 
-    method: Literal["progressive"] = "progressive"
+    method: Literal["progressive", "consistency"] = "progressive"
     space: Literal["pixel", "latent"] | None = None  # null: the teacher's (set: checked against it)
-    rounds: PosIntTuple = (8, 4, 2, 1)  # student steps per round, each half the one before
+    rounds: PosIntTuple = (8, 4, 2, 1)  # progressive: student steps per round, each half the one before
+    consistency_grid: PosInt = 40  # consistency: the teacher's DDIM steps the student is made consistent along
     steps: PosInt = 800
     lr: PosFloat = 2e-4
     warmup_steps: NonNegInt = 0
@@ -289,10 +292,15 @@ class DistillConfig(RayTrainingSection):
 
     @model_validator(mode="after")
     def _rounds(self):
-        if any(b * 2 != a for a, b in zip(self.rounds, self.rounds[1:])):
+        if self.method == "consistency":
+            bad = [n for n in self.rounds if self.consistency_grid % n]
+            if bad:
+                raise ValueError(f"with method consistency every entry of rounds (the step counts it samples at) "
+                                 f"must divide consistency_grid {self.consistency_grid}, got {bad[0]}")
+        elif any(b * 2 != a for a, b in zip(self.rounds, self.rounds[1:])):
             raise ValueError(f"rounds must halve the step count each round (e.g. [8, 4, 2, 1]), got "
                              f"{list(self.rounds)}")
-        if self.steps % len(self.rounds):
+        if self.method == "progressive" and self.steps % len(self.rounds):
             raise ValueError(f"steps {self.steps} must split evenly over the {len(self.rounds)} rounds")
         if self.scale_range is not None and self.scale_range[0] > self.scale_range[1]:
             raise ValueError(f"scale_range must be [low, high] with low <= high, got {list(self.scale_range)}")
@@ -421,11 +429,11 @@ class SweepGridConfig(Section):
     @model_validator(mode="after")
     def _options_exist(self):
         _check_sampler_options(self.samplers, self.options, "sweep.sampling options")
-        if self.model == "student" and (self.samplers != ("ddim",) or self.etas != (0.0,)
+        if self.model == "student" and (self.samplers not in (("ddim",), ("consistency",)) or self.etas != (0.0,)
                                         or self.spacings not in (None, ("trailing",))
                                         or "classifier" in self.guidance):
-            raise ValueError("a model: student block samples the students' own grid: samplers [ddim], etas [0], "
-                             "spacings null or [trailing], guidance cfg or none")
+            raise ValueError("a model: student block samples the students' own grid: samplers [ddim] (progressive) "
+                             "or [consistency], etas [0], spacings null or [trailing], guidance cfg or none")
         return self
 
 

@@ -1,10 +1,12 @@
-"""Stage `distill`: progressive distillation of `models/diffusion` into few-step students (Ray Train, DDP) ->
-`models/student/`, `metrics/distill.json`, `reports/distill_loss.json`.
+"""Stage `distill`: few-step students of `models/diffusion` (Ray Train, DDP) -> `models/student/`,
+`metrics/distill.json`, `reports/distill_loss.json`.
 
-Round k trains a student to take in one DDIM step what its teacher takes in two (Salimans & Ho 2022): the teacher
-model at 2 * rounds[0] steps first, then each round's student for the next. With `scale_range`, the guidance scale w
-is the student's input and the first teacher is classifier-free guided at w (Meng et al. 2023), so a student step
-is one network call with guidance. `models/student/` keeps every round's student (a StudentFamily) with the
+`method: progressive` (Salimans & Ho 2022): round k trains a student to take in one DDIM step what its teacher takes
+in two, the teacher model at 2 * rounds[0] steps first, then each round's student for the next; `models/student/`
+keeps every round's student (a StudentFamily). `method: consistency` (Song et al. 2023): one student made
+consistent along the teacher's `consistency_grid`-step DDIM, sampled by multistep consistency sampling at any of
+`rounds` steps. With `scale_range`, the guidance scale w is the student's input and the teacher is classifier-free
+guided at w (Meng et al. 2023), so a student step is one network call with guidance. The folder carries the
 teacher's diffusion, data and latent blocks: `diffusion sample --model models/student --steps 4 --guidance cfg
 --scale 2`. The driver, resume, checkpoints and the rank-0 finish are the shared skeleton's (training_stage.py).
 """
@@ -18,7 +20,13 @@ import torch
 
 from diffusion_core.checkpoint import CheckpointError, save_model_dir
 from diffusion_core.data import read_meta
-from diffusion_core.distillation import ProgressiveDistillation, check_rounds, progressive_objective
+from diffusion_core.distillation import (
+    ConsistencyObjective,
+    ProgressiveDistillation,
+    check_rounds,
+    progressive_objective,
+    student_from_teacher,
+)
 from diffusion_core.io import atomic_write_json
 from diffusion_core.precision import resolve_bf16
 from diffusion_core.pretrained import load_diffusion_dir
@@ -31,7 +39,7 @@ from . import training_stage
 from .training_stage import Inputs, TrainingStage, Worker
 
 TEACHER, AUTOENCODER = "models/diffusion", "models/autoencoder"
-SAMPLER, SPACING = "ddim", "trailing"  # the grid a student is distilled on (distillation.student_grid)
+SAMPLER, SPACING = "ddim", "trailing"  # a progressive student's sampler and grid (distillation.student_grid)
 
 
 def _teacher_config(space: str | None) -> dict:
@@ -62,22 +70,28 @@ class Distill(TrainingStage):
         if cfg.scale_range is not None and teacher["data"].get("num_classes") is None:
             raise ConfigError(f"distill.scale_range makes the guidance scale a student input, but {TEACHER} is "
                               f"unconditional: set distill.scale_range: null")
+        T = int(teacher["diffusion"]["num_timesteps"])
         try:
-            check_rounds(cfg.rounds, int(teacher["diffusion"]["num_timesteps"]))
+            if cfg.method == "progressive":
+                check_rounds(cfg.rounds, T)
+            else:
+                ConsistencyObjective._check_steps(T, cfg.consistency_grid)
         except ValueError as e:
-            raise ConfigError(f"distill.rounds with {TEACHER}'s schedule: {e}") from None
+            what = "rounds" if cfg.method == "progressive" else "consistency_grid"
+            raise ConfigError(f"distill.{what} with {TEACHER}'s schedule: {e}") from None
         latent = teacher["data"].get("space") == "latent"
         shard_dir = Path("data/latents" if latent else "data/shards")
         read_meta(shard_dir)
         return Inputs(shard_dir, (TEACHER, AUTOENCODER) if latent else (TEACHER,), splits=("train",))
 
     def run_key(self, params) -> str:
-        """What makes checkpoints interchangeable: the section but its step budget and cadences, and the teacher."""
+        """What makes checkpoints interchangeable: the section but its step budget and cadences, and the teacher
+        (progressive: the steps per round too, where the rounds change)."""
         cfg = params.distill.model_dump(mode="json")
         for k in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "scaling"):
             cfg.pop(k)
-        return params_hash({"cfg": cfg, "teacher": input_model(TEACHER)["config_sha256"],
-                            "per_round": params.distill.steps // len(params.distill.rounds)})
+        per_round = params.distill.steps // len(params.distill.rounds) if cfg["method"] == "progressive" else None
+        return params_hash({"cfg": cfg, "teacher": input_model(TEACHER)["config_sha256"], "per_round": per_round})
 
     def train(self, w: Worker) -> None:
         params, cfg = w.params, w.cfg
@@ -85,26 +99,49 @@ class Distill(TrainingStage):
         latent = teacher.config.get("latent")
         data = load_rank_data(w.config.ws["data"], w.rank, w.world, scale=latent["scale_factor"] if latent else 1.0,
                               verify_checksums=params.data.verify_checksums, on_bad_shard=params.data.on_bad_shard)
-        d, T, rounds = teacher.diffusion, teacher.diffusion.num_timesteps, tuple(cfg.rounds)
-        torch.manual_seed(cfg.seed)  # the w-embedding's initial weights, the same on every rank
-        state = ProgressiveDistillation(teacher.model, rounds, T, guidance_input=cfg.scale_range is not None)
-        per_round = cfg.steps // len(rounds)
         options = cfg.train_options()
         bf16 = resolve_bf16(options.bf16, torch.device(w.device))  # the teachers' calls too
+        torch.manual_seed(cfg.seed)  # the w-embedding's initial weights, the same on every rank
+        run = Run(w, teacher, data, options, bf16)
+        if cfg.method == "progressive":
+            run.progressive()
+        else:
+            run.consistency()
+
+
+class Run:
+    """One distill run on a worker: the teacher bundle, this rank's data, the trainer's options; `progressive` or
+    `consistency` trains and (rank 0) writes models/student."""
+
+    def __init__(self, w: Worker, teacher, data, options, bf16: bool):
+        self.w, self.cfg, self.teacher, self.data, self.options, self.bf16 = w, w.cfg, teacher, data, options, bf16
+        self.guided = self.cfg.scale_range is not None
+
+    def _loop(self, trainer: Trainer, run, end: int, line) -> None:
+        cfg = self.cfg
+        hooks = LoopHooks(log=self.w.log_hook(run, line),
+                          checkpoint=self.w.checkpoint_hook(run, {"distill": {"method": cfg.method}},
+                                                            cfg.keep_checkpoints))
+        train_loop(trainer, self.data, end, cfg.batch_size // self.w.world, log_every=cfg.log_every,
+                   checkpoint_every=cfg.checkpoint_every, hooks=hooks)
+
+    def progressive(self) -> None:
+        cfg, teacher = self.cfg, self.teacher
+        d, T, rounds = teacher.diffusion, teacher.diffusion.num_timesteps, tuple(cfg.rounds)
+        state = ProgressiveDistillation(teacher.model, rounds, T, guidance_input=self.guided)
+        per_round = cfg.steps // len(rounds)
 
         def objective(k: int):
             return progressive_objective(state, k, d, teacher.num_classes, cfg.scale_range, cfg.label_dropout,
-                                         teacher_bf16=bf16)
+                                         teacher_bf16=self.bf16)
 
-        trainer = Trainer(state, objective(0), "uniform", options, w.device)
-        continues = w.resume(trainer)
-        with w.start_run(continues) as run:
-            hooks = LoopHooks(
-                log=w.log_hook(run, lambda tr, m: f"(round of {rounds[min(tr.step - 1, cfg.steps - 1) // per_round]}"
-                                                  f" steps) loss {m.get('loss', float('nan')):.4f} "
-                                                  f"{m['samples_per_second']:.0f} samples/s"),
-                checkpoint=w.checkpoint_hook(run, {"distill": {"rounds": list(rounds), "per_round": per_round}},
-                                             cfg.keep_checkpoints))
+        trainer = Trainer(state, objective(0), "uniform", self.options, self.w.device)
+        continues = self.w.resume(trainer)
+        with self.w.start_run(continues) as run:
+            def line(tr, m):
+                return (f"(round of {rounds[min(tr.step - 1, cfg.steps - 1) // per_round]} steps) loss "
+                        f"{m.get('loss', float('nan')):.4f} {m['samples_per_second']:.0f} samples/s")
+
             for k in range(len(rounds)):
                 end = (k + 1) * per_round
                 if trainer.step >= end:
@@ -112,48 +149,64 @@ class Distill(TrainingStage):
                 state.close_rounds(k)
                 trainer.objective = objective(k)
                 trainer.sampler = make_timestep_sampler("uniform", T, trainer.objective.timestep_probs())
-                train_loop(trainer, data, end, cfg.batch_size // w.world, log_every=cfg.log_every,
-                           checkpoint_every=cfg.checkpoint_every, hooks=hooks)
+                self._loop(trainer, run, end, line)
             state.close_rounds(len(rounds))
-            if w.rank == 0:
-                self._finish(w, run, trainer, state, teacher.config, per_round)
+            if self.w.rank == 0:
+                final = {}
+                for h in trainer.history:  # the last logged loss of each round
+                    final[rounds[min(h["step"] - 1, cfg.steps - 1) // per_round]] = h["loss"]
+                self._finish(run, trainer, state.family,
+                             {"sampler": SAMPLER, "teacher_steps": 2 * rounds[0], "steps_per_round": per_round},
+                             {"steps_per_round": per_round, **{f"final_loss_{n}_steps": final.get(n) for n in rounds}},
+                             f"progressive distillation (Salimans & Ho 2022): {per_round} steps per round, from the "
+                             f"teacher's {2 * rounds[0]}-step DDIM to students of {', '.join(map(str, rounds))} DDIM "
+                             f"steps (trailing grid), one network call per step")
 
-    def _finish(self, w: Worker, run, trainer: Trainer, state: ProgressiveDistillation, teacher: dict,
-                per_round: int) -> None:
-        """Rank 0 after the last round: the loss curve, then the skeleton's finish (the student family's folder,
-        metrics, publishing, MLflow's registered model)."""
-        params, cfg = w.params, w.cfg
-        rounds = list(state.rounds)
-        final = {}
-        for h in trainer.history:  # the last logged loss of each round
-            final[rounds[min(h["step"] - 1, cfg.steps - 1) // per_round]] = h["loss"]
-        metrics = {"rounds": rounds, "steps_per_round": per_round, "steps": trainer.step,
-                   **{f"final_loss_{n}_steps": final.get(n) for n in rounds},
+    def consistency(self) -> None:
+        cfg, teacher = self.cfg, self.teacher
+        student = student_from_teacher(teacher.model, self.guided)
+        objective = ConsistencyObjective(teacher.model, teacher.diffusion, cfg.consistency_grid, teacher.num_classes,
+                                         cfg.scale_range, cfg.label_dropout, teacher_bf16=self.bf16)
+        trainer = Trainer(student, objective, "uniform", self.options, self.w.device)
+        continues = self.w.resume(trainer)
+        with self.w.start_run(continues) as run:
+            self._loop(trainer, run, cfg.steps, lambda tr, m: f"loss {m.get('loss', float('nan')):.4f} "
+                                                             f"{m['samples_per_second']:.0f} samples/s")
+            if self.w.rank == 0:
+                last = trainer.history[-1]["loss"] if trainer.history else None
+                self._finish(run, trainer, student, {"sampler": "consistency", "grid_steps": cfg.consistency_grid},
+                             {"final_loss": last},
+                             f"consistency distillation (Song et al. 2023; the target without gradient, Song & "
+                             f"Dhariwal 2023) along the teacher's {cfg.consistency_grid}-step DDIM: one network for "
+                             f"{', '.join(map(str, cfg.rounds))} steps of multistep consistency sampling, one call "
+                             f"per step")
+
+    def _finish(self, run, trainer: Trainer, model, student: dict, metrics: dict, how: str) -> None:
+        """Rank 0 after training: the loss curve, then the skeleton's finish (the students' folder with the
+        teacher's diffusion, data and latent blocks, metrics, publishing, MLflow's registered model)."""
+        w, cfg, teacher = self.w, self.cfg, self.teacher.config
+        stage = w.stage
+        rounds = list(cfg.rounds)
+        metrics = {"method": cfg.method, "rounds": rounds, "steps": trainer.step, **metrics,
                    "wall_seconds": round(trainer.train_seconds, 2),
                    "samples_per_second": round(trainer.samples_seen / max(trainer.train_seconds, 1e-9), 1)}
-        atomic_write_json(self.curve, trainer.history)
+        atomic_write_json(stage.curve, trainer.history)
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "steps"})
-        guided = cfg.scale_range is not None
-        student = {"method": cfg.method, "steps": rounds, "sampler": SAMPLER, "spacing": SPACING,
-                   "guidance_input": guided, "scale_range": list(cfg.scale_range) if guided else None,
-                   "teacher": TEACHER, "teacher_steps": 2 * rounds[0], "steps_per_round": per_round}
-        data = teacher["data"]
-        what = (f"Few-step students of `{TEACHER}` ({data['dataset']}, {data['space']} space) by progressive "
-                f"distillation (Salimans & Ho 2022): {per_round} steps per round, from the teacher's "
-                f"{2 * rounds[0]}-step DDIM to students of {', '.join(map(str, rounds))} DDIM steps (trailing grid), "
-                f"one network call per step"
+        block = {"method": cfg.method, "steps": rounds, "spacing": SPACING, "guidance_input": self.guided,
+                 "scale_range": list(cfg.scale_range) if self.guided else None, "teacher": TEACHER, **student}
+        data, latent = teacher["data"], teacher.get("latent")
+        what = (f"Few-step students of `{TEACHER}` ({data['dataset']}, {data['space']} space) by {how}"
                 + (f"; the classifier-free guidance scale w in [{cfg.scale_range[0]:g}, {cfg.scale_range[1]:g}] is "
-                   f"the student's input (Meng et al. 2023): `diffusion sample --model {self.out} --steps "
-                   f"{rounds[-1]} --guidance cfg --scale 2`." if guided else "."))
-        latent = teacher.get("latent")
+                   f"the student's input (Meng et al. 2023): `diffusion sample --model {stage.out} --steps "
+                   f"{rounds[-1]} --guidance cfg --scale 2`." if self.guided else "."))
         w.finish(run, metrics, trainer.train_seconds,
-                 lambda files: save_model_dir(self.out, state.family, {"diffusion": teacher["diffusion"],
-                                                                       "data": data, "latent": latent,
-                                                                       "student": student}, extra_files=files),
+                 lambda files: save_model_dir(stage.out, model, {"diffusion": teacher["diffusion"], "data": data,
+                                                                 "latent": latent, "student": block},
+                                              extra_files=files),
                  f"Distilled students: {data['dataset']} ({data['space']})", what,
-                 register_as=registered_name(params.project.experiment, "student"), diffusion=True,
+                 register_as=registered_name(w.params.project.experiment, "student"), diffusion=True,
                  autoencoder=AUTOENCODER if latent else None)
-        print(f"{self.name}: students of {rounds} steps -> {self.out}/", flush=True)
+        print(f"{stage.name}: {cfg.method} students of {rounds} steps -> {stage.out}/", flush=True)
 
 
 STAGE = Distill()

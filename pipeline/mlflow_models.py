@@ -60,6 +60,15 @@ def _request(model_input: Any) -> dict:
     return req
 
 
+def _given(model_input: Any, key: str) -> Any:
+    """The value the request itself gave for `key` (None: left to the default)."""
+    if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):
+        rows = model_input.to_dict(orient="records")
+        model_input = rows[0] if rows else {}
+    value = model_input.get(key) if isinstance(model_input, dict) else None
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
 class DiffusionModel(mlflow.pyfunc.PythonModel):
     """A `models/diffusion` folder as a pyfunc model; predict draws samples (module doc)."""
 
@@ -69,9 +78,11 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
         self.bundle = load_diffusion_dir(context.artifacts["model"], autoencoder=context.artifacts.get("autoencoder"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from diffusion_core.generation import generate
+        from diffusion_core.generation import default_sampler, generate
 
         req = _request(model_input)
+        if _given(model_input, "sampler") is None:  # a distilled student samples with its own by default
+            req["sampler"] = default_sampler(self.bundle)
         steps = min(int(req["steps"]), self.bundle.diffusion.num_timesteps)
         classes = None if req["class_label"] is None else [int(req["class_label"])]
         out = generate(self.bundle, int(req["num_samples"]), sampler=str(req["sampler"]), steps=steps,

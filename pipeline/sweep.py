@@ -421,8 +421,13 @@ def _check_students(sw) -> None:
     path = Path(STUDENT) / "config.json"
     if not path.is_file():
         raise ConfigError(f"sweep.sampling has model: student blocks but {STUDENT}/ is missing: run distill first")
-    distilled = json.loads(path.read_text())["student"]["steps"]
+    student = json.loads(path.read_text())["student"]
+    distilled = student["steps"]
     for i, b in blocks:
+        if b.samplers != (student["sampler"],):
+            raise ConfigError(f"sweep.sampling[{i}] (model: student) samples with {b.samplers[0]} but {STUDENT} "
+                              f"({student['method']}) samples with {student['sampler']}: set samplers: "
+                              f"[{student['sampler']}]")
         bad = [n for n in b.steps if n not in distilled]
         if bad:
             raise ConfigError(f"sweep.sampling[{i}] (model: student) asks {bad[0]} steps; {STUDENT} was distilled "

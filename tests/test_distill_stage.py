@@ -165,3 +165,38 @@ def test_evaluate_samples_the_student_when_the_sweep_selected_it(teacher, tmp_pa
     assert out["nfe"] == 1 and out["images"].shape == (4, 8, 8, 1)
     assert evaluate._summary_line(setting, {"fd_domain": 1.0, "num_samples": 4, "nfe": 1}, []).startswith(
         "evaluate: the distilled student's ddim-1")
+
+
+def test_consistency_method_writes_one_student_for_every_step_count_and_resumes_bitwise(teacher, tmp_path,
+                                                                                     monkeypatch):
+    """method: consistency trains one network (no family) that samples with its own sampler at each of `rounds`
+    steps, one call a step; a run stopped after a checkpoint and rerun ends with the same bytes."""
+    from diffusion_core.generation import default_sampler
+
+    cfg = {"method": "consistency", "rounds": [1, 2, 4], "consistency_grid": 4, "steps": 6}
+    full = _workdir(teacher, tmp_path / "full", **cfg)
+    assert _distill(full, monkeypatch) == 0
+    config = json.loads((full / "models/student/config.json").read_text())
+    assert config["model"]["kind"] == "unet" and config["model"]["guidance_input"] is True
+    assert config["student"]["sampler"] == "consistency" and config["student"]["grid_steps"] == 4
+    assert "consistency distillation" in (full / "models/student/README.md").read_text()
+    bundle = load_diffusion_dir(full / "models/student")
+    assert default_sampler(bundle) == "consistency"
+    for steps in (1, 2, 4):
+        r = generate(bundle, 4, sampler="consistency", steps=steps, guidance_kind="cfg", scale=2.0, classes=[0, 1])
+        assert r["nfe"] == steps
+    with pytest.raises(Exception, match="distilled for 1, 2, 4 steps"):
+        generate(bundle, 4, sampler="consistency", steps=3, guidance_kind="cfg", scale=2.0)
+    cwd = _workdir(teacher, tmp_path / "stopped", **cfg)
+    real = Trainer.train_step
+
+    def dying(self, *a, **k):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    assert _distill(cwd, monkeypatch) != 0
+    monkeypatch.setattr(Trainer, "train_step", real)
+    assert _distill(cwd, monkeypatch) == 0
+    assert _student_bytes(cwd) == _student_bytes(full)
