@@ -31,6 +31,8 @@ POINTS = [  # (sampler, steps, spacing, options)
     # the grids of distill's students (models/student: --models student --points ddim-1-trailing ...), and the
     # teacher's own DDIM on them
     ("ddim", 1, "trailing", {}), ("ddim", 2, "trailing", {}), ("ddim", 4, "trailing", {}), ("ddim", 8, "trailing", {}),
+    ("consistency", 1, "trailing", {}), ("consistency", 2, "trailing", {}), ("consistency", 4, "trailing", {}),
+    ("consistency", 8, "trailing", {}),  # a consistency student's (distill.method: consistency)
 ]
 
 

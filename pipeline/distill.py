@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_core.checkpoint import CheckpointError, save_model_dir
+from diffusion_core.checkpoint import CheckpointError, read_config, save_model_dir
 from diffusion_core.data import read_meta
 from diffusion_core.distillation import (
     ConsistencyObjective,
@@ -47,9 +47,7 @@ def _teacher_config(space: str | None) -> dict:
     path = Path(TEACHER) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"distill needs the teacher {TEACHER}/ (no {path}): run train_diffusion first")
-    import json
-
-    config = json.loads(path.read_text())
+    config = read_config(TEACHER)  # one-line CheckpointError when unreadable
     if space is not None and config.get("data", {}).get("space") != space:
         raise ConfigError(f"distill.space is {space!r} but {TEACHER} was trained in "
                           f"{config.get('data', {}).get('space')!r} space: set distill.space to match")
