@@ -126,6 +126,17 @@ def _head() -> tuple[str, bool]:
     return head.stdout.strip(), bool(dirty.stdout.strip())
 
 
+@pytest.fixture
+def store(trained, monkeypatch):
+    """MLflow pointed at the chain's local store for one test (no progress bars); reset afterwards."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
+    yield mlflow
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(MODELS))
 def test_model_folder_holds_its_card_and_provenance(trained, stage):
@@ -172,68 +183,47 @@ def test_model_folder_holds_its_card_and_provenance(trained, stage):
 
 
 @pytest.mark.slow
-def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder(trained, monkeypatch):
-    import mlflow
-
+def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder(trained, store):
     from diffusion_core.generation import generate
     from diffusion_core.pretrained import load_diffusion_dir
 
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
-    try:
-        run_id = _runs(trained)["train_diffusion"]
-        version = mlflow.MlflowClient().get_model_version(REGISTERED, "1")
-        assert version.run_id == run_id  # registered with the run that produced it
-        assert _tags(trained, run_id)["registered_model"] == REGISTERED
-        request = {"num_samples": 3, "seed": 7, "steps": 5, "guidance": "cfg", "scale": 2.0, "class_label": 4}
-        direct = generate(load_diffusion_dir(trained / "models" / "diffusion"), 3, steps=5, seed=7,
-                          guidance_kind="cfg", scale=2.0, classes=[4])["images"]
-        for uri in (f"models:/{REGISTERED}/1", f"runs:/{run_id}/model"):
-            images = mlflow.pyfunc.load_model(uri).predict(request)
-            assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
-            assert np.array_equal(images, direct)  # same seed, same images as the folder sampled directly
-        other = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict({**request, "seed": 8})
-        assert not np.array_equal(other, direct)
-    finally:
-        mlflow.set_tracking_uri(None)
+    run_id = _runs(trained)["train_diffusion"]
+    version = store.MlflowClient().get_model_version(REGISTERED, "1")
+    assert version.run_id == run_id  # registered with the run that produced it
+    assert _tags(trained, run_id)["registered_model"] == REGISTERED
+    request = {"num_samples": 3, "seed": 7, "steps": 5, "guidance": "cfg", "scale": 2.0, "class_label": 4}
+    direct = generate(load_diffusion_dir(trained / "models" / "diffusion"), 3, steps=5, seed=7,
+                      guidance_kind="cfg", scale=2.0, classes=[4])["images"]
+    for uri in (f"models:/{REGISTERED}/1", f"runs:/{run_id}/model"):
+        images = store.pyfunc.load_model(uri).predict(request)
+        assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
+        assert np.array_equal(images, direct)  # same seed, same images as the folder sampled directly
+    other = store.pyfunc.load_model(f"runs:/{run_id}/model").predict({**request, "seed": 8})
+    assert not np.array_equal(other, direct)
 
 
 @pytest.mark.slow
-def test_student_loads_from_registry_and_samples_like_the_folder(trained, monkeypatch):
+def test_student_loads_from_registry_and_samples_like_the_folder(trained, store):
     """distill registers its student family; the MLflow model samples it like the folder, one call per step."""
-    import mlflow
-
     from diffusion_core.generation import generate
     from diffusion_core.pretrained import load_diffusion_dir
 
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
-    try:
-        run_id = _runs(trained)["distill"]
-        assert mlflow.MlflowClient().get_model_version(STUDENT, "1").run_id == run_id
-        prov = json.loads((trained / "models/student/provenance.json").read_text())
-        assert prov["inputs"]["models/diffusion"]["mlflow_run_id"] == _runs(trained)["train_diffusion"]
-        request = {"num_samples": 3, "seed": 7, "steps": 1, "guidance": "cfg", "scale": 2.0, "class_label": 4}
-        direct = generate(load_diffusion_dir(trained / "models" / "student"), 3, steps=1, seed=7,
-                          guidance_kind="cfg", scale=2.0, classes=[4])
-        assert direct["nfe"] == 1
-        images = mlflow.pyfunc.load_model(f"models:/{STUDENT}/1").predict(request)
-        assert np.array_equal(images, direct["images"])
-    finally:
-        mlflow.set_tracking_uri(None)
+    run_id = _runs(trained)["distill"]
+    assert store.MlflowClient().get_model_version(STUDENT, "1").run_id == run_id
+    prov = json.loads((trained / "models/student/provenance.json").read_text())
+    assert prov["inputs"]["models/diffusion"]["mlflow_run_id"] == _runs(trained)["train_diffusion"]
+    request = {"num_samples": 3, "seed": 7, "steps": 1, "guidance": "cfg", "scale": 2.0, "class_label": 4}
+    direct = generate(load_diffusion_dir(trained / "models" / "student"), 3, steps=1, seed=7,
+                      guidance_kind="cfg", scale=2.0, classes=[4])
+    assert direct["nfe"] == 1
+    images = store.pyfunc.load_model(f"models:/{STUDENT}/1").predict(request)
+    assert np.array_equal(images, direct["images"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["train_autoencoder", "train_classifier", "train_feature_net"])
-def test_other_networks_load_from_their_runs_and_compute_as_the_folder(trained, stage, monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
-    try:
-        loaded = mlflow.pyfunc.load_model(f"runs:/{_runs(trained)[stage]}/model")
-    finally:
-        mlflow.set_tracking_uri(None)
+def test_other_networks_load_from_their_runs_and_compute_as_the_folder(trained, stage, store):
+    loaded = store.pyfunc.load_model(f"runs:/{_runs(trained)[stage]}/model")
     net, _ = load_model_dir(trained / MODELS[stage])
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
