@@ -140,7 +140,11 @@ def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):
     state = random_inception_weights(weights)
     ext = F.inception_extractor(weights, download=False)
     assert isinstance(ext, F.FeatureExtractorInceptionV3)  # torch-fidelity's class, fed feature_extractor_weights_path
-    assert torch.equal(ext.state_dict()["Mixed_7c.branch_pool.conv.weight"], state["Mixed_7c.branch_pool.conv.weight"])
+    # the file's weights, with each batch norm folded into its conv (inference statistics, eps 1e-3): w * g / sd
+    key = "Mixed_7c.branch_pool"
+    scale = state[f"{key}.bn.weight"] / (state[f"{key}.bn.running_var"] + 1e-3).sqrt()
+    torch.testing.assert_close(ext.state_dict()[f"{key}.conv.weight"],
+                               state[f"{key}.conv.weight"] * scale[:, None, None, None])
     real, gen = blobs(6, 5), noised(blobs(6, 6), 80.0)
     scores = F.fidelity_scores(gen, real, inception_weights=weights, inception_download=False)
     assert set(scores) == {"fid_inception", "kid_inception", "kid_inception_std"}

@@ -53,7 +53,7 @@ def test_help_lists_every_option():
                 "--classes", "--num", "--seed", "--batch-size", "--spacing", "--device", "--out", "--debug",
                 "--autoencoder", "--no-ema", "--no-progress", "--bf16", "--channels-last", "--option"):
         assert opt in text, opt
-    for default in ("(default: ddim)", "(default: 50)", "(default: none)", "(default: 1.0)",
+    for default in ("default: ddim, or a distilled student's own", "(default: 50)", "(default: none)", "(default: 1.0)",
                     "(default: 16)", "(default: 0)", "(default: 64)", "(default: trailing)", "(default: cpu)"):
         assert default in text, default
     from diffusion_core.samplers import SAMPLERS, SPACINGS
