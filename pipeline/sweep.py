@@ -280,7 +280,7 @@ def _sweep_key(params) -> str:
     from pipeline.config import params_hash
 
     inputs = {}
-    for folder in (MODEL, CLASSIFIER, FEATURE_NET, AUTOENCODER, REFERENCE, "data/shards", "data/latents"):
+    for folder in (MODEL, STUDENT, CLASSIFIER, FEATURE_NET, AUTOENCODER, REFERENCE, "data/shards", "data/latents"):
         for f in sorted(Path(folder).rglob("*")):
             if f.is_file():
                 st = f.stat()
