@@ -271,7 +271,7 @@ class ProgressiveDistillation(nn.Module):
         self.register_buffer("round", torch.zeros((), dtype=torch.int64))
 
     def forward(self, x_t, t, y=None, w=None):
-        return self.student(x_t, t, y, w) if w is not None else self.student(x_t, t, y)
+        return self.student(x_t, t, y, w)
 
     def train(self, mode: bool = True):
         """Only the student trains: the teachers stay in eval mode (no dropout in the targets)."""
