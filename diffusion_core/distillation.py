@@ -22,32 +22,37 @@ from .losses import mean_flat
 from .models import StudentFamily, build_model, unwrap_model
 from .models.layers import model_config
 from .samplers.common import NoiseSource
+from .schedules import spaced_timesteps
 
 
-def _half_step(num_timesteps: int, student_steps: int) -> int:
-    """T / (2N): the distance between a student timestep and the teacher's midpoint."""
+def _check_student_steps(num_timesteps: int, student_steps: int) -> None:
     T, N = int(num_timesteps), int(student_steps)
-    if N < 1 or T % (2 * N):
-        raise ValueError(f"student_steps must be >= 1 and 2 * student_steps must divide the schedule's {T} timesteps "
-                         f"(the teacher takes the midpoints), got student_steps={N}")
-    return T // (2 * N)
+    if not 1 <= N <= T // 2:
+        raise ValueError(f"student_steps must be in 1..{T // 2} (the teacher takes 2 * student_steps of the "
+                         f"schedule's {T} timesteps), got student_steps={N}")
 
 
 def student_grid(num_timesteps: int, student_steps: int) -> torch.Tensor:
-    """The student's N timesteps, ascending: t_k = T - 1 - k T/N, k < N (the samplers' `trailing` N-step grid).
+    """The student's N timesteps, ascending: the samplers' `trailing` N-step grid, round(T - k T/N) - 1 for k < N.
 
-    A student step goes from t_k to t_k - T/N (-1 after the last: the data); the teacher's 2N-step trailing grid adds
-    the midpoints t_k - T/(2N). 2N must divide T, so that the grids are exact and nested: a student of N/2 steps
-    distils this one in turn.
+    A student step goes from one grid point to the next lower one (-1 after the last: the data); the teacher's
+    2N-step trailing grid holds every student point (round(T - 2k T/(2N)) is the same float) and one midpoint between
+    each two, so a student of N/2 steps distils this one in turn, whether or not N divides T. 2N <= T.
     """
-    stride = 2 * _half_step(num_timesteps, student_steps)
-    return torch.arange(1, int(student_steps) + 1, dtype=torch.int64) * stride - 1
+    _check_student_steps(num_timesteps, student_steps)
+    return spaced_timesteps(int(num_timesteps), int(student_steps), "trailing")
 
 
 def teacher_steps(t: torch.Tensor, num_timesteps: int, student_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t_mid, t_next) [B] for student timesteps t [B]: t - T/(2N) and t - T/N (-1: the end)."""
-    half = _half_step(num_timesteps, student_steps)
-    return t - half, t - 2 * half
+    """(t_mid, t_next) [B] for student timesteps t [B] on `student_grid`: the teacher's grid point below t, and the
+    student's next (-1: the end)."""
+    grid = student_grid(num_timesteps, student_steps).to(t.device)
+    k = torch.searchsorted(grid, t).clamp(max=len(grid) - 1)
+    if not torch.equal(grid[k], t):
+        raise ValueError(f"timesteps {t[grid[k] != t][:3].tolist()} are not on the {len(grid)}-step student grid")
+    teacher = spaced_timesteps(int(num_timesteps), 2 * len(grid), "trailing").to(t.device)
+    below = torch.cat([torch.full((1,), -1, dtype=grid.dtype, device=grid.device), grid[:-1]])
+    return teacher[2 * k], below[k]
 
 
 def _alpha_sigma(diffusion: GaussianDiffusion, t: torch.Tensor, x: torch.Tensor):
@@ -126,7 +131,7 @@ class DistillationObjective:
 
     @staticmethod
     def _check_steps(num_timesteps: int, student_steps: int) -> None:
-        _half_step(num_timesteps, student_steps)
+        _check_student_steps(num_timesteps, student_steps)
 
     def grid(self) -> torch.Tensor:
         """The timesteps the student is trained at, ascending."""
@@ -230,7 +235,7 @@ def check_rounds(rounds: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
         raise ValueError(f"progressive rounds must halve the step count each round (e.g. [8, 4, 2, 1]), got "
                          f"{list(rounds)}")
     for n in rounds:
-        _half_step(num_timesteps, n)
+        _check_student_steps(num_timesteps, n)
     return rounds
 
 

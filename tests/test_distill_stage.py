@@ -129,7 +129,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint_and_writes_no_student(teacher, 
     ({"rounds": [4, 1]}, "distill: rounds must halve"),
     ({"steps": 9}, "distill: steps 9 must split evenly over the 2 rounds"),
     ({"space": "latent"}, "distill.space is 'latent' but models/diffusion was trained in 'pixel'"),
-    ({"rounds": [4, 2]}, "2 * student_steps must divide the schedule's 100 timesteps"),
+    ({"rounds": [64, 32]}, "student_steps must be in 1..50 (the teacher takes 2 * student_steps of the schedule's 100"),
 ])
 def test_bad_params_are_one_line_errors_before_training(teacher, tmp_path, monkeypatch, capsys, change, words):
     cwd = _workdir(teacher, tmp_path / "w", **change)

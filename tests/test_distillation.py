@@ -60,7 +60,8 @@ def _target_net(diffusion, teacher_x0, student_steps, offset=0.0):
     return net
 
 
-@pytest.mark.parametrize("num_timesteps,student_steps", [(1000, 1), (1000, 4), (1000, 125), (64, 8)])
+@pytest.mark.parametrize("num_timesteps,student_steps", [(1000, 1), (1000, 4), (1000, 8), (1000, 125), (1000, 3),
+                                                         (1000, 500), (64, 8), (711, 13)])
 def test_student_grid_is_the_trailing_grid_and_the_teacher_takes_the_midpoints(num_timesteps, student_steps):
     grid = student_grid(num_timesteps, student_steps)
     assert torch.equal(grid, spaced_timesteps(num_timesteps, student_steps, "trailing"))
@@ -70,10 +71,15 @@ def test_student_grid_is_the_trailing_grid_and_the_teacher_takes_the_midpoints(n
     assert torch.equal(t_next, torch.cat([torch.tensor([-1]), grid[:-1]]))  # the next student step, then the end
 
 
-@pytest.mark.parametrize("student_steps", [0, 3, 501])
+@pytest.mark.parametrize("student_steps", [0, T // 2 + 1])
 def test_student_grid_refuses_steps_without_teacher_midpoints(student_steps):
-    with pytest.raises(ValueError, match="2 \\* student_steps must divide"):
+    with pytest.raises(ValueError, match=f"student_steps must be in 1..{T // 2}"):
         student_grid(T, student_steps)
+
+
+def test_teacher_steps_refuse_a_timestep_off_the_grid():
+    with pytest.raises(ValueError, match="not on the 4-step student grid"):
+        teacher_steps(torch.tensor([249, 250]), 1000, 4)
 
 
 @pytest.mark.parametrize("parameterization", ["v", "eps"])
