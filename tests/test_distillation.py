@@ -65,6 +65,9 @@ def _target_net(diffusion, teacher_x0, student_steps, offset=0.0):
 def test_student_grid_is_the_trailing_grid_and_the_teacher_takes_the_midpoints(num_timesteps, student_steps):
     grid = student_grid(num_timesteps, student_steps)
     assert torch.equal(grid, spaced_timesteps(num_timesteps, student_steps, "trailing"))
+    if num_timesteps % student_steps == 0:  # the evenly spaced grid k T/N - 1, as before grids were rounded
+        stride = num_timesteps // student_steps
+        assert torch.equal(grid, torch.arange(1, student_steps + 1) * stride - 1)
     t_mid, t_next = teacher_steps(grid, num_timesteps, student_steps)
     teacher = spaced_timesteps(num_timesteps, 2 * student_steps, "trailing")
     assert torch.equal(torch.sort(torch.cat([grid, t_mid])).values, teacher)
