@@ -12,7 +12,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .formulations import FORMULATIONS, Formulation, make_formulation
+from .formulations import FORMULATIONS, Formulation, Levels, make_formulation
 from .losses import NATS_PER_BIT, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import NoiseSchedule
 
@@ -115,13 +115,32 @@ class GaussianDiffusion:
         return GaussianDiffusion(schedule, self.parameterization, self.variance, self.loss, self.min_snr_gamma,
                                  self.train_schedule or self.schedule, dict(self.formulation_options))
 
+    def levels(self, t: torch.Tensor, x: torch.Tensor | None = None) -> Levels:
+        """The noise levels at schedule indices t that the formulation reads, shaped against x (see `Levels`)."""
+
+        def lookup(name: str) -> torch.Tensor:
+            if name == "snr":
+                return self.schedule.snr.to(t.device)[t]
+            if name == "mean_coef1_64":
+                return self.schedule.posterior_mean_coef1.to(t.device)[t]
+            if name in ("mu_coef1", "mu_coef2"):  # the one-step posterior of the schedule the model learnt
+                train = self.train_schedule is not None
+                return self.coef(f"posterior_mean_coef{name[-1]}", self.model_timesteps(t) if train else t, x, train)
+            return self.coef(name, t, x)
+
+        return Levels(lookup)
+
+    def model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network sees at schedule indices t (x_t itself, except for a preconditioned formulation)."""
+        return self.formulation.model_input(self.levels(t, x_t), x_t)
+
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original timestep indices to feed the model for schedule indices t."""
         return self.schedule.timesteps.to(t.device)[t]
 
     def call_model(self, model: Denoiser, x_t, t, y=None) -> torch.Tensor:
         """The network's output at schedule indices t: the formulation's input, the original timestep index."""
-        return model(self.formulation.model_input(self, x_t, t), self.model_timesteps(t), y)
+        return model(self.model_input(x_t, t), self.model_timesteps(t), y)
 
     # ----- forward process -------------------------------------------------------------------------
     def q_mean_variance(self, x0, t):
@@ -158,25 +177,13 @@ class GaussianDiffusion:
     def x0_from_v(self, x_t, t, v):
         return self.coef("sqrt_ab", t, x_t) * x_t - self.coef("sqrt_one_minus_ab", t, x_t) * v
 
-    def x0_from_mean(self, x_t, t, mean):
-        """Invert the posterior mean: x0 = (mu - coef2 x_t) / coef1.
-
-        A mean-predicting model predicts the one-step posterior mean of the schedule it was trained on, so on
-        a respaced schedule the inversion uses the training schedule's coefficients at the original timestep.
-        """
-        train = self.train_schedule is not None
-        if train:
-            t = self.model_timesteps(t)
-        return ((mean - self.coef("posterior_mean_coef2", t, x_t, train) * x_t)
-                / self.coef("posterior_mean_coef1", t, x_t, train))
-
     def x0_from_output(self, x_t, t, out):
         """The model's x0 estimate from its (mean-channel) output under this parameterization."""
-        return self.formulation.x0(self, x_t, t, out)
+        return self.formulation.x0(self.levels(t, x_t), x_t, out)
 
     def eps_from_output(self, x_t, t, out):
         """The model's eps estimate from its (mean-channel) output under this parameterization."""
-        return self.formulation.eps(self, x_t, t, out)
+        return self.formulation.eps(self.levels(t, x_t), x_t, out)
 
     def split_output(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean channels, variance channels or None); learned_range doubles the channel dim (dim 1)."""
@@ -248,7 +255,7 @@ class GaussianDiffusion:
         (the paper's forms), and so on.
         """
         snr = self.schedule.snr.to(t.device)[t]
-        return snr.clamp(max=self.min_snr_gamma) / self.formulation.x0_weight(self, t)
+        return snr.clamp(max=self.min_snr_gamma) / self.formulation.x0_weight(self.levels(t))
 
     def seeds_weight(self, t, x):
         """omega_t = 1 / sigma_t^2 of the seeds' risk omega_t ||mu_w(x_t,t) - eta_t||^2 (fixed variance)."""
@@ -273,7 +280,7 @@ class GaussianDiffusion:
             terms["mse"] = mean_flat((pred_mean - true_mean) ** 2)
             terms["loss"] = self.seeds_weight(t, x0) * terms["mse"]
             return terms
-        target = self.formulation.target(self, x0, noise, x_t, t)
+        target = self.formulation.target(self.levels(t, x_t), x0, noise, x_t)
         terms["mse"] = mean_flat((mean_out - target) ** 2)
         mse = terms["mse"] * self.min_snr_weight(t) if self.min_snr_gamma is not None else terms["mse"]
         if self.loss == "simple":

@@ -91,7 +91,7 @@ def model_x0(net: Callable, diffusion: GaussianDiffusion, z_t: torch.Tensor, t: 
     """A network's x0 estimate at schedule indices t: net(model input, model timestep, y[, w]) read through the
     diffusion's parameterization (mean channels only)."""
     args = (y,) if w is None else (y, w)
-    out = net(diffusion.formulation.model_input(diffusion, z_t, t), diffusion.model_timesteps(t), *args)
+    out = net(diffusion.model_input(z_t, t), diffusion.model_timesteps(t), *args)
     return diffusion.x0_from_output(z_t, t, diffusion.split_output(out.to(z_t.dtype))[0])
 
 

@@ -10,6 +10,7 @@ A formulation knows four things about its network output F(x_t, t):
 and optionally `timestep_probs`, a training distribution over timesteps of its own (weights 1, it is part of the
 objective). Everything is written for the discrete-time VP process x_t = alpha_t x0 + sigma_t eps with
 alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t); the model is always called at the original timestep index.
+A formulation sees only the noise levels at the batch's timesteps (`Levels`), never the diffusion that holds it.
 Adding a formulation (flow matching, ...) is one new class registered in FORMULATIONS.
 """
 
@@ -17,12 +18,36 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .diffusion import GaussianDiffusion
+from .schedules import NoiseSchedule
+
+
+class Levels:
+    """The schedule's coefficients at a batch's timesteps t, each looked up on first use.
+
+    Every one is cast to x_t's dtype and shaped [B, 1, ...] to broadcast against it, except `snr` and
+    `mean_coef1_64` (float64 [B], for loss weights). `mean_coef1/2` are the coefficients of q(x_{t-1} | x_t, x0)'s
+    mean on this schedule; `mu_coef1/2` those a mean-predicting network learnt (the training schedule's, at the
+    original timestep, when the sampler runs on a respaced one). `lookup(name)` returns the named table's rows.
+    """
+
+    def __init__(self, lookup: Callable[[str], torch.Tensor]):
+        self._lookup = lookup
+
+    alpha = property(lambda s: s._lookup("sqrt_ab"), doc="alpha_t = sqrt(ab_t)")
+    sigma = property(lambda s: s._lookup("sqrt_one_minus_ab"), doc="sigma_t = sqrt(1 - ab_t)")
+    sigma2 = property(lambda s: s._lookup("one_minus_ab"), doc="sigma_t^2 = 1 - ab_t")
+    recip_alpha = property(lambda s: s._lookup("sqrt_recip_ab"), doc="1 / alpha_t")
+    sigma_over_alpha = property(lambda s: s._lookup("sqrt_recipm1_ab"), doc="sigma_t / alpha_t = 1 / sqrt(SNR)")
+    mean_coef1 = property(lambda s: s._lookup("posterior_mean_coef1"))
+    mean_coef2 = property(lambda s: s._lookup("posterior_mean_coef2"))
+    mu_coef1 = property(lambda s: s._lookup("mu_coef1"))
+    mu_coef2 = property(lambda s: s._lookup("mu_coef2"))
+    snr = property(lambda s: s._lookup("snr"), doc="SNR_t = ab_t / (1 - ab_t), float64 [B]")
+    mean_coef1_64 = property(lambda s: s._lookup("mean_coef1_64"), doc="mean_coef1, float64 [B]")
 
 
 class Formulation(ABC):
@@ -31,24 +56,25 @@ class Formulation(ABC):
     name: ClassVar[str] = ""
 
     @abstractmethod
-    def target(self, d: "GaussianDiffusion", x0, noise, x_t, t) -> torch.Tensor:
+    def target(self, lv: Levels, x0, noise, x_t) -> torch.Tensor:
         """The training target of the network output."""
 
     @abstractmethod
-    def x0(self, d: "GaussianDiffusion", x_t, t, out) -> torch.Tensor:
+    def x0(self, lv: Levels, x_t, out) -> torch.Tensor:
         """x0 estimate from the network output."""
 
-    def eps(self, d: "GaussianDiffusion", x_t, t, out) -> torch.Tensor:
-        return d.eps_from_x0(x_t, t, self.x0(d, x_t, t, out))
+    def eps(self, lv: Levels, x_t, out) -> torch.Tensor:
+        """eps = (x_t - alpha x0) / sigma, written as (x_t / alpha - x0) / (sigma / alpha)."""
+        return (lv.recip_alpha * x_t - self.x0(lv, x_t, out)) / lv.sigma_over_alpha
 
     @abstractmethod
-    def x0_weight(self, d: "GaussianDiffusion", t) -> torch.Tensor:
+    def x0_weight(self, lv: Levels) -> torch.Tensor:
         """lambda_t [B] (float64) with ||F - target||^2 = lambda_t ||x0_hat - x0||^2."""
 
-    def model_input(self, d: "GaussianDiffusion", x_t, t) -> torch.Tensor:
+    def model_input(self, lv: Levels, x_t) -> torch.Tensor:
         return x_t
 
-    def timestep_probs(self, d: "GaussianDiffusion") -> torch.Tensor | None:
+    def timestep_probs(self, schedule: NoiseSchedule) -> torch.Tensor | None:
         """A training distribution over timesteps that belongs to the objective; None: the configured sampler."""
         return None
 
@@ -62,17 +88,17 @@ class Eps(Formulation):
 
     name = "eps"
 
-    def target(self, d, x0, noise, x_t, t):
+    def target(self, lv, x0, noise, x_t):
         return noise
 
-    def x0(self, d, x_t, t, out):
-        return d.x0_from_eps(x_t, t, out)
+    def x0(self, lv, x_t, out):
+        return lv.recip_alpha * x_t - lv.sigma_over_alpha * out
 
-    def eps(self, d, x_t, t, out):
+    def eps(self, lv, x_t, out):
         return out
 
-    def x0_weight(self, d, t):
-        return d.schedule.snr.to(t.device)[t]
+    def x0_weight(self, lv):
+        return lv.snr
 
 
 class X0(Formulation):
@@ -80,14 +106,14 @@ class X0(Formulation):
 
     name = "x0"
 
-    def target(self, d, x0, noise, x_t, t):
+    def target(self, lv, x0, noise, x_t):
         return x0
 
-    def x0(self, d, x_t, t, out):
+    def x0(self, lv, x_t, out):
         return out
 
-    def x0_weight(self, d, t):
-        return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+    def x0_weight(self, lv):
+        return torch.ones_like(lv.snr)
 
 
 class V(Formulation):
@@ -95,17 +121,17 @@ class V(Formulation):
 
     name = "v"
 
-    def target(self, d, x0, noise, x_t, t):
-        return d.v_from_x0_eps(x0, noise, t)
+    def target(self, lv, x0, noise, x_t):
+        return lv.alpha * noise - lv.sigma * x0
 
-    def x0(self, d, x_t, t, out):
-        return d.x0_from_v(x_t, t, out)
+    def x0(self, lv, x_t, out):
+        return lv.alpha * x_t - lv.sigma * out
 
-    def eps(self, d, x_t, t, out):
-        return d.coef("sqrt_one_minus_ab", t, x_t) * x_t + d.coef("sqrt_ab", t, x_t) * out
+    def eps(self, lv, x_t, out):
+        return lv.sigma * x_t + lv.alpha * out
 
-    def x0_weight(self, d, t):
-        return d.schedule.snr.to(t.device)[t] + 1.0
+    def x0_weight(self, lv):
+        return lv.snr + 1.0
 
 
 class Mu(Formulation):
@@ -113,14 +139,15 @@ class Mu(Formulation):
 
     name = "mu"
 
-    def target(self, d, x0, noise, x_t, t):
-        return d.q_posterior(x0, x_t, t)[0]
+    def target(self, lv, x0, noise, x_t):
+        return lv.mean_coef1 * x0 + lv.mean_coef2 * x_t
 
-    def x0(self, d, x_t, t, out):
-        return d.x0_from_mean(x_t, t, out)
+    def x0(self, lv, x_t, out):
+        """Invert the mean the network learnt: x0 = (mu - coef2 x_t) / coef1 (`Levels.mu_coef1/2`)."""
+        return (out - lv.mu_coef2 * x_t) / lv.mu_coef1
 
-    def x0_weight(self, d, t):
-        return d.schedule.posterior_mean_coef1.to(t.device)[t] ** 2
+    def x0_weight(self, lv):
+        return lv.mean_coef1_64 ** 2
 
 
 class EDM(Formulation):
@@ -143,33 +170,34 @@ class EDM(Formulation):
             raise ValueError(f"edm needs sigma_data > 0 and p_std > 0, got sigma_data={sigma_data}, p_std={p_std}")
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
 
-    def _levels(self, d, t, x):
+    @staticmethod
+    def _levels(lv):
         """(alpha, s^2) shaped to broadcast against x."""
-        alpha = d.coef("sqrt_ab", t, x)
-        return alpha, d.coef("one_minus_ab", t, x) / alpha ** 2
+        alpha = lv.alpha
+        return alpha, lv.sigma2 / alpha ** 2
 
-    def model_input(self, d, x_t, t):
-        alpha, s2 = self._levels(d, t, x_t)
+    def model_input(self, lv, x_t):
+        alpha, s2 = self._levels(lv)
         return x_t / (alpha * (s2 + self.sigma_data ** 2).sqrt())
 
-    def x0(self, d, x_t, t, out):
-        alpha, s2 = self._levels(d, t, x_t)
+    def x0(self, lv, x_t, out):
+        alpha, s2 = self._levels(lv)
         sd2 = self.sigma_data ** 2
         return sd2 / (s2 + sd2) * (x_t / alpha) + (s2.sqrt() * self.sigma_data / (s2 + sd2).sqrt()) * out
 
-    def target(self, d, x0, noise, x_t, t):
-        alpha, s2 = self._levels(d, t, x_t)
+    def target(self, lv, x0, noise, x_t):
+        alpha, s2 = self._levels(lv)
         sd2 = self.sigma_data ** 2
         c_out = s2.sqrt() * self.sigma_data / (s2 + sd2).sqrt()
         return (x0 - sd2 / (s2 + sd2) * (x_t / alpha)) / c_out
 
-    def x0_weight(self, d, t):
-        s2, sd2 = 1.0 / d.schedule.snr.to(t.device)[t], self.sigma_data ** 2
+    def x0_weight(self, lv):
+        s2, sd2 = 1.0 / lv.snr, self.sigma_data ** 2
         return (s2 + sd2) / (s2 * sd2)  # 1 / c_out^2: EDM's lambda(sigma)
 
-    def timestep_probs(self, d):
+    def timestep_probs(self, schedule):
         """P(t): the mass of N(p_mean, p_std^2) over ln s between the midpoints of neighbouring timesteps."""
-        log_s = -0.5 * torch.log(d.schedule.snr)  # increasing in t
+        log_s = -0.5 * torch.log(schedule.snr)  # increasing in t
         edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), 0.5 * (log_s[1:] + log_s[:-1]),
                            torch.tensor([math.inf], dtype=torch.float64)])
         cdf = torch.special.ndtr((edges - self.p_mean) / self.p_std)

@@ -270,7 +270,7 @@ class DiffusionObjective:
         self.diffusion, self.num_classes, self.label_dropout = diffusion, num_classes, label_dropout
 
     def timestep_probs(self) -> torch.Tensor | None:
-        return self.diffusion.formulation.timestep_probs(self.diffusion)
+        return self.diffusion.formulation.timestep_probs(self.diffusion.schedule)
 
     def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
                  g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -283,7 +283,7 @@ class DiffusionObjective:
         else:
             y = None
         x_t = d.q_sample(x0, t, noise)
-        out = net(d.formulation.model_input(d, x_t, t), d.model_timesteps(t), y)
+        out = d.call_model(net, x_t, t, y)
         return d.losses_from_output(out.float(), x0, x_t, t, noise)["loss"], {}
 
 

@@ -38,7 +38,7 @@ def test_target_converts_back_to_x0_and_eps(p):
     d = _diff(p)
     x0, noise, t = _batch()
     x_t = d.q_sample(x0, t, noise)
-    target = d.formulation.target(d, x0, noise, x_t, t)
+    target = d.formulation.target(d.levels(t, x_t), x0, noise, x_t)
     assert torch.allclose(d.x0_from_output(x_t, t, target), x0, atol=1e-6)
     ok = t > 0  # at t=0 (ab ~ 1) eps is ill-conditioned in every formulation
     assert torch.allclose(d.eps_from_output(x_t, t, target)[ok], noise[ok], atol=1e-4)
@@ -50,10 +50,10 @@ def test_x0_weight_relates_the_losses(p):
     d = _diff(p)
     x0, noise, t = _batch(seed=1)
     x_t = d.q_sample(x0, t, noise)
-    target = d.formulation.target(d, x0, noise, x_t, t)
+    target = d.formulation.target(d.levels(t, x_t), x0, noise, x_t)
     out = target + 0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     lhs = ((out - target) ** 2).sum(1)
-    rhs = d.formulation.x0_weight(d, t) * ((d.x0_from_output(x_t, t, out) - x0) ** 2).sum(1)
+    rhs = d.formulation.x0_weight(d.levels(t)) * ((d.x0_from_output(x_t, t, out) - x0) ** 2).sum(1)
     assert torch.allclose(lhs, rhs, rtol=1e-6)
 
 
@@ -63,7 +63,7 @@ def test_min_snr_loss_is_min_snr_times_x0_error(p):
     d = _diff(p, min_snr_gamma=5.0)
     x0, noise, t = _batch(seed=3)
     x_t = d.q_sample(x0, t, noise)
-    target = d.formulation.target(d, x0, noise, x_t, t)
+    target = d.formulation.target(d.levels(t, x_t), x0, noise, x_t)
     out = target + 0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     loss = d.losses_from_output(out, x0, x_t, t, noise)["loss"]
     x0_err = ((d.x0_from_output(x_t, t, out) - x0) ** 2).mean(1)
@@ -75,9 +75,9 @@ def test_edm_with_unit_sigma_data_is_minus_v():
     d_v = _diff("v")
     x0, noise, t = _batch(seed=5)
     x_t = d_v.q_sample(x0, t, noise)
-    assert torch.allclose(d_edm.formulation.model_input(d_edm, x_t, t), x_t, atol=1e-9)
-    assert torch.allclose(d_edm.formulation.target(d_edm, x0, noise, x_t, t),
-                          -d_v.formulation.target(d_v, x0, noise, x_t, t), atol=1e-6)
+    assert torch.allclose(d_edm.model_input(x_t, t), x_t, atol=1e-9)
+    assert torch.allclose(d_edm.formulation.target(d_edm.levels(t, x_t), x0, noise, x_t),
+                          -d_v.formulation.target(d_v.levels(t, x_t), x0, noise, x_t), atol=1e-6)
 
 
 def test_edm_network_input_has_unit_variance_for_data_of_std_sigma_data():
@@ -87,13 +87,13 @@ def test_edm_network_input_has_unit_variance_for_data_of_std_sigma_data():
     x0 = 0.6 * torch.randn(20000, 1, generator=g, dtype=torch.float64)
     for ti in (0, 300, 700, 999):
         t = torch.full((20000,), ti)
-        x_in = d.formulation.model_input(d, d.q_sample(x0, t), t)
+        x_in = d.model_input(d.q_sample(x0, t), t)
         assert abs(x_in.std().item() - 1.0) < 0.02, ti
 
 
 def test_edm_timestep_distribution_is_the_discretized_lognormal():
     d = _diff("edm")
-    probs = d.formulation.timestep_probs(d)
+    probs = d.formulation.timestep_probs(d.schedule)
     assert probs.shape == (1000,) and abs(probs.sum().item() - 1) < 1e-9
     log_s = -0.5 * torch.log(d.schedule.snr)
     mean = (probs * log_s).sum().item()

@@ -37,3 +37,63 @@ def test_library_source_never_names_pipeline_or_engines():
             offenders += [f"{path.relative_to(CORE.parent)}:{node.lineno} {n}" for n in names
                           if n.split(".")[0] in ENGINES + ("pipeline",)]
     assert offenders == [], offenders
+
+
+def _module_imports(root: Path) -> dict[str, set[str]]:
+    """{module: the project modules it imports}, lazy imports in functions included, `if TYPE_CHECKING:` blocks
+    not (they never run); `from . import x` names the submodule x where x is one."""
+    paths = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in ("diffusion_core", "pipeline") for p in (root / pkg).rglob("*.py")}
+    graph = {}
+    for mod, path in paths.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                for n in ast.walk(node)}
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+                continue
+            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            target = ".".join(filter(None, [base, node.module]))
+            subs = {f"{target}.{a.name}" for a in node.names} & paths.keys()
+            deps |= subs if subs and node.module is None else {target} | subs
+        graph[mod] = {d for d in deps if d in paths and d != mod}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, out = {}, {}, [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    """No two modules of diffusion_core/ or pipeline/ import each other, directly or round a longer circle."""
+    graph = _module_imports(CORE.parent)
+    assert len(graph) > 60 and "diffusion_core.formulations" in graph["diffusion_core.diffusion"]
+    assert _cycles(graph) == []
+    assert _cycles({**graph, "diffusion_core.schedules": graph["diffusion_core.schedules"] | {"diffusion_core.diffusion"}})

@@ -37,6 +37,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from ..io import atomic_path
 from .errors import MetricsError
 from .images import UInt8Images, as_uint8_nchw
+from .inception import FIDInceptionV3
 
 log = logging.getLogger(__name__)
 
@@ -95,42 +96,6 @@ def register_domain_extractor() -> None:
 
 
 register_domain_extractor()
-
-
-class FIDInceptionV3(FeatureExtractorInceptionV3):
-    """torch-fidelity's `inception-v3-compat` network and forward pass with the installed FID weights
-    (`inception.fetch`); pool3 features and below only: the FID graph has no logits layer, so `isc` is refused."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        if feature_extractor_weights_path is None:
-            from .inception import converted_path, weights_dir
-
-            path = converted_path()
-            if path is None:
-                raise MetricsError(f"FID Inception weights not installed in {weights_dir()}: run `make install` or "
-                                   f"`python -m diffusion_core.metrics.inception fetch`")
-            feature_extractor_weights_path = str(path)
-        super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path,
-                         **kwargs)
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
-        wrong = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
-        if wrong:
-            raise MetricsError(f"FID Inception weights do not fit torch-fidelity's network: {wrong[:3]}")
-        with torch.no_grad():  # no logits layer in the FID graph: NaN, never a plausible number
-            self.fc.weight.fill_(float("nan"))
-            self.fc.bias.fill_(float("nan"))
-
-    @staticmethod
-    def get_provided_features_list():
-        return "64", "192", "768", "2048"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        if metric == "isc":
-            raise MetricsError("the FID Inception graph has no logits: no Inception Score from inception-v3-fid")
-        return FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(metric)
 
 
 if FID_INCEPTION_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:

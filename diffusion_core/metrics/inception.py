@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from ..io import atomic_path, atomic_write_json
 from .errors import MetricsError
@@ -149,8 +150,6 @@ def _branch(block: str, conv: str) -> str:
 def convert(torchscript: Path, out: Path) -> None:
     """Write the torch-fidelity state dict of `torchscript` to `out` (atomically), once torch-fidelity's network has
     loaded it with every tensor name and shape matching (the file is not renamed into place otherwise)."""
-    from .fidelity import FIDInceptionV3
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
         state = fidelity_state_dict(torch.jit.load(str(torchscript), map_location="cpu"))
@@ -237,6 +236,41 @@ def main(argv=None) -> int:
         return 1
     print(f"FID Inception weights verified in {folder}")
     return 0
+
+
+
+class FIDInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's `inception-v3-compat` network and forward pass with the installed FID weights
+    (`inception.fetch`); pool3 features and below only: the FID graph has no logits layer, so `isc` is refused."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        if feature_extractor_weights_path is None:
+            path = converted_path()
+            if path is None:
+                raise MetricsError(f"FID Inception weights not installed in {weights_dir()}: run `make install` or "
+                                   f"`python -m diffusion_core.metrics.inception fetch`")
+            feature_extractor_weights_path = str(path)
+        super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path,
+                         **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
+        wrong = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
+        if wrong:
+            raise MetricsError(f"FID Inception weights do not fit torch-fidelity's network: {wrong[:3]}")
+        with torch.no_grad():  # no logits layer in the FID graph: NaN, never a plausible number
+            self.fc.weight.fill_(float("nan"))
+            self.fc.bias.fill_(float("nan"))
+
+    @staticmethod
+    def get_provided_features_list():
+        return "64", "192", "768", "2048"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        if metric == "isc":
+            raise MetricsError("the FID Inception graph has no logits: no Inception Score from inception-v3-fid")
+        return FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(metric)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .layers import model_config
+from .registry import build_model
 
 
 class StudentFamily(nn.Module):
@@ -22,8 +23,6 @@ class StudentFamily(nn.Module):
 
     def __init__(self, net: dict, steps: Sequence[int]):
         super().__init__()
-        from . import build_model  # the registry imports this module
-
         steps = [int(s) for s in steps]
         if not steps or len(set(steps)) != len(steps) or min(steps) < 1:
             raise ValueError(f"a student family needs distinct step counts >= 1, got {steps}")
