@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from diffusion_core.pretrained import build_diffusion
 from diffusion_core.training import DiffusionObjective, Trainer, build_denoiser
-from pipeline.config import TrainDiffusionConfig, UNetConfig
+from pipeline.config import merged, read_yaml, validate_params
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def measure(shape, unet: UNetConfig, batch: int, steps: int, bf16: bool = False, channels_last: bool = False) -> float:
-    cfg = TrainDiffusionConfig(batch_size=batch, bf16=bf16, channels_last=channels_last, unet=unet,
-                               scaling={"num_workers": 1, "use_ray": False})
+def measure(shape, unet: dict, batch: int, steps: int, bf16: bool = False, channels_last: bool = False) -> float:
+    """params.yaml's train_diffusion with this U-Net, batch and precision, in-process."""
+    over = {"train_diffusion": {"batch_size": batch, "bf16": bf16, "channels_last": channels_last, "unet": unet,
+                                "scaling": {"num_workers": 1, "use_ray": False}}}
+    cfg = validate_params(merged(read_yaml(PARAMS), over), ["train_diffusion"]).train_diffusion
     diff = build_diffusion({"schedule": "cosine", "num_timesteps": 1000, "parameterization": "eps",
                             "variance": "fixed_small"})
     torch.manual_seed(0)
-    model = build_denoiser(unet.to_options(), shape, 10, False)
+    model = build_denoiser(cfg.unet.to_options(), shape, 10, False)
     tr = Trainer(model, DiffusionObjective(diff, 10, cfg.label_dropout), "uniform", cfg.train_options())
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     tr.train_step(x, y)  # warm-up
@@ -44,8 +49,8 @@ def main(argv=None) -> None:
     nets = [(64, (1, 2), 2, (4,))] if args.default_only else [(32, (1, 2), 2, (4,)), (64, (1, 2), 2, (4,)),
                                                               (64, (1, 2, 2), 2, (4,)), (96, (1, 2, 2), 2, (4,))]
     for base, mult, nres, attn in nets:
-        unet = UNetConfig(base_channels=base, channel_mult=mult, num_res_blocks=nres, attention_resolutions=attn,
-                          dropout=0.1)
+        unet = {"base_channels": base, "channel_mult": list(mult), "num_res_blocks": nres,
+                "attention_resolutions": list(attn), "dropout": 0.1}
         for bf16 in (False, True):
             for cl in (False, True) if args.default_only else (False,):
                 sps, n = measure(latent, unet, args.batch, args.steps, bf16=bf16, channels_last=cl)

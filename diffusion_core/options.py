@@ -1,6 +1,6 @@
 """The library's typed options: small frozen dataclasses its builders take (not the pipeline's params sections).
 
-The pipeline's params sections (`pipeline/config.py`) validate params.yaml and hand these over with `.to_options()`;
+The pipeline's params sections (`pipeline/config/`) validate params.yaml and hand these over with `.to_options()`;
 a script that uses the library alone builds them directly, e.g. `build_denoiser(NetOptions(base_channels=32), ...)`.
 """
 

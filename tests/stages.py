@@ -8,6 +8,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+PARAMS = ROOT / "params.yaml"
+
+
+def params_raw(overrides: dict | None = None, base: Path = PARAMS) -> dict:
+    """The parsed params file `base` (the repository's params.yaml) with `overrides` deep-merged in."""
+    from pipeline.config import merged, read_yaml
+
+    return merged(read_yaml(base), overrides or {})
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -29,7 +29,7 @@ from diffusion_core.models import AutoencoderKL
 from pipeline.config import ConfigError, validate_params
 
 from . import zygote
-from .stages import stage_env
+from .stages import params_raw, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -154,8 +154,9 @@ def test_latent_scale_factor_gives_unit_std():
 
 def test_config_downsample_must_match_channel_mult():
     with pytest.raises(ConfigError, match=r"train_autoencoder.autoencoder: downsample 4 needs 3 channel_mult entries"):
-        validate_params({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2]}}})
-    p = validate_params({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2, 2, 4], "downsample": 8}}})
+        validate_params(params_raw({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2]}}}))
+    p = validate_params(params_raw({"train_autoencoder": {"autoencoder": {"channel_mult": [1, 2, 2, 4],
+                                                                          "downsample": 8}}}))
     assert p.train_autoencoder.autoencoder.downsample == 8
 
 

@@ -16,7 +16,6 @@ folder, tiny random model folders) are built once per module, in-process.
 
 from __future__ import annotations
 
-import copy
 import errno
 import hashlib
 import json
@@ -37,6 +36,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.config import merged
 from tests import zygote
 from tests.stages import stage_env
 
@@ -55,21 +55,11 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def write_params(cwd: Path, over: dict | None = None, *, tracking: bool = False, drop: tuple[str, ...] = ()) -> None:
     """cwd/p.yaml: configs/tiny.yaml (tracking off unless asked) with `over` merged in and `drop`ped dotted keys."""
     raw = yaml.safe_load(TINY.read_text())
     raw["tracking"]["enabled"] = tracking
-    raw = deep_merge(raw, over or {})
+    raw = merged(raw, over or {})
     for dotted in drop:
         *parents, last = dotted.split(".")
         d = raw

@@ -1,7 +1,5 @@
 """params loader: typed sections, one-line errors naming the key path, property test over random input."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -10,19 +8,19 @@ from hypothesis import strategies as st
 from pipeline.config import (
     SECTIONS,
     ConfigError,
-    PrepareConfig,
     load_params,
     params_hash,
     section_keys,
     validate_params,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from .stages import ROOT, params_raw
 
 
 def _err(raw) -> str:
+    """The one-line error of params.yaml with `raw` merged in."""
     with pytest.raises(ConfigError) as e:
-        validate_params(raw)
+        validate_params(params_raw(raw) if isinstance(raw, dict) else raw)
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -110,7 +108,7 @@ def test_no_data_param_that_changes_nothing():
     """data.shuffle_buffer was a DVC param dependency no stage read (training draws seeded batches by index from
     its rank's shards in memory): it is refused now, naming the keys that do something."""
     with pytest.raises(ConfigError, match=r"unknown key 'data.shuffle_buffer'.*accepted: on_bad_shard, verify_checks"):
-        validate_params({"data": {"shuffle_buffer": 1000}}, ["data"])
+        validate_params(params_raw({"data": {"shuffle_buffer": 1000}}), ["data"])
 
 
 def test_unknown_nested_key_and_section():
@@ -147,7 +145,7 @@ def test_wrong_type_and_out_of_range(raw, needle):
 
 def test_learned_range_needs_vlb_loss():
     assert "learned_range" in _err({"diffusion": {"variance": "learned_range", "loss": "simple"}})
-    p = validate_params({"diffusion": {"variance": "learned_range", "loss": "hybrid"}})
+    p = validate_params(params_raw({"diffusion": {"variance": "learned_range", "loss": "hybrid"}}))
     assert p.diffusion.loss == "hybrid"
 
 
@@ -162,7 +160,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_sections_subset_frozen_and_floats(tmp_path):
     f = tmp_path / "p.yaml"
-    f.write_text("prepare:\n  dataset: digits\ntrain_autoencoder:\n  lr: 1e-4\n  kl_weight: 5\n")
+    text = (ROOT / "params.yaml").read_text().replace("dataset: mnist5k", "dataset: digits", 1)
+    head, _, tail = text.partition("train_autoencoder:")
+    tail = tail.replace("lr: 1.0e-3", "lr: 1e-4", 1).replace("kl_weight: 1.0e-6", "kl_weight: 5", 1)
+    f.write_text(head + "train_autoencoder:" + tail)
     p = load_params(f, sections=["prepare"])
     assert p.prepare.dataset == "digits" and p.sections == ("prepare",)
     with pytest.raises(ConfigError, match="not loaded"):
@@ -177,7 +178,8 @@ def test_params_hash_stable():
     a = {"prepare": {"seed": 1, "dataset": "digits"}}
     b = {"prepare": {"dataset": "digits", "seed": 1}}
     assert params_hash(a) == params_hash(b) != params_hash({"prepare": {"seed": 2, "dataset": "digits"}})
-    assert params_hash(PrepareConfig()) == params_hash(PrepareConfig().model_dump(mode="json"))
+    prepare = validate_params(params_raw(), ["prepare"]).prepare
+    assert params_hash(prepare) == params_hash(prepare.model_dump(mode="json"))
 
 
 scalars = st.one_of(
@@ -194,6 +196,12 @@ values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3) | st.dict
 @given(st.one_of(values, st.dictionaries(st.sampled_from(sorted(SECTIONS)), st.dictionaries(keys, values, max_size=5),
                                          max_size=4)))
 def test_random_input_gives_params_or_one_line_config_error(raw):
+    """Random input, alone or merged into params.yaml: valid params or a one-line ConfigError, never a traceback."""
+    for candidate in (raw, params_raw(raw) if isinstance(raw, dict) else raw):
+        _params_or_one_line_error(candidate)
+
+
+def _params_or_one_line_error(raw):
     try:
         p = validate_params(raw)
     except ConfigError as e:
@@ -210,11 +218,11 @@ def test_stage_device_auto_is_the_cpu_here_and_cuda_is_a_one_line_error_naming_t
     names the setting and the fix, raised before a stage loads anything."""
     from pipeline._stage import stage_device
 
-    project = validate_params({"project": {"device": "auto"}}).project
+    project = validate_params(params_raw({"project": {"device": "auto"}})).project
     assert str(stage_device(project)) == "cpu"
     for device in ("cuda", "cuda:1"):
         with pytest.raises(ConfigError) as e:
-            stage_device(validate_params({"project": {"device": device}}).project)
+            stage_device(validate_params(params_raw({"project": {"device": device}})).project)
         assert str(e.value) == f"project.device {device!r}: no CUDA GPU is available on this machine; use cpu " \
                                "(or project.device: auto)"
 
@@ -248,3 +256,30 @@ def test_every_section_with_library_options_hands_over_all_its_fields():
         walk(getattr(params, name))
     assert sorted(set(found)) == ["AutoencoderOptions", "DiffusionOptions", "NetOptions", "PrepareOptions",
                                   "ScheduleOptions"]
+
+
+def test_sections_carry_no_defaults_and_a_missing_key_is_a_one_line_error():
+    """Every value is written once, in params.yaml: no section field has a default (the sweep's grid blocks, list
+    items whose optional keys params.yaml leaves out, aside), and a key left out is refused by name, with the fix."""
+    from pydantic import BaseModel
+
+    from pipeline.config import SweepGridConfig
+
+    def defaults(model, prefix):
+        for name, f in model.model_fields.items():
+            if not f.is_required():
+                yield prefix + name
+            inner = f.annotation
+            if isinstance(inner, type) and issubclass(inner, BaseModel) and inner is not SweepGridConfig:
+                yield from defaults(inner, f"{prefix}{name}.")
+
+    assert [k for s, model in SECTIONS.items() for k in defaults(model, f"{s}.")] == []
+    raw = params_raw()
+    del raw["train_diffusion"]["unet"]["dropout"]
+    with pytest.raises(ConfigError) as e:
+        validate_params(raw)
+    assert str(e.value) == ("params.yaml: missing key 'train_diffusion.unet.dropout' (every key is set in the params "
+                            "file: copy it from the repository's params.yaml)")
+    del raw["evaluate"]
+    with pytest.raises(ConfigError, match="section 'evaluate' is missing"):
+        validate_params(raw, ["evaluate"])

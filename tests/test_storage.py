@@ -17,6 +17,7 @@ from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.storage import POINTER, StorageError, fetch_dir, latest_version, publish_dir
 
 from . import zygote
+from .stages import params_raw
 from .tiny_models import make_diffusion_dir, make_latent_dir
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -350,9 +351,9 @@ def test_a_restarted_group_that_ray_gives_no_checkpoint_resumes_from_the_store(t
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(training_stage, "latest_ray_checkpoint", lambda: None)
-    config = training_stage.WorkerConfig(params={"train_diffusion": {"steps": 80}}, ws={}, data_checksums={},
-                                         input_models=None, ray_storage=str(store), ray_run="train_diffusion-now",
-                                         run_key="k1", store_resume=True)
+    config = training_stage.WorkerConfig(params=params_raw({"train_diffusion": {"steps": 80}}), ws={},
+                                         data_checksums={}, input_models=None, ray_storage=str(store),
+                                         ray_run="train_diffusion-now", run_key="k1", store_resume=True)
     worker = training_stage.Worker(STAGE, None, config, rank=0, world=1, tracking_root="")
     trainer = Trainer()
     newest = max(20, earlier_step)

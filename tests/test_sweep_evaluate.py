@@ -28,13 +28,14 @@ from pipeline.reports import (
     write_csv,
 )
 
+from .stages import params_raw
 from .tiny_models import make_feature_net
 
 torch.set_num_threads(1)
 
 
 def _grid(*blocks):
-    return validate_params({"sweep": {"sampling": list(blocks)}}, ["sweep"]).sweep
+    return validate_params(params_raw({"sweep": {"sampling": list(blocks)}}), ["sweep"]).sweep
 
 
 def test_sampling_trials_cross_dedupe_and_normalise():
@@ -59,9 +60,9 @@ def test_sampling_trials_reject_steps_beyond_T():
 
 
 def test_seed_sets_are_disjoint_and_each_setting_has_them_all():
-    sw = validate_params({"sweep": {"seed": 7, "seed_sets": 3, "sampling": [
+    sw = validate_params(params_raw({"sweep": {"seed": 7, "seed_sets": 3, "sampling": [
         {"samplers": ["ddim", "dpmpp2m"], "steps": [5, 10]},
-        {"samplers": ["ddim"], "steps": [20], "num_samples": 50, "seed_sets": 1}]}}, ["sweep"]).sweep
+        {"samplers": ["ddim"], "steps": [20], "num_samples": 50, "seed_sets": 1}]}}), ["sweep"]).sweep
     trials = sampling_trials(sw.sampling, 100, 1000, default_seed_sets=sw.seed_sets)
     assert len(trials) == 4 * 3 + 1 and len({trial_name(t) for t in trials}) == len(trials)
     by_setting = {}
@@ -195,9 +196,9 @@ def test_summary_means_spreads_and_the_selection_rule(tmp_path):
 def test_training_axis_is_crossed_with_samplers(tmp_path):
     """Each finished short training x each sweep.training.samplers point (seed sets included) is one row named by
     both; a pruned training has none; the summary averages over seed sets per (training, sampler) pair."""
-    sw = validate_params({"sweep": {"seed_sets": 2, "num_samples": 100, "training": {"samplers": [
+    sw = validate_params(params_raw({"sweep": {"seed_sets": 2, "num_samples": 100, "training": {"samplers": [
         {"samplers": ["ddim"], "steps": [20], "scales": [1.5]},
-        {"samplers": ["dpmpp2m"], "steps": [10], "scales": [1.5], "spacings": ["logsnr"], "seed_sets": 1}]}}},
+        {"samplers": ["dpmpp2m"], "steps": [10], "scales": [1.5], "spacings": ["logsnr"], "seed_sets": 1}]}}}),
         ["sweep"]).sweep
     cross = sampling_trials(sw.training.samplers, sw.num_samples, 1000, sw.spacing, sw.seed_sets)
     assert [(t["sampler"], t["seed_set"]) for t in cross] == [("ddim", 0), ("ddim", 1), ("dpmpp2m", 0)]
@@ -231,14 +232,15 @@ def test_training_axis_is_crossed_with_samplers(tmp_path):
 
 def test_classifier_guidance_is_refused_for_the_training_axis():
     with pytest.raises(ValueError, match="classifier"):
-        validate_params({"sweep": {"training": {"samplers": [{"samplers": ["ddim"], "steps": [5],
-                                                               "guidance": ["classifier"]}]}}}, ["sweep"])
+        validate_params(params_raw({"sweep": {"training": {"samplers": [{"samplers": ["ddim"], "steps": [5],
+                                                               "guidance": ["classifier"]}]}}}), ["sweep"])
 
 
 def test_evaluate_takes_the_sweeps_selection_on_fresh_seeds(tmp_path):
     from pipeline.evaluate import SettingError, resolve_setting
 
-    cfg = validate_params({"evaluate": {"setting": "sweep", "seed": 3000, "num_samples": 1000}}, ["evaluate"]).evaluate
+    cfg = validate_params(params_raw({"evaluate": {"setting": "sweep", "seed": 3000, "num_samples": 1000}}),
+                          ["evaluate"]).evaluate
     with pytest.raises(SettingError, match="run the sweep stage first"):
         resolve_setting(cfg, tmp_path / "sweep.json")
     (tmp_path / "sweep.json").write_text(json.dumps({"selected": None}))
@@ -252,10 +254,11 @@ def test_evaluate_takes_the_sweeps_selection_on_fresh_seeds(tmp_path):
     assert (used["sampler"], used["steps"], used["spacing"], used["scale"], used["eta"]) == ("dpmpp3m", 10, "logsnr",
                                                                                              1.5, 0.0)
     assert used["source"] == "sweep" and used["sweep_trials"] == ["a-s0", "a-s1", "a-s2"]
-    overlapping = validate_params({"evaluate": {"setting": "sweep", "seed": 2999}}, ["evaluate"]).evaluate
+    overlapping = validate_params(params_raw({"evaluate": {"setting": "sweep", "seed": 2999}}), ["evaluate"]).evaluate
     with pytest.raises(SettingError, match="overlap the seeds 0..2999"):
         resolve_setting(overlapping, tmp_path / "sweep.json")
-    params = validate_params({"evaluate": {"sampler": "heun", "steps": 6, "options": {"s_churn": 5}}},
+    params = validate_params(params_raw({"evaluate": {"setting": "params", "sampler": "heun", "steps": 6,
+                                                          "options": {"s_churn": 5}}}),
                              ["evaluate"]).evaluate
     assert resolve_setting(params, tmp_path / "nope.json")["options"] == {"s_churn": 5}
 

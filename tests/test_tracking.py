@@ -17,9 +17,9 @@ import pytest
 from pipeline.config import TrackingConfig
 from pipeline.tracking import NullRun, TrackingError, flatten_params, start_run
 
-from .stages import group_pids, listening_ips, stage_env
+from .stages import ROOT, group_pids, listening_ips, params_raw, stage_env
 
-ROOT = Path(__file__).resolve().parents[1]
+TRACKING = params_raw()["tracking"]  # enabled, the local store, no fallback
 PARAMS = {"project": {"name": "t", "experiment": "exp-test", "seed": 0},
           "prepare": {"dataset": "digits", "test_fraction": 0.2}}
 
@@ -82,7 +82,7 @@ def _client(uri):
 
 def test_run_logged_to_sqlite_and_read_back(store):
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    with start_run("prepare", PARAMS, TrackingConfig()) as run:
+    with start_run("prepare", PARAMS, TrackingConfig(**TRACKING)) as run:
         assert run.active and run.tracking_uri == uri
         run.log_metrics({"loss": 0.5}, step=1)
         run.log_metrics({"loss": 0.25}, step=2)
@@ -101,7 +101,7 @@ def test_run_logged_to_sqlite_and_read_back(store):
 
 def test_exception_marks_run_failed(store):
     with pytest.raises(ValueError):
-        with start_run("train", PARAMS, TrackingConfig()) as run:
+        with start_run("train", PARAMS, TrackingConfig(**TRACKING)) as run:
             raise ValueError("boom")
     assert _client(f"sqlite:///{store / 'mlflow.db'}").get_run(run.run_id).info.status == "FAILED"
 
@@ -109,20 +109,20 @@ def test_exception_marks_run_failed(store):
 def test_runs_in_one_process_follow_their_own_folder(store, tmp_path, monkeypatch):
     """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second stage run from another folder in the same
     process (a notebook, a test session) must still log to its own folder's store, not the first one's."""
-    with start_run("prepare", PARAMS, TrackingConfig()):
+    with start_run("prepare", PARAMS, TrackingConfig(**TRACKING)):
         pass
     assert "MLFLOW_TRACKING_URI" not in os.environ
     other = tmp_path / "other"
     other.mkdir()
     monkeypatch.chdir(other)
-    with start_run("prepare", PARAMS, TrackingConfig()) as run:
+    with start_run("prepare", PARAMS, TrackingConfig(**TRACKING)) as run:
         assert run.tracking_uri == f"sqlite:///{other / 'mlflow.db'}"
     assert _client(run.tracking_uri).get_run(run.run_id).info.status == "FINISHED"
 
 
 def test_disabled_and_nonzero_rank_are_noops(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for cfg, rank in ((TrackingConfig(enabled=False), 0), (TrackingConfig(), 1)):
+    for cfg, rank in ((TrackingConfig(**{**TRACKING, "enabled": False}), 0), (TrackingConfig(**TRACKING), 1)):
         with start_run("prepare", PARAMS, cfg, rank=rank) as run:
             assert isinstance(run, NullRun) and not run.active
             run.log_metrics({"x": 1.0}, step=0)
@@ -144,7 +144,7 @@ def test_a_token_in_the_git_remote_does_not_reach_the_store(tmp_path):
     repo.mkdir()
     (repo / "main.py").write_text(
         "from pipeline.config import TrackingConfig\nfrom pipeline.tracking import start_run\n"
-        f"with start_run('prepare', {PARAMS!r}, TrackingConfig()) as run:\n    print(run.run_id)\n")
+        f"with start_run('prepare', {PARAMS!r}, TrackingConfig(**{TRACKING!r})) as run:\n    print(run.run_id)\n")
     for cmd in (["init", "-q"], ["remote", "add", "origin", f"https://x-access-token:{token}@github.com/o/r.git"],
                 ["add", "main.py"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
@@ -161,10 +161,10 @@ def test_unreachable_server_fails_fast_or_falls_back(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match="unreachable") as e:
-        with start_run("prepare", PARAMS, TrackingConfig()):
+        with start_run("prepare", PARAMS, TrackingConfig(**TRACKING)):
             pass
     assert time.monotonic() - t0 < 5 and "\n" not in str(e.value)
-    with start_run("prepare", PARAMS, TrackingConfig(fallback_local=True)) as run:
+    with start_run("prepare", PARAMS, TrackingConfig(**{**TRACKING, "fallback_local": True})) as run:
         run.log_metrics({"x": 1.0})
     assert run.tracking_uri.startswith("sqlite:///") and (store / "mlflow.db").exists()
 
@@ -218,7 +218,7 @@ from pipeline.tracking import start_run
 from pipeline._stage import run_stage
 
 def body(_args=None):
-    with start_run("killable", {{"project": {{"experiment": "exp-test"}}}}, TrackingConfig()) as run:
+    with start_run("killable", {{"project": {{"experiment": "exp-test"}}}}, TrackingConfig(**{tracking!r})) as run:
         print("run", run.run_id, flush=True)
         if {how!r} == "kill -9":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -231,7 +231,7 @@ sys.exit(run_stage("killable", body, []) if {how!r} == "stage" else body())
 def _child_run(store: Path, how: str) -> tuple[subprocess.Popen, str]:
     """A process holding an open run of stage 'killable' in `store` (how: 'kill -9' kills itself inside the run,
     'alive' sleeps in it, 'stage' sleeps in it under run_stage); returns it and its run id."""
-    code = _CHILD.format(root=str(Path(__file__).resolve().parents[1]), how=how)
+    code = _CHILD.format(root=str(ROOT), how=how, tracking=TRACKING)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:  # after a line of start_run's own when it closed a dead run
@@ -249,7 +249,7 @@ def test_a_run_whose_process_died_is_marked_killed_by_the_next_run_of_its_stage(
         assert dead.wait(timeout=60) == -signal.SIGKILL
         client = _client(f"sqlite:///{store / 'mlflow.db'}")
         assert client.get_run(dead_id).info.status == "RUNNING"  # what kill -9 leaves behind
-        with start_run("killable", PARAMS, TrackingConfig(), continues=dead_id) as run:
+        with start_run("killable", PARAMS, TrackingConfig(**TRACKING), continues=dead_id) as run:
             pass
         killed = client.get_run(dead_id)
         assert killed.info.status == "KILLED" and "ended without closing" in killed.data.tags["killed_reason"]

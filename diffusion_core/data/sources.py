@@ -12,6 +12,7 @@ import numpy as np
 from ..options import PrepareOptions
 from .errors import DataError
 
+DATASETS = ("mnist5k", "cmnist5k", "digits", "swissroll", "mnist", "fashion_mnist", "cifar10", "imagefolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGIT_NAMES = tuple(str(i) for i in range(10))
 
