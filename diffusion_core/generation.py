@@ -202,6 +202,19 @@ class _CountingModel(torch.nn.Module):
         return self.model(x_t, t, None if self.drop_y else y)
 
 
+class _CountingClassifier(torch.nn.Module):
+    """Wraps the noisy classifier of classifier guidance to count its per-sample evaluations (each a forward and
+    a backward pass: the gradient of log p(y | x_t))."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier, self.evals = classifier, 0
+
+    def forward(self, x_t, t):
+        self.evals += x_t.shape[0]
+        return self.classifier(x_t, t)
+
+
 @torch.no_grad()
 def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
              guidance_kind: str = "none", scale: float = 1.0, classifier_bundle: ClassifierBundle | None = None,
@@ -212,7 +225,8 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
 
     `start` lets workers split one set: generate(num=k, start=j) on each gives exactly that slice of the set.
     Returns {"images": uint8 [N, H, W, C] (image data) or "points": float32 [N, D] (point data), "labels": int64 [N]
-    (-1 = unconditional), "seeds": int64 [N], "nfe": denoiser evaluations per sample, "seconds": wall time}.
+    (-1 = unconditional), "seeds": int64 [N], "nfe": denoiser evaluations per sample, "classifier_nfe": noisy
+    classifier evaluations per sample (classifier guidance; 0 otherwise), "seconds": wall time}.
     `steps=None` runs the full schedule. Without `classes`, cfg and classifier guidance cycle through all classes;
     no guidance on a class-conditional model then samples unconditionally (the null class).
     `bf16` / `channels_last` run the denoiser under bf16 autocast / in channels_last memory format (FastDenoiser;
@@ -234,6 +248,7 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
             {"lambda_min": None}
     else:
         guidance = _guidance(guidance_kind, scale, bundle, classifier_bundle, device)
+    classifier = guidance.classifier if isinstance(guidance, ClassifierGuidance) else None
     fast = FastDenoiser(net, bf16=resolve_bf16(bf16, device), channels_last=channels_last)
     model = _CountingModel(fast, drop_y=bundle.num_classes is None)
     pixel = not bundle.is_latent
@@ -260,6 +275,7 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     x = torch.cat(chunks)
     data = {"images": to_uint8(x)} if x.ndim == 4 else {"points": x.numpy().astype(np.float32)}
     return {**data, "labels": labels, "seeds": seeds, "nfe": model.evals / num,
+            "classifier_nfe": classifier.evals / num if classifier is not None else 0.0,
             "seconds": time.perf_counter() - start, "options": options}
 
 
@@ -311,7 +327,7 @@ def _guidance(kind: str, scale: float, bundle: DiffusionBundle, classifier_bundl
     if kind == "cfg":
         return ClassifierFreeGuidance(scale, null_class=bundle.num_classes)
     if kind == "classifier":
-        return ClassifierGuidance(classifier_bundle.model.to(device).eval(), scale)
+        return ClassifierGuidance(_CountingClassifier(classifier_bundle.model.to(device).eval()), scale)
     return None
 
 

@@ -101,7 +101,8 @@ def _sample(cfg, setting: dict, workers: int, device) -> dict:
     parts = _sample_on_ray(root, kwargs, cfg.num_samples, size, workers,
                            f"{STAGE}: {setting['sampler']} {setting['steps']} steps")
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "labels", "seeds")}
-    out["nfe"] = sum(p["nfe"] * len(p["seeds"]) for p in parts) / cfg.num_samples
+    for key in ("nfe", "classifier_nfe"):  # per sample, over the parts
+        out[key] = sum(p[key] * len(p["seeds"]) for p in parts) / cfg.num_samples
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -189,8 +190,8 @@ def _run(args) -> None:
         run.log_params({"used": {k: setting[k] for k in SETTING_KEYS}})
         out = _sample(cfg, setting, min(cfg.num_workers, cfg.num_samples), device)
         metrics = _metrics(params, bundle, out, ref, ref_inception, cuda=device.type == "cuda")
-        metrics.update(nfe=out["nfe"], num_samples=int(len(out["seeds"])), sampling_seconds=round(out["seconds"], 2),
-                       wall_seconds=round(time.perf_counter() - t0, 2))
+        metrics.update(nfe=out["nfe"], classifier_nfe=out["classifier_nfe"], num_samples=int(len(out["seeds"])),
+                       sampling_seconds=round(out["seconds"], 2), wall_seconds=round(time.perf_counter() - t0, 2))
         skipped = sorted(k for k, v in metrics.items() if v is None)
         metrics = {k: v for k, v in metrics.items() if v is not None}  # skipped, not faked
         atomic_write_json(OUT, metrics)

@@ -18,17 +18,18 @@ from diffusion_core.io import atomic_path, atomic_write_text
 
 SWEEP_COLUMNS = ("trial", "setting", "seed_set", "axis", "status", "schedule", "parameterization", "train_steps",
                  "model", "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples",
-                 "nfe", "fd_domain", "fid_inception", "kid_inception", "kid_inception_std", "inception_samples",
-                 "kd_domain", "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd",
-                 "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "wall_seconds")
+                 "nfe", "classifier_nfe", "fd_domain", "fid_inception", "kid_inception", "kid_inception_std",
+                 "inception_samples", "kd_domain", "kd_domain_std", "precision_domain", "recall_domain",
+                 "class_accuracy", "nll_bpd", "nll_bpd_se", "nll_bpd_given_class", "nll_bpd_given_class_se", "loss",
+                 "wall_seconds")
 SETTING_KEYS = ("model", "sampler", "steps", "eta", "spacing", "options", "guidance", "scale", "num_samples")
 AVERAGED = ("fd_domain", "fid_inception", "kid_inception", "kd_domain", "precision_domain", "recall_domain",
-            "class_accuracy", "nfe", "wall_seconds")
+            "class_accuracy", "nfe", "classifier_nfe", "wall_seconds")
 FD_METRICS = ("fd_domain", "fid_inception")  # the Fréchet distances a setting is compared and selected by
-SUMMARY_COLUMNS = ("setting", *SETTING_KEYS, "seed_sets", "nfe", "fd_domain", "fd_domain_std", "fd_domain_min",
-                   "fd_domain_max", "fid_inception", "fid_inception_std", "fid_inception_min", "fid_inception_max",
-                   "inception_samples", "inception_sets", "kid_inception", "kd_domain", "precision_domain",
-                   "recall_domain", "class_accuracy", "wall_seconds", "trials")
+SUMMARY_COLUMNS = ("setting", *SETTING_KEYS, "seed_sets", "nfe", "classifier_nfe", "fd_domain", "fd_domain_std",
+                   "fd_domain_min", "fd_domain_max", "fid_inception", "fid_inception_std", "fid_inception_min",
+                   "fid_inception_max", "inception_samples", "inception_sets", "kid_inception", "kd_domain",
+                   "precision_domain", "recall_domain", "class_accuracy", "wall_seconds", "trials")
 TRAINING_KEYS = ("training", "schedule", "parameterization", "train_steps")
 CROSS_COLUMNS = ("setting", *TRAINING_KEYS, *SUMMARY_COLUMNS[1:])
 

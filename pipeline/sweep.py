@@ -48,7 +48,7 @@ REFERENCE, CSV, SUMMARY, PLOTS, METRICS = Path("data/reference"), Path("reports/
 CROSS_SUMMARY = Path("reports/sweep_training_x_sampling.csv")  # one row per (training setting, sampling setting)
 METRIC_KEYS = ("fd_domain", "fid_inception", "kid_inception", "kid_inception_std", "inception_samples", "kd_domain",
                "kd_domain_std", "precision_domain", "recall_domain", "class_accuracy", "nll_bpd", "nll_bpd_se",
-               "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "nfe", "wall_seconds")
+               "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "nfe", "classifier_nfe", "wall_seconds")
 
 
 def _enter_trial(config: dict):
@@ -114,7 +114,8 @@ def sampling_trial(config: dict) -> None:
     staged = Path(config["staging"]) / f"{trial_name(t)}.npz"
     np.savez(staged.with_suffix(".tmp.npz"), images=out["images"][:k], labels=out["labels"][:k])
     os.replace(staged.with_suffix(".tmp.npz"), staged)  # a trial killed mid-write leaves no half file
-    tune.report({**metrics, "nfe": out["nfe"], "sampling_seconds": out["seconds"], "wall_seconds": watch.seconds})
+    tune.report({**metrics, "nfe": out["nfe"], "classifier_nfe": out["classifier_nfe"],
+                 "sampling_seconds": out["seconds"], "wall_seconds": watch.seconds})
 
 
 def training_trial(config: dict) -> None:

@@ -76,3 +76,56 @@ class GaussianConsistency(GaussianDenoiser):
         ab = self.ab[t.long()].view(-1, *([1] * (x_t.dim() - 1)))
         u = (x_t.double() - ab.sqrt() * self.m) / (ab * self.s ** 2 + 1 - ab).sqrt()
         return self.m + self.s * u, ab
+
+
+class GaussianMixtureDenoiser(GaussianDenoiser):
+    """Class-conditional Gaussian data x0 | y ~ N(means[y], std^2 I), the K classes equally likely; label K (the
+    null class of classifier-free guidance) is the unconditional data, the mixture. forward(x_t, t, y) is the exact
+    E[x0 | x_t, y] as the parameterization's output: per class the Gaussian posterior mean, for the null class its
+    average under p(k | x_t) (`class_posterior`)."""
+
+    def __init__(self, schedule: NoiseSchedule, means, std: float, parameterization: str = "eps",
+                 sigma_data: float = 1.0):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        super().__init__(schedule, means[0], std, parameterization, sigma_data=sigma_data)
+        self.means, self._y = means, None
+
+    def class_posterior(self, x_t, t):
+        """p(k | x_t) [B, K]: x_t | k ~ N(sqrt(ab) m_k, (ab s^2 + 1 - ab) I), equal priors."""
+        ab = self.ab[t.long()].view(-1, 1, 1)
+        var = ab * self.s ** 2 + 1 - ab
+        d2 = ((x_t.double()[:, None, :] - ab.sqrt() * self.means[None]) ** 2).sum(-1)
+        return torch.softmax(-d2 / (2 * var[:, :, 0]), dim=1)
+
+    def posterior_x0(self, x_t, t):
+        ab = self.ab[t.long()].view(-1, 1)
+        x = x_t.double()
+        gain = ab.sqrt() * self.s ** 2 / (ab * self.s ** 2 + 1 - ab)
+        per_class = self.means[None] + gain[:, :, None] * (x[:, None, :] - ab[:, :, None].sqrt() * self.means[None])
+        y = self._y
+        null = y == len(self.means)
+        x0 = per_class[torch.arange(len(x)), y.clamp(max=len(self.means) - 1)]
+        mixture = (self.class_posterior(x_t, t)[:, :, None] * per_class).sum(1)
+        return torch.where(null[:, None], mixture, x0), ab
+
+    def forward(self, x_t, t, y=None):
+        self._y = torch.full((x_t.shape[0],), len(self.means)) if y is None else y.long()
+        return super().forward(x_t, t, y)
+
+
+class GaussianNoisyClassifier(torch.nn.Module):
+    """The exact noisy classifier of `GaussianMixtureDenoiser`'s data: logits(x_t, t) = log p(k | x_t) + const,
+    -||x_t - sqrt(ab) m_k||^2 / (2 (ab s^2 + 1 - ab)), at original timestep indices t."""
+
+    def __init__(self, schedule: NoiseSchedule, means, std: float):
+        super().__init__()
+        self.ab = schedule.alphas_cumprod
+        self.means, self.s = torch.as_tensor(means, dtype=torch.float64), float(std)
+        self.calls = 0
+
+    def forward(self, x_t, t):
+        self.calls += 1
+        ab = self.ab[t.long()].view(-1, 1, 1)
+        var = ab * self.s ** 2 + 1 - ab
+        d2 = ((x_t.double()[:, None, :] - ab.sqrt() * self.means[None]) ** 2).sum(-1)
+        return (-d2 / (2 * var[:, :, 0])).to(x_t.dtype)
