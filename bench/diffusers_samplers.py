@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from diffusion_core.generation import FastDenoiser, sample_labels, to_uint8
     from diffusion_core.guidance import ClassifierFreeGuidance
     from diffusion_core.io import atomic_write_json
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.model_folders import load_diffusion_dir
     from diffusion_core.samplers import sample
     from diffusion_core.samplers.common import NoiseSource
 

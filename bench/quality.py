@@ -137,7 +137,7 @@ def sample_peer(unet, shape: tuple, labels: np.ndarray, num_classes: int, schedu
 def our_grid_samples(run: Path, num: int) -> np.ndarray:
     """The first `num` samples of our evaluate stage's set, drawn again with the run's own evaluate params."""
     from diffusion_core.generation import generate
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.model_folders import load_diffusion_dir
     from pipeline.config import load_params
 
     ev = load_params(run / "params.yaml", sections=("evaluate",)).evaluate
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     from diffusion_core.data.preview import save_image_grid
     from diffusion_core.evaluation import DOMAIN, load_reference, sample_metrics
     from diffusion_core.metrics.fidelity import domain_extractor
-    from diffusion_core.pretrained import load_autoencoder_decoder
+    from diffusion_core.model_folders import load_autoencoder_decoder
 
     run = args.run.resolve()
     cache = args.cache or run / "bench_peers"

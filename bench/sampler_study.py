@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     from diffusion_core.evaluation import INCEPTION, load_reference, sample_metrics
     from diffusion_core.generation import generate
     from diffusion_core.io import atomic_write_json
+    from diffusion_core.model_folders import load_diffusion_dir
     from diffusion_core.precision import bf16_is_fast
-    from diffusion_core.pretrained import load_diffusion_dir
 
     out_path, results, ref, extractor = study_context(args.run, args.out, "sampler_study.json")
     import torch

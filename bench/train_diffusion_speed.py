@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_core.pretrained import build_diffusion
+from diffusion_core.model_folders import build_diffusion
 from diffusion_core.training import DiffusionObjective, Trainer, build_denoiser
 from pipeline.config import merged, read_yaml, validate_params
 

@@ -13,7 +13,7 @@ import torch
 
 from .metrics import class_accuracy
 from .metrics.errors import MetricsError
-from .pretrained import DiffusionBundle
+from .model_folders import DiffusionBundle
 
 REFERENCE_FILE = "reference-{}.npz"  # same name as fidelity_scores(cache_dir=...) uses
 DOMAIN, INCEPTION = "domain", "inception"

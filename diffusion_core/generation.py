@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,9 +19,9 @@ import torch
 
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .io import atomic_path
+from .model_folders import ClassifierBundle, DiffusionBundle
 from .models import StudentFamily
 from .precision import Bf16, resolve_bf16
-from .pretrained import DiffusionBundle
 from .samplers import SAMPLERS, SPACINGS, sample, sampler_options  # noqa: F401 (re-exported)
 from .samplers.grids import grid_timesteps
 
@@ -33,29 +32,6 @@ _SEED_FILE_RE = re.compile(r"^seed-\d{6,}\.png$")
 
 class SamplingError(ValueError):
     """A sampling request that cannot be honoured (bad option or option combination); the message names the fix."""
-
-
-@dataclass
-class ClassifierBundle:
-    """A noisy classifier p(y | x_t, t) with its config.json (its `diffusion` block must match the model's)."""
-
-    model: torch.nn.Module
-    config: dict
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.config["model"]["num_classes"])
-
-
-def load_classifier_dir(path: str | os.PathLike, use_ema: bool = True, map_location="cpu") -> ClassifierBundle:
-    """Load a `models/classifier`-style folder (NoisyClassifier weights + config.json)."""
-    from .checkpoint import CheckpointError, load_model_dir
-
-    model, config = load_model_dir(path, use_ema=use_ema, map_location=map_location)
-    if config.get("model", {}).get("kind") != "noisy_classifier":
-        raise CheckpointError(f"{path} holds a {config.get('model', {}).get('kind')!r} model, not a noisy classifier "
-                              f"(point --classifier at the output of train_classifier, e.g. models/classifier)")
-    return ClassifierBundle(model, config)
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

@@ -42,10 +42,10 @@ from .checkpoint import (
 )
 from .diffusion import GaussianDiffusion
 from .guidance import cfg_label_dropout
+from .model_folders import build_diffusion, diffusion_spec
 from .models import EMA, MLPDenoiser, UNet, unwrap_model
 from .options import DiffusionOptions, NetOptions, ScheduleOptions
 from .precision import resolve_bf16
-from .pretrained import build_diffusion, diffusion_spec
 from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
 
 NUM_QUARTILES = 4

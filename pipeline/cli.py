@@ -104,8 +104,8 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from diffusion_core.generation import check_device, default_sampler, generate, load_classifier_dir, save_samples
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.generation import check_device, default_sampler, generate, save_samples
+    from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 
     check_device(args.device)  # before loading: a bad --device is the user's typo, not a corrupt checkpoint
     bundle = load_diffusion_dir(args.model, use_ema=not args.no_ema, map_location=args.device,

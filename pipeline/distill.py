@@ -28,8 +28,8 @@ from diffusion_core.distillation import (
     student_from_teacher,
 )
 from diffusion_core.io import atomic_write_json
+from diffusion_core.model_folders import load_diffusion_dir
 from diffusion_core.precision import resolve_bf16
-from diffusion_core.pretrained import load_diffusion_dir
 from diffusion_core.resample import make_timestep_sampler
 from diffusion_core.training import LoopHooks, Trainer, load_rank_data, train_loop
 from pipeline.config import ConfigError, params_hash

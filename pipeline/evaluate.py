@@ -72,8 +72,8 @@ def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
     """Samples start..start+num-1 of the evaluation set (runs in a Ray task or in-process); kwargs["model"] is the
     setting's model folder, the rest goes to generate."""
     os.chdir(root)
-    from diffusion_core.generation import generate, load_classifier_dir
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.generation import generate
+    from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 
     kwargs = dict(kwargs)
     bundle = load_diffusion_dir(kwargs.pop("model"))
@@ -170,7 +170,7 @@ def _metrics(params, bundle, out: dict, ref, ref_inception, cuda: bool) -> dict:
 
 def _run(args) -> None:
     from diffusion_core.data.preview import save_image_grid
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.model_folders import load_diffusion_dir
     from pipeline.provenance import run_links
     from pipeline.tracking import start_run
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from diffusion_core.pretrained import DiffusionBundle, diffusion_spec
+from diffusion_core.model_folders import DiffusionBundle, diffusion_spec
 
 # ----------------------------------------------------------------------------------------------- sampling grid
 

@@ -73,7 +73,7 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
     """A `models/diffusion` folder as a pyfunc model; predict draws samples (module doc)."""
 
     def load_context(self, context) -> None:
-        from diffusion_core.pretrained import load_diffusion_dir
+        from diffusion_core.model_folders import load_diffusion_dir
 
         self.bundle = load_diffusion_dir(context.artifacts["model"], autoencoder=context.artifacts.get("autoencoder"))
 

@@ -92,8 +92,8 @@ def sampling_trial(config: dict) -> None:
     from ray import tune
 
     from diffusion_core.evaluation import sample_metrics
-    from diffusion_core.generation import generate, load_classifier_dir
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.generation import generate
+    from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
     from pipeline.grid import Stopwatch
 
     watch = Stopwatch()
@@ -158,7 +158,7 @@ def _trial_data(params) -> tuple:
     """(training data in memory, the latent decoder or None, the model folder's data block, test images and labels
     for NLL or None, None): what train_diffusion would train on, pixels or scaled latents."""
     from diffusion_core.data import load_split, read_meta
-    from diffusion_core.pretrained import load_autoencoder_decoder
+    from diffusion_core.model_folders import load_autoencoder_decoder
     from diffusion_core.training import load_rank_data
 
     td, tc = params.train_diffusion, params.sweep.training

@@ -16,7 +16,7 @@ import torch
 from diffusion_core.checkpoint import save_model_dir
 from diffusion_core.classifiers import NoisyClassifierObjective, build_noisy_classifier, evaluate_noisy_classifier
 from diffusion_core.data import DataError, load_split, read_meta
-from diffusion_core.pretrained import diffusion_spec
+from diffusion_core.model_folders import diffusion_spec
 from diffusion_core.training import LoopHooks, Trainer, build_diffusion_from_options, load_rank_data, train_loop
 from pipeline.config import ConfigError
 

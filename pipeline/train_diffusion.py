@@ -15,8 +15,8 @@ import torch
 from diffusion_core.checkpoint import CheckpointError
 from diffusion_core.data import read_meta
 from diffusion_core.io import atomic_write_json
+from diffusion_core.model_folders import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
 from diffusion_core.models import unwrap_model
-from diffusion_core.pretrained import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
 from diffusion_core.training import (
     DiffusionObjective,
     LoopHooks,

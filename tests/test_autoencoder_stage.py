@@ -184,7 +184,7 @@ def latent_model(tiny_run) -> Path:
 def test_latent_diffusion_samples_decode_through_the_autoencoder(tiny_run, latent_model):
     """The CLI's images = the autoencoder's decoder applied, by hand, to the library's latent samples / (1/std z)."""
     from diffusion_core.generation import to_uint8
-    from diffusion_core.pretrained import build_diffusion
+    from diffusion_core.model_folders import build_diffusion
     from diffusion_core.samplers import sample
 
     cfg = json.loads((latent_model / "config.json").read_text())

@@ -14,7 +14,7 @@ import yaml
 
 from diffusion_core.checkpoint import find_last_good_checkpoint
 from diffusion_core.generation import generate
-from diffusion_core.pretrained import load_diffusion_dir
+from diffusion_core.model_folders import load_diffusion_dir
 from diffusion_core.training import Trainer
 from pipeline import distill, train_diffusion
 

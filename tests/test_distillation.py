@@ -406,7 +406,7 @@ def _student_folder(path, guidance_input=True):
 
 def test_a_student_folder_samples_through_generate_with_one_call_per_step(tmp_path):
     from diffusion_core.generation import SamplingError, generate
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.model_folders import load_diffusion_dir
 
     path, family = _student_folder(tmp_path / "student")
     bundle = load_diffusion_dir(path)

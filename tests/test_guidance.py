@@ -143,8 +143,8 @@ def test_label_dropout_drops_the_fraction_asked_to_the_null_class_only():
 def test_generate_counts_the_classifiers_calls_apart_from_the_denoisers(tmp_path, kind):
     """NFE per sample is the denoiser's (two a step with CFG); classifier guidance adds one classifier call (a
     forward and a backward pass) a step, reported as classifier_nfe."""
-    from diffusion_core.generation import generate, load_classifier_dir
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.generation import generate
+    from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 
     from .tiny_models import make_classifier_dir, make_diffusion_dir
 

@@ -14,7 +14,7 @@ from scipy import linalg
 import diffusion_core.metrics.fidelity as F
 from diffusion_core.evaluation import nll_on_test
 from diffusion_core.metrics import MetricsError, class_accuracy, nll_bpd
-from diffusion_core.pretrained import load_diffusion_dir
+from diffusion_core.model_folders import load_diffusion_dir
 from tests.tiny_models import make_diffusion_dir, make_feature_net, make_latent_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -185,7 +185,7 @@ def test_model_folder_holds_its_card_and_provenance(trained, stage):
 @pytest.mark.slow
 def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder(trained, store):
     from diffusion_core.generation import generate
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.model_folders import load_diffusion_dir
 
     run_id = _runs(trained)["train_diffusion"]
     version = store.MlflowClient().get_model_version(REGISTERED, "1")
@@ -206,7 +206,7 @@ def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder
 def test_student_loads_from_registry_and_samples_like_the_folder(trained, store):
     """distill registers its student family; the MLflow model samples it like the folder, one call per step."""
     from diffusion_core.generation import generate
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.model_folders import load_diffusion_dir
 
     run_id = _runs(trained)["distill"]
     assert store.MlflowClient().get_model_version(STUDENT, "1").run_id == run_id

@@ -108,8 +108,7 @@ def test_train_feature_net_outputs(pipeline):
 def test_train_classifier_outputs(pipeline):
     """The noisy classifier, trained on two Ray workers (DDP): accuracy high at small t and near chance at large t,
     and a model folder that loads as a classifier of the diffusion model's process."""
-    from diffusion_core.generation import load_classifier_dir
-    from diffusion_core.pretrained import diffusion_spec
+    from diffusion_core.model_folders import diffusion_spec, load_classifier_dir
     from pipeline.config import load_params
 
     work, _, _ = pipeline
@@ -214,7 +213,7 @@ def test_distilled_students_sample_from_their_folder_in_one_call_a_step(pipeline
     """distill ran on 2 Ray workers after train_diffusion; its family samples by path at each distilled step count
     with classifier-free guidance as an input (NFE = steps), and refuses a step count it was not distilled for."""
     from diffusion_core.generation import SamplingError, generate
-    from diffusion_core.pretrained import load_diffusion_dir
+    from diffusion_core.model_folders import load_diffusion_dir
 
     work, log, _ = pipeline
     assert log.index("Running stage 'distill'") > log.index("Running stage 'train_diffusion'")

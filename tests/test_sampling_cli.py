@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.generation import SamplingError, generate, load_classifier_dir, save_samples
-from diffusion_core.pretrained import load_diffusion_dir
+from diffusion_core.generation import SamplingError, generate, save_samples
+from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 from pipeline.cli import main
 from tests.tiny_models import CHANNELS, DIFFUSION, SIZE, make_classifier_dir, make_diffusion_dir, make_latent_dir
 

@@ -129,8 +129,8 @@ def test_logsnr_shift_adds_the_shift_to_log_snr_at_every_step(name, shift):
 
 
 def test_logsnr_shift_survives_the_model_folder_spec():
+    from diffusion_core.model_folders import build_diffusion, diffusion_spec
     from diffusion_core.options import DiffusionOptions, ScheduleOptions
-    from diffusion_core.pretrained import build_diffusion, diffusion_spec
 
     sched = ScheduleOptions(name="cosine", num_timesteps=1000, logsnr_shift=1.5)
     diff = DiffusionOptions(parameterization="v")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffusion_core.checkpoint import load_model_dir
-from diffusion_core.pretrained import load_diffusion_dir
+from diffusion_core.model_folders import load_diffusion_dir
 from diffusion_core.storage import POINTER, StorageError, fetch_dir, latest_version, publish_dir
 
 from . import zygote

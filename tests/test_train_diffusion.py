@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from diffusion_core.checkpoint import find_last_good_checkpoint, verify_checkpoint_dir
-from diffusion_core.pretrained import load_diffusion_dir
+from diffusion_core.model_folders import load_diffusion_dir
 from diffusion_core.samplers import sample
 from pipeline import train_diffusion
 

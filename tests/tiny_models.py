@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from diffusion_core.checkpoint import save_model_dir
+from diffusion_core.model_folders import save_diffusion_dir
 from diffusion_core.models import AutoencoderKL, FeatureNet, NoisyClassifier, UNet
-from diffusion_core.pretrained import save_diffusion_dir
 
 TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, num_groups=4,
             attention_resolutions=())

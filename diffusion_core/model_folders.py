@@ -1,4 +1,8 @@
-"""A trained diffusion model as a folder: weights + `config.json` holding all that sampling needs.
+"""Model folders, every kind: weights (safetensors) + `config.json` (+ provenance and card), saved atomically.
+
+`save_model_dir` / `load_model_dir` (checkpoint.py's writer and reader) hold any model; the kinds a sampler needs
+rebuild with one path: `load_diffusion_dir` (a denoiser or a student family with its diffusion, and the latent
+decoder), `load_classifier_dir` (a noisy classifier), `load_autoencoder_decoder`.
 
 `config.json` of `models/diffusion/` (written by `save_diffusion_dir`)::
 
@@ -24,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_model_dir, save_model_dir
+from .checkpoint import CheckpointError, load_model_dir, read_config, save_model_dir  # noqa: F401 (one module)
 from .diffusion import GaussianDiffusion
 from .options import DiffusionOptions, ScheduleOptions
 from .schedules import NoiseSchedule
@@ -145,3 +149,24 @@ def _resolve(model_dir: Path, recorded: str | None) -> Path | None:
         if (base / p / "config.json").exists():
             return base / p
     return p
+
+
+@dataclass
+class ClassifierBundle:
+    """A noisy classifier p(y | x_t, t) with its config.json (its `diffusion` block must match the model's)."""
+
+    model: torch.nn.Module
+    config: dict
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["model"]["num_classes"])
+
+
+def load_classifier_dir(path: str | os.PathLike, use_ema: bool = True, map_location="cpu") -> ClassifierBundle:
+    """Load a `models/classifier`-style folder (NoisyClassifier weights + config.json)."""
+    model, config = load_model_dir(path, use_ema=use_ema, map_location=map_location)
+    if config.get("model", {}).get("kind") != "noisy_classifier":
+        raise CheckpointError(f"{path} holds a {config.get('model', {}).get('kind')!r} model, not a noisy classifier "
+                              f"(point --classifier at the output of train_classifier, e.g. models/classifier)")
+    return ClassifierBundle(model, config)
