@@ -39,8 +39,8 @@ def default_model() -> torch.nn.Module:
     """params.yaml's train_diffusion.unet at its latent shape, 10 classes (what `make repro` trains)."""
     import yaml
 
+    from diffusion_core.builders import build_denoiser
     from diffusion_core.options import NetOptions, options_from
-    from diffusion_core.training import build_denoiser
 
     unet = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train_diffusion"]["unet"]
     torch.manual_seed(0)

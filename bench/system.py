@@ -119,9 +119,8 @@ def distributed(steps: int) -> dict:
 
 
 def latent_vs_pixel(quick: bool) -> dict:
-    from diffusion_core.autoencoding import build_autoencoder
+    from diffusion_core.builders import build_autoencoder, build_denoiser, build_diffusion_from_options
     from diffusion_core.samplers import sample
-    from diffusion_core.training import build_denoiser, build_diffusion_from_options
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from diffusion_core.builders import build_denoiser
 from diffusion_core.model_folders import build_diffusion
-from diffusion_core.training import DiffusionObjective, Trainer, build_denoiser
+from diffusion_core.objectives import DiffusionObjective
+from diffusion_core.training import Trainer
 from pipeline.config import merged, read_yaml, validate_params
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -18,14 +18,6 @@ import numpy as np
 import torch
 
 from .models.autoencoder import AutoencoderKL
-from .options import AutoencoderOptions
-
-
-def build_autoencoder(options: AutoencoderOptions, image_size: int) -> AutoencoderKL:
-    """AutoencoderKL for square images of side `image_size`."""
-    return AutoencoderKL(in_channels=options.in_channels, image_size=image_size,
-                         latent_channels=options.latent_channels, base_channels=options.base_channels,
-                         channel_mult=tuple(options.channel_mult))
 
 
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -123,6 +115,6 @@ def latent_scale_factor(z: torch.Tensor) -> float:
     return 1.0 / std
 
 
-__all__ = ["autoencoder_loss", "batch_indices", "build_autoencoder", "encode_means", "evaluate_autoencoder",
+__all__ = ["autoencoder_loss", "batch_indices", "encode_means", "evaluate_autoencoder",
            "latent_scale_factor", "psnr_db", "reconstruct", "grid_scale", "reconstruction_pairs", "reconstruction_loss",
            "to_uint8"]

@@ -8,34 +8,21 @@ x_t from `GaussianDiffusion.q_sample` (the forward process exists once), timeste
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .builders import adamw, lr_factor
 from .diffusion import GaussianDiffusion
-from .models import NoisyClassifier
-from .options import NetOptions
-from .training import (
-    NumericalError,
-    adamw,
-    batch_indices,
-    step_generator,
-)
+from .rank_data import batch_indices, step_generator
+from .training import NumericalError
 
 LogFn = Callable[[int, dict[str, float]], None]
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """lr multiplier: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()
@@ -131,7 +118,7 @@ def train_feature_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
     """
     torch.manual_seed(seed)
     opt = adamw(model.parameters(), lr, weight_decay, next(model.parameters()).device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, steps))
     model.train()
     window_loss, window_correct, window_n, stats = 0.0, 0, 0, {}
     for step in range(steps):
@@ -163,35 +150,5 @@ def train_feature_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
 # ----------------------------------------------------------------------------------------------- noisy classifier loop
 
 
-def build_noisy_classifier(net: NetOptions, data_shape: Sequence[int], num_classes: int) -> NoisyClassifier:
-    """NoisyClassifier for square [C, H, W] pixels or latents; sizes from `net`."""
-    if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
-        raise ValueError(f"the noisy classifier needs square images or latents [C, H, H], got shape {list(data_shape)}")
-    c, h, _ = data_shape
-    return NoisyClassifier(in_channels=c, image_size=h, num_classes=num_classes, base_channels=net.base_channels,
-                           channel_mult=tuple(net.channel_mult), num_res_blocks=net.num_res_blocks,
-                           attention_resolutions=tuple(net.attention_resolutions), num_heads=net.num_heads,
-                           dropout=net.dropout)
-
-
-class NoisyClassifierObjective:
-    """The noisy classifier's objective for `training.Trainer`: cross-entropy of p(y | x_t, t) on x_t =
-    q_sample(x0, t, eps), the same forward process the diffusion model is trained on; logs train accuracy."""
-
-    def __init__(self, diffusion: GaussianDiffusion):
-        self.diffusion = diffusion
-
-    def timestep_probs(self) -> None:
-        return None
-
-    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-        y = y.to(x0.device)
-        out = noisy_classifier_losses(net, self.diffusion, x0, y, t, noise)
-        return out["loss"], {"train_accuracy": out["logits"].detach().argmax(dim=1) == y}
-
-
-__all__ = ["build_noisy_classifier", "NoisyClassifierObjective", "classification_accuracy",
-           "evaluate_noisy_classifier", "noisy_classifier_losses", "quarter_key",
-           "random_shift", "timestep_quarters", "train_feature_net", "warmup_cosine"]
+__all__ = ["classification_accuracy", "evaluate_noisy_classifier", "noisy_classifier_losses", "quarter_key",
+           "random_shift", "timestep_quarters", "train_feature_net"]

@@ -52,7 +52,7 @@ COEFFICIENTS: dict[str, Callable[[NoiseSchedule], torch.Tensor]] = {
 
 def check_combination(parameterization: str, variance: str, loss: str, min_snr_gamma: float | None) -> None:
     """Refuse settings that cannot work, at configuration time, with a one-line reason."""
-    for name, value, accepted in (("parameterization", parameterization, PARAMETERIZATIONS),
+    for name, value, accepted in (("parameterization", parameterization, tuple(FORMULATIONS)),
                                   ("variance", variance, VARIANCES), ("loss", loss, LOSSES)):
         if value not in accepted:
             raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")

@@ -1,14 +1,12 @@
-"""Training, one optimizer step at a time: one `Trainer` for any objective (`DiffusionObjective` here, the noisy
-classifier's in classifiers.py) with AdamW, linear warm-up and gradient clipping, bf16 autocast, EMA, NaN/inf
-checks, per-timestep-quartile losses (as improved-diffusion logs them), checkpoints with exact resume; the
-diffusion objective adds classifier-free label dropout.
+"""Training, one optimizer step at a time: one `Trainer` for any objective (`objectives.py`: the diffusion model's,
+the noisy classifier's, the distillations') with AdamW, linear warm-up and gradient clipping, bf16 autocast, EMA,
+NaN/inf checks, per-timestep-quartile losses (as improved-diffusion logs them), checkpoints with exact resume,
+and `train_loop`, the loop every Ray Train stage runs.
 
 Engine-free: no ray, no mlflow. `torch.distributed` is used only when a process group is initialized (DDP
 wrapping, gathering (t, loss) so every rank's loss-aware sampler keeps the same history, rank-0 checkpoints).
-
-Randomness is a function of (seed, rank, step): each step draws its batch indices, timesteps, noise, label
-dropout and model dropout from generators seeded with those three numbers, so a resumed run takes exactly the
-steps an uninterrupted one would (the global RNG states are still saved and restored for any other user).
+Each step's randomness is a function of (seed, rank, step) (`rank_data.py`), so a resumed run takes exactly the
+steps an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from .builders import adamw, lr_factor
 from .checkpoint import (
     EMA_FILE,
     MODEL_FILE,
@@ -41,11 +39,9 @@ from .checkpoint import (
     verify_checkpoint_dir,
 )
 from .diffusion import GaussianDiffusion
-from .guidance import cfg_label_dropout
-from .model_folders import build_diffusion, diffusion_spec
-from .models import EMA, MLPDenoiser, UNet, unwrap_model
-from .options import DiffusionOptions, NetOptions, ScheduleOptions
+from .models import EMA, UNet, unwrap_model
 from .precision import resolve_bf16
+from .rank_data import RankData, _mix, batch_indices, capture_rng_state, restore_rng_state, step_generator
 from .resample import LossAwareSampler, UniformSampler, make_timestep_sampler
 
 NUM_QUARTILES = 4
@@ -53,135 +49,6 @@ NUM_QUARTILES = 4
 
 class NumericalError(FloatingPointError):
     """The loss or the gradient norm became NaN/inf; the message names the step."""
-
-
-# ----------------------------------------------------------------------------------------------- building
-
-
-def build_denoiser(net: NetOptions, data_shape: tuple[int, ...], num_classes: int | None,
-                   learn_sigma: bool) -> nn.Module:
-    """U-Net for [C, H, W] data (pixels or latents), residual MLP for [D] points; sizes from `net`."""
-    if len(data_shape) == 1:
-        return MLPDenoiser(dim=data_shape[0], hidden=4 * net.base_channels, num_layers=2 * net.num_res_blocks,
-                           num_classes=num_classes, learn_sigma=learn_sigma)
-    c, h, w = data_shape
-    if h != w:
-        raise ValueError(f"train_diffusion needs square images or latents, got {h}x{w}")
-    return UNet(in_channels=c, image_size=h, base_channels=net.base_channels, channel_mult=tuple(net.channel_mult),
-                num_res_blocks=net.num_res_blocks, attention_resolutions=tuple(net.attention_resolutions),
-                num_heads=net.num_heads, dropout=net.dropout, num_classes=num_classes, learn_sigma=learn_sigma)
-
-
-def formulation_options(diffusion: DiffusionOptions, sigma_data: float | None = None) -> dict:
-    """Constructor options of the parameterization; edm's sigma_data from `diffusion`, else `sigma_data`."""
-    if diffusion.parameterization != "edm":
-        return {}
-    sd = diffusion.sigma_data if diffusion.sigma_data is not None else sigma_data
-    if sd is None:
-        raise ValueError("parameterization 'edm' needs sigma_data: set diffusion.sigma_data or measure it on the "
-                         "training data (data_std)")
-    return {"sigma_data": float(sd), "p_mean": float(diffusion.edm_p_mean), "p_std": float(diffusion.edm_p_std)}
-
-
-def data_std(x: torch.Tensor) -> float:
-    """Standard deviation of all values of x over every rank (all-reduced under torch.distributed)."""
-    x = x.double()
-    stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stats)
-    total, sq, n = stats.tolist()
-    return math.sqrt(max(sq / n - (total / n) ** 2, 0.0))
-
-
-def build_diffusion_from_options(schedule: ScheduleOptions, diffusion: DiffusionOptions,
-                                 sigma_data: float | None = None) -> GaussianDiffusion:
-    """GaussianDiffusion from typed options (`sigma_data`: the measured data std, for edm)."""
-    return build_diffusion(diffusion_spec(schedule, diffusion, formulation_options(diffusion, sigma_data)))
-
-
-def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the fused kernel on CPU and CUDA: one kernel over all tensors instead of several small ops per
-    parameter tensor."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
-
-
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over the first `warmup_steps` optimizer steps (step counted from 0), then constant."""
-    return lr if warmup_steps <= 0 else lr * min(1.0, (step + 1) / warmup_steps)
-
-
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (sha256), so nearby (seed, rank, step) give unrelated streams."""
-    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def step_generator(seed: int, rank: int, step: int, stream: int = 0) -> torch.Generator:
-    """CPU generator for one (seed, rank, step); stream separates independent uses within a step."""
-    return torch.Generator().manual_seed(_mix(seed, rank, step, stream))
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int, rank: int) -> torch.Tensor:
-    """Indices into this rank's n samples for `step`: epochs of fresh permutations, consumed `batch` at a time."""
-    pos = torch.arange(step * batch, (step + 1) * batch)
-    epochs, offsets = pos // n, pos % n
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, rank, e, 99)))
-        m = epochs == e
-        out[m] = perm[offsets[m]]
-    return out
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Global torch (CPU and CUDA), numpy and Python RNG states as tensors (loadable with weights_only=True)."""
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
-             "numpy_pos": int(np.random.get_state()[2]),
-             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class RankData:
-    """This rank's block of the training split in memory: x [N, ...] float32, y [N] long, sample keys."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    keys: list[str]
-
-
-def load_rank_data(shard_dir: str | os.PathLike, rank: int, world_size: int, *, verify_checksums: bool = False,
-                   on_bad_shard: str = "error", split: str = "train", scale: float = 1.0) -> RankData:
-    """Read only this rank's shards (ShardDataset's rank split: disjoint, equal counts) once into memory.
-
-    Latents are multiplied by `scale` (the autoencoder's scale_factor) so the diffusion sees unit variance.
-    """
-    from .data import ShardDataset
-
-    ds = ShardDataset(shard_dir, split, shuffle_buffer=0, rank=rank, world_size=world_size, uneven="drop",
-                      verify_checksums=verify_checksums, on_bad_shard=on_bad_shard, with_keys=True)
-    xs, ys, keys = [], [], []
-    for x, y, key in ds:
-        xs.append(x)
-        ys.append(y)
-        keys.append(key)
-    x = torch.stack(xs).float()
-    return RankData(x * scale if scale != 1.0 else x, torch.as_tensor(ys, dtype=torch.long), keys)
 
 
 # ----------------------------------------------------------------------------------------------- logging
@@ -261,32 +128,6 @@ class TrainOptions:
     fix_hint: str = "lower the learning rate or enable grad_clip"  # what a NaN error tells the user to do
 
 
-class DiffusionObjective:
-    """The denoising loss of `diffusion` (its parameterization's target and weight) on x_t = q_sample(x0, t, eps),
-    with classifier-free label dropout (num_classes: None for unconditional; index num_classes is the null class).
-    The network runs under the trainer's autocast; the losses are computed in float32."""
-
-    def __init__(self, diffusion: GaussianDiffusion, num_classes: int | None, label_dropout: float = 0.0):
-        self.diffusion, self.num_classes, self.label_dropout = diffusion, num_classes, label_dropout
-
-    def timestep_probs(self) -> torch.Tensor | None:
-        return self.diffusion.formulation.timestep_probs(self.diffusion.schedule)
-
-    def __call__(self, net: Callable, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor,
-                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        d = self.diffusion
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        if self.num_classes is not None:
-            if y is None:
-                raise ValueError("a class-conditional model needs labels y")
-            y = cfg_label_dropout(y.to(x0.device), self.num_classes, self.label_dropout, generator=g)
-        else:
-            y = None
-        x_t = d.q_sample(x0, t, noise)
-        out = d.call_model(net, x_t, t, y)
-        return d.losses_from_output(out.float(), x0, x_t, t, noise)["loss"], {}
-
-
 class Trainer:
     """One training loop's state for any objective: the model (DDP-wrapped when a process group is up), its EMA,
     AdamW with linear warm-up and gradient clipping, bf16 autocast, the timestep sampler and the step counter;
@@ -312,7 +153,7 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ema = EMA(self.model, options.ema_decay) if options.ema_decay is not None else None
-        self.opt = adamw(self.model.parameters(), lr_at(0, options.lr, options.warmup_steps), options.weight_decay,
+        self.opt = adamw(self.model.parameters(), options.lr * lr_factor(0, options.warmup_steps), options.weight_decay,
                          self.device)
         T = objective.diffusion.num_timesteps
         self.sampler: UniformSampler = make_timestep_sampler(timestep_sampler, T, objective.timestep_probs())
@@ -353,7 +194,7 @@ class Trainer:
         clip = o.grad_clip if o.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self._check_finite("gradient norm", grad_norm, step_no)
-        lr = lr_at(self.step, o.lr, o.warmup_steps)
+        lr = o.lr * lr_factor(self.step, o.warmup_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
@@ -505,9 +346,5 @@ def sample_preview(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple[
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-__all__ = ["DiffusionObjective", "LoopHooks", "NumericalError", "QuartileLoss", "RankData", "StepStats",
-           "batch_indices", "build_denoiser", "build_diffusion_from_options", "capture_rng_state", "data_std",
-           "formulation_options", "load_rank_data",
-           "lr_at", "prune_checkpoints", "restore_rng_state", "sample_preview", "step_generator", "TrainOptions",
-           "Trainer", "train_loop",
-           "weights_sha256"]
+__all__ = ["LoopHooks", "NumericalError", "QuartileLoss", "StepStats", "TrainOptions", "Trainer", "prune_checkpoints",
+           "sample_preview", "train_loop", "weights_sha256"]

@@ -20,18 +20,14 @@ import torch
 
 from diffusion_core.checkpoint import CheckpointError, read_config, save_model_dir
 from diffusion_core.data import read_meta
-from diffusion_core.distillation import (
-    ConsistencyObjective,
-    ProgressiveDistillation,
-    check_rounds,
-    progressive_objective,
-    student_from_teacher,
-)
+from diffusion_core.distillation import ProgressiveDistillation, check_rounds, student_from_teacher
 from diffusion_core.io import atomic_write_json
 from diffusion_core.model_folders import load_diffusion_dir
+from diffusion_core.objectives import ConsistencyObjective, progressive_objective
 from diffusion_core.precision import resolve_bf16
+from diffusion_core.rank_data import load_rank_data
 from diffusion_core.resample import make_timestep_sampler
-from diffusion_core.training import LoopHooks, Trainer, load_rank_data, train_loop
+from diffusion_core.training import LoopHooks, Trainer, train_loop
 from pipeline.config import ConfigError, params_hash
 from pipeline.provenance import input_model, registered_name
 

@@ -101,14 +101,9 @@ def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, 
     The bundle wraps the raw weights, not the EMA: at a few hundred steps an EMA of decay 0.995 is still half the
     initialisation, which would rank schedules by how fast the EMA warms up rather than by what they learnt.
     """
-    from diffusion_core.training import (
-        DiffusionObjective,
-        LoopHooks,
-        Trainer,
-        build_denoiser,
-        build_diffusion_from_options,
-        train_loop,
-    )
+    from diffusion_core.builders import build_denoiser, build_diffusion_from_options
+    from diffusion_core.objectives import DiffusionObjective
+    from diffusion_core.training import LoopHooks, Trainer, train_loop
 
     cfg = train_cfg.model_copy(update={"steps": steps, "batch_size": batch_size})
     diffusion = build_diffusion_from_options(schedule_cfg.to_options(), diffusion_cfg.to_options())

@@ -159,7 +159,7 @@ def _trial_data(params) -> tuple:
     for NLL or None, None): what train_diffusion would train on, pixels or scaled latents."""
     from diffusion_core.data import load_split, read_meta
     from diffusion_core.model_folders import load_autoencoder_decoder
-    from diffusion_core.training import load_rank_data
+    from diffusion_core.rank_data import load_rank_data
 
     td, tc = params.train_diffusion, params.sweep.training
     latent = td.space == "latent"

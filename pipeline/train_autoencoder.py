@@ -14,11 +14,11 @@ from tqdm import tqdm
 from diffusion_core.autoencoding import (
     autoencoder_loss,
     batch_indices,
-    build_autoencoder,
     evaluate_autoencoder,
     grid_scale,
     reconstruction_pairs,
 )
+from diffusion_core.builders import build_autoencoder
 from diffusion_core.checkpoint import save_model_dir
 from diffusion_core.data import load_split, read_meta
 from diffusion_core.data.preview import save_image_grid

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
+from diffusion_core.builders import build_diffusion_from_options, build_noisy_classifier
 from diffusion_core.checkpoint import save_model_dir
-from diffusion_core.classifiers import NoisyClassifierObjective, build_noisy_classifier, evaluate_noisy_classifier
+from diffusion_core.classifiers import evaluate_noisy_classifier
 from diffusion_core.data import DataError, load_split, read_meta
 from diffusion_core.model_folders import diffusion_spec
-from diffusion_core.training import LoopHooks, Trainer, build_diffusion_from_options, load_rank_data, train_loop
+from diffusion_core.objectives import NoisyClassifierObjective
+from diffusion_core.rank_data import load_rank_data
+from diffusion_core.training import LoopHooks, Trainer, train_loop
 from pipeline.config import ConfigError
 
 from . import training_stage

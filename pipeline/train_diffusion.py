@@ -12,23 +12,15 @@ from pathlib import Path
 
 import torch
 
+from diffusion_core.builders import build_denoiser, build_diffusion_from_options, data_std
 from diffusion_core.checkpoint import CheckpointError
 from diffusion_core.data import read_meta
 from diffusion_core.io import atomic_write_json
 from diffusion_core.model_folders import diffusion_spec, load_autoencoder_decoder, save_diffusion_dir
 from diffusion_core.models import unwrap_model
-from diffusion_core.training import (
-    DiffusionObjective,
-    LoopHooks,
-    Trainer,
-    build_denoiser,
-    build_diffusion_from_options,
-    data_std,
-    load_rank_data,
-    sample_preview,
-    train_loop,
-    weights_sha256,
-)
+from diffusion_core.objectives import DiffusionObjective
+from diffusion_core.rank_data import load_rank_data
+from diffusion_core.training import LoopHooks, Trainer, sample_preview, train_loop, weights_sha256
 from pipeline.config import params_hash
 from pipeline.provenance import registered_name
 

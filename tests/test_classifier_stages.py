@@ -11,14 +11,9 @@ import pytest
 import torch
 import yaml
 
-from diffusion_core.classifiers import (
-    NoisyClassifierObjective,
-    evaluate_noisy_classifier,
-    quarter_key,
-    random_shift,
-    timestep_quarters,
-)
+from diffusion_core.classifiers import evaluate_noisy_classifier, quarter_key, random_shift, timestep_quarters
 from diffusion_core.diffusion import GaussianDiffusion
+from diffusion_core.objectives import NoisyClassifierObjective
 from diffusion_core.resample import LossAwareSampler, UniformSampler
 from diffusion_core.schedules import NoiseSchedule
 from diffusion_core.training import Trainer, TrainOptions
@@ -185,7 +180,7 @@ def test_train_classifier_non_finite_loss_stops_at_that_step_and_keeps_the_model
     no metrics, and its MLflow run is FAILED."""
     import shutil
 
-    import diffusion_core.classifiers as classifiers
+    import diffusion_core.objectives as objectives
     from pipeline import train_classifier
 
     cwd = tmp_path / "w"
@@ -204,7 +199,7 @@ def test_train_classifier_non_finite_loss_stops_at_that_step_and_keeps_the_model
     (cwd / "metrics" / "train_classifier.json").unlink()
     capsys.readouterr()
 
-    real, calls = classifiers.NoisyClassifierObjective.__call__, {"n": 0}
+    real, calls = objectives.NoisyClassifierObjective.__call__, {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
@@ -213,7 +208,7 @@ def test_train_classifier_non_finite_loss_stops_at_that_step_and_keeps_the_model
             losses = losses * float(bad)  # the losses of step 5 only
         return losses, extras
 
-    monkeypatch.setattr(classifiers.NoisyClassifierObjective, "__call__", poisoned)
+    monkeypatch.setattr(objectives.NoisyClassifierObjective, "__call__", poisoned)
     assert train_classifier.main(["--params", "b.yaml"]) == 2
     assert calls["n"] == 5  # no step after the bad one
     err = capsys.readouterr().err

@@ -107,9 +107,9 @@ def test_stopped_inside_a_round_or_at_its_end_resumes_bitwise(teacher, tmp_path,
 
 def test_nan_loss_keeps_the_last_good_checkpoint_and_writes_no_student(teacher, tmp_path, monkeypatch, capsys):
     cwd = _workdir(teacher, tmp_path / "w")
-    from diffusion_core import distillation
+    from diffusion_core import objectives
 
-    real = distillation.DistillationObjective.__call__
+    real = objectives.DistillationObjective.__call__
     calls = {"n": 0}
 
     def poisoned(self, *a, **k):
@@ -117,7 +117,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint_and_writes_no_student(teacher, 
         loss, extra = real(self, *a, **k)
         return (loss * float("nan") if calls["n"] == 6 else loss), extra
 
-    monkeypatch.setattr(distillation.DistillationObjective, "__call__", poisoned)
+    monkeypatch.setattr(objectives.DistillationObjective, "__call__", poisoned)
     assert _distill(cwd, monkeypatch) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: loss is nan at step 6:") and "lower distill.lr" in err[-1]

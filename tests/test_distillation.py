@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from diffusion_core import GaussianDiffusion, NoiseSchedule
-from diffusion_core.distillation import (
-    DistillationObjective,
-    model_x0,
-    sample_student,
-    student_grid,
-    teacher_steps,
-    two_step_target,
-)
+from diffusion_core.distillation import model_x0, sample_student, student_grid, teacher_steps, two_step_target
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.models import MLPDenoiser, UNet, build_model
+from diffusion_core.objectives import DistillationObjective
 from diffusion_core.samplers import sample
 from diffusion_core.schedules import spaced_timesteps
 from diffusion_core.training import Trainer, TrainOptions
@@ -299,7 +293,8 @@ def test_student_from_teacher_weights_is_the_teacher_until_trained(cls, kw, shap
 def _rounds_run(steps_per_round, stop_after=None, resume=None, rounds=(2, 1)):
     """ProgressiveDistillation of a random class-conditional MLP teacher (v) over `rounds` through one Trainer, the
     way the distill stage drives it; stops after `stop_after` steps (a checkpoint state), or resumes from one."""
-    from diffusion_core.distillation import ProgressiveDistillation, progressive_objective
+    from diffusion_core.distillation import ProgressiveDistillation
+    from diffusion_core.objectives import progressive_objective
     from diffusion_core.resample import make_timestep_sampler
 
     sched = NoiseSchedule.from_name("cosine", 8)
@@ -441,7 +436,7 @@ def test_consistency_distillation_learns_the_exact_teachers_ode_map_on_gaussian_
     """ConsistencyObjective on the exact eps teacher of N(MEAN, STD^2): a small v-student's one call from x_T lands
     where the teacher's 8-step DDIM (the grid it was distilled on) lands, far closer than the teacher's own one step,
     and its 2-step consistency samples keep the spread of that map's samples."""
-    from diffusion_core.distillation import ConsistencyObjective
+    from diffusion_core.objectives import ConsistencyObjective
 
     sched = NoiseSchedule.from_name("cosine", T)
     d_teacher, d_student = GaussianDiffusion(sched, "eps"), GaussianDiffusion(sched, "v")
@@ -468,7 +463,7 @@ def test_consistency_distillation_learns_the_exact_teachers_ode_map_on_gaussian_
 def test_consistency_target_is_the_teachers_ddim_step_then_the_student(tmp_path):
     """The objective's loss is max(SNR, 1) times the squared distance of the student's x0 at (z_t, t) to its own
     no-grad x0 at the teacher's one DDIM step back, or to that step itself at the grid's end (t_prev = -1)."""
-    from diffusion_core.distillation import ConsistencyObjective
+    from diffusion_core.objectives import ConsistencyObjective
 
     sched = NoiseSchedule.from_name("cosine", 8)
     d = GaussianDiffusion(sched, "x0")

@@ -161,7 +161,7 @@ def test_label_dropout_trains_the_null_class_into_the_unconditional_model():
     predicts the mixture's eps (the exact unconditional model), far closer than either class's exact eps is; one
     trained without dropout never saw the null class and does not."""
     from diffusion_core.models import MLPDenoiser
-    from diffusion_core.training import DiffusionObjective
+    from diffusion_core.objectives import DiffusionObjective
 
     means = torch.tensor([[-1.5, 0.0], [1.5, 0.5]], dtype=torch.float64)
     diff = GaussianDiffusion(SCHED, "eps")

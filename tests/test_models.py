@@ -285,9 +285,12 @@ def test_default_sizes_take_32x32_colour_to_8x8_latents_and_back():
     decodes to 32x32 RGB; the U-Net (with its attention at 4x4) and the noisy classifier run on those latents."""
     import yaml
 
-    from diffusion_core.autoencoding import build_autoencoder
-    from diffusion_core.classifiers import build_noisy_classifier
-    from diffusion_core.training import build_denoiser, build_diffusion_from_options
+    from diffusion_core.builders import (
+        build_autoencoder,
+        build_denoiser,
+        build_diffusion_from_options,
+        build_noisy_classifier,
+    )
     from pipeline.config import validate_params
 
     from .stages import ROOT
