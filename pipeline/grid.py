@@ -1,18 +1,13 @@
-"""The sweep's grid (params.yaml `sweep.sampling` blocks -> trials with seed sets, their names and seeds) and the
-short training runs of its training axis. Pipeline-only: the library's metrics of one sample set stay in
-`diffusion_core.evaluation`.
+"""The sweep's grid: params.yaml `sweep.sampling` blocks -> trials with seed sets, their names and seeds, and the
+rows of a short-trained model under each sampling setting. The short training runs themselves:
+`short_training.py`; the metrics of one sample set: `diffusion_core.evaluation`.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import time
-from typing import Any, Callable, Iterable
-
-import torch
-
-from diffusion_core.model_folders import DiffusionBundle, diffusion_spec
+from typing import Any, Iterable
 
 # ----------------------------------------------------------------------------------------------- sampling grid
 
@@ -88,51 +83,4 @@ def trial_name(trial: dict) -> str:
     return setting_name(trial) + (f"-s{trial['seed_set']}" if "seed_set" in trial else "")
 
 
-# ----------------------------------------------------------------------------------------------- short training
-
-
-def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, data_block: dict,
-                   decoder: Callable | None, *, steps: int, batch_size: int, eval_every: int,
-                   on_eval: Callable[[int, DiffusionBundle, float | None], None],
-                   device: str = "cpu") -> DiffusionBundle:
-    """Train a fresh denoiser for `steps` steps with the library's `Trainer` (one process) on `data` (a RankData);
-    every `eval_every` steps and at the end call `on_eval(step, bundle, loss)`.
-
-    The bundle wraps the raw weights, not the EMA: at a few hundred steps an EMA of decay 0.995 is still half the
-    initialisation, which would rank schedules by how fast the EMA warms up rather than by what they learnt.
-    """
-    from diffusion_core.builders import build_denoiser, build_diffusion_from_options
-    from diffusion_core.objectives import DiffusionObjective
-    from diffusion_core.training import LoopHooks, Trainer, train_loop
-
-    cfg = train_cfg.model_copy(update={"steps": steps, "batch_size": batch_size})
-    diffusion = build_diffusion_from_options(schedule_cfg.to_options(), diffusion_cfg.to_options())
-    shape, num_classes = tuple(data_block["shape"]), data_block["num_classes"]
-    torch.manual_seed(cfg.seed)
-    model = build_denoiser(cfg.unet.to_options(), shape, num_classes, diffusion.learn_sigma)
-    objective = DiffusionObjective(diffusion, num_classes, cfg.label_dropout)
-    trainer = Trainer(model, objective, diffusion_cfg.timestep_sampler, cfg.train_options(), device)
-    config = {"diffusion": diffusion_spec(schedule_cfg.to_options(), diffusion_cfg.to_options()), "data": data_block}
-    bundle = DiffusionBundle(trainer.model, diffusion, config, decoder)
-
-    def evaluate(tr) -> None:
-        loss = tr.history[-1].get("loss") if tr.history else None
-        on_eval(tr.step, bundle, loss)
-
-    train_loop(trainer, data, steps, batch_size, log_every=eval_every, checkpoint_every=eval_every,
-               hooks=LoopHooks(checkpoint=evaluate))
-    return bundle
-
-
-class Stopwatch:
-    """Wall seconds since creation (perf_counter)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
-
-__all__ = ["CROSS_AXIS", "Stopwatch", "cross_rows", "sampling_trials", "setting_name", "short_training", "trial_name",
-           "trial_seed"]
+__all__ = ["CROSS_AXIS", "cross_rows", "sampling_trials", "setting_name", "trial_name", "trial_seed"]

@@ -51,6 +51,17 @@ METRIC_KEYS = ("fd_domain", "fid_inception", "kid_inception", "kid_inception_std
                "nll_bpd_given_class", "nll_bpd_given_class_se", "loss", "nfe", "classifier_nfe", "wall_seconds")
 
 
+class Stopwatch:
+    """Wall seconds since creation (perf_counter)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 def _enter_trial(config: dict):
     """Common start of a trial: repo root as cwd, one thread per CPU, the domain extractor and its reference."""
     os.chdir(config["root"])
@@ -94,8 +105,6 @@ def sampling_trial(config: dict) -> None:
     from diffusion_core.evaluation import sample_metrics
     from diffusion_core.generation import generate
     from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
-    from pipeline.grid import Stopwatch
-
     watch = Stopwatch()
     ext, ref = _enter_trial(config)
     t = config["trial"]
@@ -124,7 +133,7 @@ def training_trial(config: dict) -> None:
 
     from diffusion_core.evaluation import nll_on_test, sample_metrics
     from diffusion_core.generation import generate
-    from pipeline.grid import Stopwatch, short_training
+    from pipeline.short_training import short_training
 
     watch = Stopwatch()
     ext, ref = _enter_trial(config)
@@ -182,8 +191,6 @@ def _cross_point(bundle, sub: dict, config: dict, conditional: bool, ref, ext) -
     """One sample set of a short-trained model at sampling setting `sub` (sweep.training.samplers): its metrics."""
     from diffusion_core.evaluation import sample_metrics
     from diffusion_core.generation import generate
-    from pipeline.grid import Stopwatch
-
     watch = Stopwatch()
     guidance = sub["guidance"] if conditional else "none"
     out = generate(bundle, sub["num_samples"], sampler=sub["sampler"], steps=sub["steps"], eta=sub["eta"],
