@@ -11,7 +11,7 @@ STAMP := $(VENV)/.install-stamp
 # checked by SHA-1 and converted for torch-fidelity: fid_inception runs offline (docs/metrics.md)
 INCEPTION := $(VENV)/share/diffusion-pipeline/inception/inception.json
 
-.PHONY: install test test-fast repro bench lint
+.PHONY: install test test-fast test-durations repro bench lint
 install: $(STAMP) $(INCEPTION)
 
 $(STAMP): pyproject.toml requirements.lock
@@ -26,11 +26,15 @@ $(INCEPTION): $(STAMP) diffusion_core/metrics/inception.py
 	touch $@
 
 # 3 pytest-xdist workers, one test file each at a time (module fixtures are built once): the stage and Ray tests
-# mostly wait on subprocesses, so a third worker fills the two cores. Files go out in tests/conftest.py's order,
-# longest first (not xdist's most-tests-first); ruff first (a second)
+# mostly wait on subprocesses, so a third worker fills the two cores. Files go out longest first by the seconds
+# tests/durations.json recorded (tests/conftest.py), not xdist's most-tests-first; ruff first (a second). The run's
+# JUnit report: .pytest_cache/junit.xml (`make test-durations` records its seconds per file)
 test: $(STAMP) $(INCEPTION)
 	$(BIN)/ruff check --quiet .
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --junitxml=.pytest_cache/junit.xml
+
+test-durations: $(STAMP)
+	$(BIN)/python -m tests.durations .pytest_cache/junit.xml
 
 # the inner loop: unit and oracle tests on 2 xdist workers (one per core)
 test-fast: $(STAMP) $(INCEPTION)

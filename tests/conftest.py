@@ -72,16 +72,12 @@ def s3(s3_server, monkeypatch, tmp_path):
     return f"s3://{bucket}"
 
 
-# The longest test files first (wall seconds on 3 xdist workers, 2026-12-06: e2e 300, cluster 290,
-# train_diffusion 235, then tracking 65, kill_mid_write 159, storage 100, ...; pipeline_rgb, the colour e2e, 311
-# alone, 2026-12-07). `make test` hands whole files to its workers (--dist loadfile
-# --no-loadscope-reorder) in this order, the next one to the first worker that is nearly done: the three longest
-# start at once, and the next ones are ordered to even out the three workers' ends.
-LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster.py", "test_pipeline_rgb.py", "test_train_diffusion.py",
-                 "test_tracking.py", "test_kill_mid_write.py", "test_storage.py", "test_learning.py",
-                 "test_autoencoder_stage.py", "test_classifier_stages.py")
-
-
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+    """The longest test files first, by the seconds tests/durations.json recorded for each (`make test` hands whole
+    files to its xdist workers in this order, the next to the first worker that is nearly done: the longest start at
+    once and the short ones even out the workers' ends); files not recorded go last. Stable: each file keeps its own
+    order. `make test-durations` records a fresh run's seconds."""
+    from tests.durations import load
+
+    seconds = load()
+    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))
