@@ -53,6 +53,28 @@ def _ray_checkpoints(bucket_path: str) -> list[str]:
         return []
 
 
+def _complete_steps(bucket_path: str) -> list[int]:
+    """Steps of the checkpoints on the store whose every file listed in config.json's checksums is there with that
+    sha256: an upload the kill cut short (config.json written, a weights file missing or partial) is not one."""
+    import hashlib
+    import json
+
+    import s3fs
+
+    fs, steps = s3fs.S3FileSystem(skip_instance_cache=True), []
+    for config_path in _ray_checkpoints(bucket_path):
+        folder = config_path.rsplit("/", 1)[0]
+        try:
+            checksums = json.loads(fs.cat(config_path))["checksums"]
+            complete = all(hashlib.sha256(fs.cat(f"{folder}/{name}")).hexdigest() == digest
+                           for name, digest in checksums.items())
+        except (FileNotFoundError, ValueError, KeyError):
+            complete = False
+        if complete:
+            steps.append(int(folder.split("/step-")[1][:8]))
+    return steps
+
+
 TRAIN_80 = {"steps": 80, "checkpoint_every": 10, "log_every": 5, "sample_every": 0}
 
 
@@ -232,7 +254,7 @@ def test_a_job_run_again_after_a_lost_cluster_resumes_from_the_store(s3, prepare
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(tree, timeout=60)
-    newest = max(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
+    newest = max(_complete_steps(store))  # a checkpoint the kill cut short mid-upload is rightly skipped
     cwd = _workdir(prepared, tmp_path / "again", **TRAIN_80)
     proc, lines = _stage(cwd, env)
     assert proc.wait(timeout=900) == 0, "".join(lines)[-3000:]
