@@ -89,7 +89,11 @@ def test_default_params_compare_samplers_on_enough_samples():
     # DDIM against DDPM ancestral at equal NFE (the DDIM paper's claim), and the DPM-Solvers at fewer
     assert {("ddim", 10), ("ddim", 20), ("ddpm", 20), ("dpmpp2m", 10), ("dpmpp3m", 10)} <= have
     assert len({t["num_samples"] for t in main}) == 1 and main[0]["num_samples"] >= 200  # FD at equal N
-    assert {t["scale"] for t in main} == {p.evaluate.scale}  # compared at the guidance evaluate uses
+    # the teacher's samplers compared at the guidance evaluate uses; the 1-step student at the scale its class
+    # accuracy needs (its input), the others at evaluate's
+    assert {t["scale"] for t in main if "model" not in t} == {p.evaluate.scale}
+    students = {t["steps"]: t["scale"] for t in main if t.get("model") == "student"}
+    assert students == {1: 2.5, 2: p.evaluate.scale, 4: p.evaluate.scale}
     assert len({t["scale"] for t in trials if t["guidance"] == "cfg"}) >= 3
     assert {"eps", "v"} <= set(sw.training.parameterizations)
     assert p.evaluate.setting == "sweep" and p.evaluate.seed >= sw.seed + sw.seed_sets * sw.num_samples
