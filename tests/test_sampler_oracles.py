@@ -242,3 +242,19 @@ def test_consistency_sampling_of_the_exact_consistency_function_draws_the_data(s
     collapsed = sample(diff, GaussianDenoiser(sched, MEAN, STD, "v"), x_T.shape,
                        generator=torch.Generator().manual_seed(4), x_T=x_T, **kw)
     assert (collapsed.std(0).float() < 0.9 * STD).all()
+
+
+@pytest.mark.parametrize("sampler", DENOISER_SAMPLERS)
+def test_every_sampler_samples_a_learned_variance_model(sampler):
+    """A learned-range model (Improved DDPM: twice the channels, the second half the variance interpolation v)
+    samples through every sampler: DDPM ancestral draws with the learned variance, the others read the mean
+    channels only. With the exact denoiser and v = 0 (halfway between beta~_t and beta_t in log), every sampler
+    draws the data's mean and std (DDPM's with the tolerance of a variance between the two fixed ones)."""
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    diff = GaussianDiffusion(sched, "eps", variance="learned_range", loss="hybrid")
+    model = GaussianDenoiser(sched, MEAN, STD, "eps", extra_var_channels=True)
+    steps = 250 if sampler in ("ddpm", "ddim", "euler") else 100
+    x = sample(diff, model, (4000, 4), sampler=sampler, steps=steps, spacing="trailing", clip_denoised=False,
+               generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4000, 4) and torch.allclose(x.mean(0), MEAN, atol=0.03), (x.mean(0), MEAN)
+    _check_std(x, model, grid_timesteps(diff.schedule, steps, "trailing", -5.1)[0], tol=0.1)
