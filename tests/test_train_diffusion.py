@@ -241,18 +241,31 @@ def test_interrupted_checkpoint_write_keeps_last_good_then_sampling_needs_only_t
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
 
 
-def test_same_seed_bitwise_identical_and_resume_is_exact(prepared, tmp_path, monkeypatch):
-    """Two 20-step runs, and a 10-step run continued to 20, end with the same bytes (weights and EMA)."""
-    runs = {}
-    for name, plan in (("a", [20]), ("b", [20]), ("resumed", [10, 20])):
-        cwd = _workdir(prepared, tmp_path / name, steps=plan[0], checkpoint_every=10, scaling=IN_PROCESS)
+@pytest.mark.parametrize("objective,steps", [
+    ({}, 20),  # tiny.yaml's: learned variances with the hybrid loss, uniform timesteps
+    # L_vlb with importance-sampled timesteps (Improved DDPM), long enough for every t's loss history to fill
+    ({"loss": "vlb", "timestep_sampler": "loss_aware"}, 160),
+])
+def test_same_seed_bitwise_identical_and_resume_is_exact(objective, steps, prepared, tmp_path, monkeypatch):
+    """Two runs, and one stopped halfway and continued, end with the same bytes (weights and EMA): with the
+    loss-aware sampler too, which samples by its loss history once every timestep has one (the checkpoint carries
+    it)."""
+    from diffusion_core.checkpoint import load_training_state
+
+    runs, half = {}, steps // 2
+    for name, plan in (("a", [steps]), ("b", [steps]), ("resumed", [half, steps])):
+        cwd = _workdir(prepared, tmp_path / name, steps=plan[0], checkpoint_every=half, scaling=IN_PROCESS)
         for steps in plan:
             raw = yaml.safe_load((cwd / "tiny.yaml").read_text())
             raw["train_diffusion"]["steps"] = steps
+            raw["diffusion"].update(objective)
             (cwd / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
             assert _main_in(cwd, monkeypatch) == 0
         runs[name] = [(cwd / "models" / "diffusion" / f).read_bytes() for f in ("model.safetensors", "ema.safetensors")]
     assert runs["a"] == runs["b"] == runs["resumed"]
+    if objective.get("timestep_sampler") == "loss_aware":  # the resumed half sampled by the restored history
+        state = load_training_state(cwd / "checkpoints" / "train_diffusion" / f"step-{half:08d}" / "training_state.pt")
+        assert state["timestep_sampler"]["counts"].min() >= 10
 
 
 def _change_loss_at_call(monkeypatch, n: int, change) -> dict:
