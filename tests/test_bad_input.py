@@ -269,7 +269,8 @@ CASES: dict[str, Case] = {
     "in-process run with 2 workers": params_case("train_classifier",
                                                  {"train_classifier": {"scaling": {"use_ray": False}}},
                                                  "scaling.use_ray: false", "needs scaling.num_workers: 1"),
-    "learned_range with the simple loss": params_case("train_classifier", {"diffusion": {"variance": "learned_range"}},
+    "learned_range with the simple loss": params_case("train_classifier",  # tiny.yaml learns its variances
+                                                      {"diffusion": {"variance": "learned_range", "loss": "simple"}},
                                                       "variance 'learned_range' needs loss 'hybrid' or 'vlb'",
                                                       "(got 'simple')"),
     "downsample vs channel_mult": params_case("train_autoencoder",
