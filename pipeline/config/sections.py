@@ -290,16 +290,9 @@ class DistillConfig(RayTrainingSection):
         return super().train_options(bf16=self.bf16, fix_hint="lower distill.lr or enable grad_clip", **more)
 
 
-class NoisyClassifierNetConfig(Section):
-    """Size of the noisy classifier (a U-Net encoder half); in-channels, image size and classes come from the data."""
-
-    OPTIONS = "NetOptions"
-    base_channels: PosInt
-    channel_mult: PosIntTuple
-    num_res_blocks: PosInt
-    attention_resolutions: Annotated[tuple[PosInt, ...], BeforeValidator(_list_to_tuple)]  # feature-map sides
-    num_heads: PosInt
-    dropout: Annotated[float, Field(ge=0, lt=1)]
+class NoisyClassifierNetConfig(UNetConfig):
+    """Size of the noisy classifier (a U-Net encoder half: the U-Net's keys); in-channels, image size and classes
+    come from the data."""
 
 
 @register_section("train_classifier")
