@@ -37,8 +37,9 @@ def dvc_env(cwd: Path) -> dict:
 def timed_repro(cwd: Path, log: Path) -> tuple[float, dict[str, float], dict[str, float]]:
     """Run `dvc repro` in cwd, streaming its output to log; (total seconds, wall seconds per stage in run order, CPU
     seconds per stage). A stage's CPU seconds are those of dvc's process tree while it ran: user + system time of
-    dvc and of every process it has reaped (the stage's process, which reaps Ray's), read at each stage's start
-    and, for the last, from wait4 when dvc exits."""
+    dvc and of every process it has reaped, read at each stage's start and, for the last, from wait4 when dvc exits.
+    Ray's worker processes are the raylet's children and are not reaped into the stage's process, so a Ray stage's
+    figure is its driver's alone (bench/README.md)."""
     import os
 
     import psutil
