@@ -12,7 +12,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .formulations import FORMULATIONS, Formulation, Levels, make_formulation
+from .formulations import FORMULATIONS, X0, Eps, Formulation, Levels, V, make_formulation
 from .losses import NATS_PER_BIT, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import NoiseSchedule
 
@@ -24,6 +24,7 @@ Parameterization = Literal["eps", "x0", "v", "mu", "edm"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "hybrid", "vlb", "weighted"]
 Denoiser = Callable[..., torch.Tensor]
+_EPS, _X0, _V = Eps(), X0(), V()  # the conversions between eps, x0 and v
 
 
 def extract(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -163,19 +164,19 @@ class GaussianDiffusion:
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.snr.to(t.device)[t]
 
-    # ----- conversions between eps, x0, v and the posterior mean --------------------------------------
+    # ----- conversions between eps, x0 and v (the formulations' own maths, at schedule indices t) ----------
     def x0_from_eps(self, x_t, t, eps):
-        return self.coef("sqrt_recip_ab", t, x_t) * x_t - self.coef("sqrt_recipm1_ab", t, x_t) * eps
+        return _EPS.x0(self.levels(t, x_t), x_t, eps)
 
     def eps_from_x0(self, x_t, t, x0):
-        return (self.coef("sqrt_recip_ab", t, x_t) * x_t - x0) / self.coef("sqrt_recipm1_ab", t, x_t)
+        return _X0.eps(self.levels(t, x_t), x_t, x0)
 
     def v_from_x0_eps(self, x0, eps, t):
         """v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho)."""
-        return self.coef("sqrt_ab", t, x0) * eps - self.coef("sqrt_one_minus_ab", t, x0) * x0
+        return _V.target(self.levels(t, x0), x0, eps, None)
 
     def x0_from_v(self, x_t, t, v):
-        return self.coef("sqrt_ab", t, x_t) * x_t - self.coef("sqrt_one_minus_ab", t, x_t) * v
+        return _V.x0(self.levels(t, x_t), x_t, v)
 
     def x0_from_output(self, x_t, t, out):
         """The model's x0 estimate from its (mean-channel) output under this parameterization."""
