@@ -136,13 +136,13 @@ def sample_peer(unet, shape: tuple, labels: np.ndarray, num_classes: int, schedu
 
 def our_grid_samples(run: Path, num: int) -> np.ndarray:
     """The first `num` samples of our evaluate stage's set, drawn again with the run's own evaluate params."""
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_diffusion_dir
     from pipeline.config import load_params
 
     ev = load_params(run / "params.yaml", sections=("evaluate",)).evaluate
-    return generate(load_diffusion_dir(run / "models" / "diffusion"), num, sampler=ev.sampler, steps=ev.steps,
-                    eta=ev.eta, guidance_kind=ev.guidance, scale=ev.scale, seed=ev.seed, spacing=ev.spacing)["images"]
+    spec = SamplingSpec.from_setting(ev.model_dump())
+    return generate(load_diffusion_dir(run / "models" / "diffusion"), num, spec, seed=ev.seed)["images"]
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:

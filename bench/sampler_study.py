@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from diffusion_core.evaluation import INCEPTION, load_reference, sample_metrics
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.io import atomic_write_json
     from diffusion_core.model_folders import load_diffusion_dir
     from diffusion_core.precision import bf16_is_fast
@@ -98,9 +98,9 @@ def main(argv=None) -> int:
                 if k in done:
                     continue
                 t0 = time.perf_counter()
-                o = generate(bundle, args.num, sampler=p[0], steps=p[1], spacing=p[2], options=p[3],
-                             guidance_kind="cfg", scale=args.scale, seed=args.seed + k * args.num, batch_size=250,
-                             bf16="auto", channels_last=True)
+                spec = SamplingSpec(p[0], p[1], p[2], p[3], guidance="cfg", scale=args.scale)
+                o = generate(bundle, args.num, spec, seed=args.seed + k * args.num, batch_size=250, bf16="auto",
+                             channels_last=True)
                 m = sample_metrics(o["images"], o["labels"], ref, extractor, inception, inception_ref,
                                    inception_samples=args.inception or None)
                 rows.append({"set": k, "fd_domain": m["fd_domain"], "kd_domain": m["kd_domain"],

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,37 @@ from .samplers.grids import grid_timesteps
 GUIDANCE_KINDS = ("none", "classifier", "cfg")
 SEED_FILE = "seed-{:06d}.png"
 _SEED_FILE_RE = re.compile(r"^seed-\d{6,}\.png$")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """One sampling setting: a sampler (its registry name) on a grid, the sampler's own options, the guidance.
+
+    `steps` grid points (None: every timestep) placed by `spacing` (samplers.SPACINGS); `options` are the sampler's
+    own (`samplers.describe()`: eta, s_churn ...; `generate` fills in the defaults and checks them); `guidance`
+    is none, cfg (the model's null class) or classifier (generate's `classifier_bundle`), at `scale`.
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    spacing: str = "trailing"
+    options: Mapping[str, float] = field(default_factory=dict)
+    guidance: str = "none"
+    scale: float = 1.0
+
+    @classmethod
+    def from_setting(cls, setting: Mapping, **changes) -> "SamplingSpec":
+        """From a setting as the sweep, evaluate and MLflow requests write it (sampler, steps, spacing, options,
+        guidance, scale, eta), with `changes` on top. A scale of None is 1; a nonzero eta goes into the options
+        (DDIM's noise; an eta in `options` wins)."""
+        values = {k: setting[k] for k in ("sampler", "steps", "spacing", "options", "guidance", "scale")
+                  if k in setting}
+        values = {**values, **changes}
+        eta = setting.get("eta") or 0.0
+        values["options"] = {**({"eta": eta} if eta else {}), **(values.get("options") or {})}
+        if values.get("scale") is None:
+            values["scale"] = 1.0
+        return cls(**values)
 
 
 class SamplingError(ValueError):
@@ -55,14 +87,14 @@ def check_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
-def _check_options(bundle: DiffusionBundle, num: int, sampler: str, steps: int | None, eta: float,
-                   guidance_kind: str, scale: float, classifier_bundle: ClassifierBundle | None,
-                   classes: Sequence[int] | None, batch_size: int, spacing: str, options: dict | None = None) -> dict:
+def _check_options(bundle: DiffusionBundle, num: int, spec: SamplingSpec, classifier_bundle: ClassifierBundle | None,
+                   classes: Sequence[int] | None, batch_size: int) -> dict:
     """SamplingError (one line) for every option or combination that cannot work; returns the sampler's options.
     A flat list of independent checks, one per option, kept in the one place that validates them."""
+    sampler, steps, spacing, guidance_kind, scale = spec.sampler, spec.steps, spec.spacing, spec.guidance, spec.scale
     T = bundle.diffusion.num_timesteps
     try:
-        resolved = sampler_options(sampler, eta, options)
+        resolved = sampler_options(sampler, None, dict(spec.options))
     except ValueError as e:
         raise SamplingError(str(e)) from None
     if guidance_kind not in GUIDANCE_KINDS:
@@ -192,27 +224,28 @@ class _CountingClassifier(torch.nn.Module):
 
 
 @torch.no_grad()
-def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
-             guidance_kind: str = "none", scale: float = 1.0, classifier_bundle: ClassifierBundle | None = None,
-             classes: Sequence[int] | None = None, seed: int = 0, batch_size: int = 64, spacing: str = "trailing",
-             progress: bool = False, device: str | torch.device | None = None, start: int = 0,
-             bf16: Bf16 = False, channels_last: bool = False, options: dict | None = None) -> dict:
-    """Draw samples i = start..start+num-1 of a set; sample i uses seed `seed + i` and label `classes[i % len]`.
+def generate(bundle: DiffusionBundle, num: int, spec: SamplingSpec | None = None, *,
+             classifier_bundle: ClassifierBundle | None = None, classes: Sequence[int] | None = None, seed: int = 0,
+             start: int = 0, batch_size: int = 64, device: str | torch.device | None = None, progress: bool = False,
+             bf16: Bf16 = False, channels_last: bool = False) -> dict:
+    """Draw samples i = start..start+num-1 of a set with `spec` (default: the folder's own sampler, every timestep,
+    no guidance); sample i uses seed `seed + i` and label `classes[i % len]`.
 
     `start` lets workers split one set: generate(num=k, start=j) on each gives exactly that slice of the set.
     Returns {"images": uint8 [N, H, W, C] (image data) or "points": float32 [N, D] (point data), "labels": int64 [N]
     (-1 = unconditional), "seeds": int64 [N], "nfe": denoiser evaluations per sample, "classifier_nfe": noisy
-    classifier evaluations per sample (classifier guidance; 0 otherwise), "seconds": wall time}.
-    `steps=None` runs the full schedule. Without `classes`, cfg and classifier guidance cycle through all classes;
-    no guidance on a class-conditional model then samples unconditionally (the null class).
+    classifier evaluations per sample (classifier guidance; 0 otherwise), "seconds": wall time, "options": the
+    sampler's options with defaults filled in}.
+    Without `classes`, cfg and classifier guidance cycle through all classes; no guidance on a class-conditional
+    model then samples unconditionally (the null class).
     `bf16` / `channels_last` run the denoiser under bf16 autocast / in channels_last memory format (FastDenoiser;
     its speed-up: bench/README.md; off by default, which keeps samples bitwise fp32);
     bf16="auto" turns it on only where the device computes bf16 natively (`precision.bf16_is_fast`).
     """
-    options = _check_options(bundle, num, sampler, steps, eta, guidance_kind, scale, classifier_bundle, classes,
-                             batch_size, spacing, options)
-    if classes is None and guidance_kind != "none":
-        classes = list(range(classifier_bundle.num_classes if guidance_kind == "classifier" else bundle.num_classes))
+    spec = spec if spec is not None else SamplingSpec(sampler=default_sampler(bundle))
+    options = _check_options(bundle, num, spec, classifier_bundle, classes, batch_size)
+    if classes is None and spec.guidance != "none":
+        classes = list(range(classifier_bundle.num_classes if spec.guidance == "classifier" else bundle.num_classes))
     if start < 0:
         raise SamplingError(f"start must be >= 0, got {start}")
     labels = sample_labels(num, classes, start)
@@ -220,10 +253,9 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     device = check_device(device)
     net, guidance, grid = bundle.model.to(device).eval(), None, {}
     if bundle.config.get("student"):  # one call per step, the guidance scale its input, its own grid from T-1
-        net, grid = _student_member(bundle, sampler, steps, options, guidance_kind, scale, spacing), \
-            {"lambda_min": None}
+        net, grid = _student_member(bundle, spec, options), {"lambda_min": None}
     else:
-        guidance = _guidance(guidance_kind, scale, bundle, classifier_bundle, device)
+        guidance = _guidance(spec.guidance, spec.scale, bundle, classifier_bundle, device)
     classifier = guidance.classifier if isinstance(guidance, ClassifierGuidance) else None
     fast = FastDenoiser(net, bf16=resolve_bf16(bf16, device), channels_last=channels_last)
     model = _CountingModel(fast, drop_y=bundle.num_classes is None)
@@ -232,15 +264,16 @@ def generate(bundle: DiffusionBundle, num: int, sampler: str = "ddim", steps: in
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num, desc=f"{sampler} {steps or bundle.diffusion.num_timesteps} steps", unit="sample")
+        steps = spec.steps or bundle.diffusion.num_timesteps
+        bar = tqdm(total=num, desc=f"{spec.sampler} {steps} steps", unit="sample")
     start, chunks = time.perf_counter(), []
     try:
         for lo in range(0, num, batch_size):
             hi = min(lo + batch_size, num)
             y = None if classes is None else torch.as_tensor(labels[lo:hi], device=device)
-            x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=sampler, steps=steps,
-                        options=options, spacing=spacing, seeds=seeds[lo:hi].tolist(), y=y, clip_denoised=pixel,
-                        guidance=guidance, device=device, **grid)
+            x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=spec.sampler, steps=spec.steps,
+                        options=options, spacing=spec.spacing, seeds=seeds[lo:hi].tolist(), y=y,
+                        clip_denoised=pixel, guidance=guidance, device=device, **grid)
             chunks.append(bundle.to_images(x0).float().cpu())
             if bar is not None:
                 bar.update(hi - lo)
@@ -266,30 +299,30 @@ class _GuidedStudent(torch.nn.Module):
         return self.member(x_t, t, y, torch.full((x_t.shape[0],), self.w, device=x_t.device))
 
 
-def _student_member(bundle: DiffusionBundle, sampler: str, steps: int | None, options: dict, guidance_kind: str,
-                    scale: float, spacing: str) -> torch.nn.Module:
+def _student_member(bundle: DiffusionBundle, spec: SamplingSpec, options: dict) -> torch.nn.Module:
     """The member of a student family (models/student) for `steps`, checked against the grid it was distilled on;
     `--guidance cfg --scale W` becomes its input w (none: w = 1, the conditional model, or the null class)."""
     student = bundle.config["student"]
-    if (sampler, spacing) != (student["sampler"], student["spacing"]) or options.get("eta", 0.0) != 0.0:
+    if (spec.sampler, spec.spacing) != (student["sampler"], student["spacing"]) or options.get("eta", 0.0) != 0.0:
         raise SamplingError(f"a distilled student samples on the grid it was distilled for: sampler "
-                            f"{student['sampler']}, spacing {student['spacing']}, eta 0; got {sampler}, {spacing}, "
-                            f"eta {options.get('eta', 0.0):g}: set those (or leave them at their defaults)")
+                            f"{student['sampler']}, spacing {student['spacing']}, eta 0; got {spec.sampler}, "
+                            f"{spec.spacing}, eta {options.get('eta', 0.0):g}: set those (or leave them at their "
+                            "defaults)")
     family = bundle.model  # a StudentFamily (progressive), or one network for every step count (consistency)
     distilled = family.steps if isinstance(family, StudentFamily) else tuple(student["steps"])
-    if steps not in distilled:
+    if spec.steps not in distilled:
         raise SamplingError(f"this student was distilled for {', '.join(map(str, distilled))} steps, not "
-                            f"{steps}: pass --steps with one of them")
-    if guidance_kind == "classifier":
+                            f"{spec.steps}: pass --steps with one of them")
+    if spec.guidance == "classifier":
         raise SamplingError("a distilled student has classifier-free guidance built in, not classifier guidance: "
                             "use --guidance cfg --scale W (or none)")
-    member = family.member(steps) if isinstance(family, StudentFamily) else family
+    member = family.member(spec.steps) if isinstance(family, StudentFamily) else family
     if not student.get("guidance_input"):
-        if guidance_kind == "cfg" and scale != 1.0:
+        if spec.guidance == "cfg" and spec.scale != 1.0:
             raise SamplingError(f"this student was distilled from the conditional teacher (scale 1) without the "
-                                f"guidance scale as an input; scale {scale:g} needs distill.scale_range")
+                                f"guidance scale as an input; scale {spec.scale:g} needs distill.scale_range")
         return member
-    return _GuidedStudent(member, scale if guidance_kind == "cfg" else 1.0)
+    return _GuidedStudent(member, spec.scale if spec.guidance == "cfg" else 1.0)
 
 
 def default_sampler(bundle: DiffusionBundle) -> str:

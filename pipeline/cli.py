@@ -104,7 +104,7 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from diffusion_core.generation import check_device, default_sampler, generate, save_samples
+    from diffusion_core.generation import SamplingSpec, check_device, default_sampler, generate, save_samples
     from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 
     check_device(args.device)  # before loading: a bad --device is the user's typo, not a corrupt checkpoint
@@ -112,11 +112,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
                                 autoencoder=args.autoencoder)
     clf = load_classifier_dir(args.classifier, map_location=args.device) if args.classifier else None
     classes = [args.class_] if args.class_ is not None else args.classes
-    result = generate(bundle, args.num, sampler=args.sampler or default_sampler(bundle), steps=args.steps, eta=args.eta,
-                      options=dict(args.options),
-                      guidance_kind=args.guidance, scale=args.scale, classifier_bundle=clf, classes=classes,
-                      seed=args.seed, batch_size=args.batch_size, spacing=args.spacing,
-                      progress=not args.no_progress, device=args.device, bf16=args.bf16,
+    spec = SamplingSpec.from_setting({"sampler": args.sampler or default_sampler(bundle), "steps": args.steps,
+                                      "spacing": args.spacing, "options": dict(args.options), "eta": args.eta,
+                                      "guidance": args.guidance, "scale": args.scale})
+    result = generate(bundle, args.num, spec, classifier_bundle=clf, classes=classes, seed=args.seed,
+                      batch_size=args.batch_size, progress=not args.no_progress, device=args.device, bf16=args.bf16,
                       channels_last=args.channels_last)
     save_samples(args.out, result)
     print(f"wrote {args.num} samples to {args.out} ({result['nfe']:g} network evaluations per sample, "

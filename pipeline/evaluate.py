@@ -70,24 +70,24 @@ def resolve_setting(cfg, sweep_metrics: Path = SWEEP_METRICS) -> dict:
 
 def sample_part(root: str, kwargs: dict, num: int, start: int) -> dict:
     """Samples start..start+num-1 of the evaluation set (runs in a Ray task or in-process); kwargs["model"] is the
-    setting's model folder, the rest goes to generate."""
+    setting's model folder, kwargs["setting"] its sampling setting, the rest goes to generate."""
     os.chdir(root)
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 
     kwargs = dict(kwargs)
     bundle = load_diffusion_dir(kwargs.pop("model"))
-    clf = load_classifier_dir(CLASSIFIER) if kwargs["guidance_kind"] == "classifier" else None
-    return generate(bundle, num, classifier_bundle=clf, start=start, **kwargs)
+    spec = SamplingSpec.from_setting(kwargs.pop("setting"))
+    clf = load_classifier_dir(CLASSIFIER) if spec.guidance == "classifier" else None
+    return generate(bundle, num, spec, classifier_bundle=clf, start=start, **kwargs)
 
 
 def _sample(cfg, setting: dict, workers: int, device) -> dict:
     """The evaluation set: in this process on a GPU (project.device) or with one worker, else over Ray tasks."""
-    kwargs = {"model": FOLDERS[setting["model"]], "device": str(device), "sampler": setting["sampler"],
-              "steps": setting["steps"], "eta": setting["eta"],
-              "options": setting["options"], "guidance_kind": setting["guidance"], "scale": setting["scale"],
-              "seed": cfg.seed, "batch_size": cfg.batch_size, "spacing": setting["spacing"], "bf16": cfg.bf16,
-              "channels_last": cfg.channels_last}
+    kwargs = {"model": FOLDERS[setting["model"]], "device": str(device), "seed": cfg.seed,
+              "batch_size": cfg.batch_size, "bf16": cfg.bf16, "channels_last": cfg.channels_last,
+              "setting": {k: setting[k] for k in ("sampler", "steps", "eta", "spacing", "options", "guidance",
+                                                  "scale")}}
     root = str(Path.cwd().resolve())
     if workers == 1 or device.type != "cpu":
         return sample_part(root, {**kwargs, "progress": True}, cfg.num_samples, 0)

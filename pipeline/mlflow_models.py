@@ -78,17 +78,18 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
         self.bundle = load_diffusion_dir(context.artifacts["model"], autoencoder=context.artifacts.get("autoencoder"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from diffusion_core.generation import default_sampler, generate
+        from diffusion_core.generation import SamplingSpec, default_sampler, generate
 
         req = _request(model_input)
         if _given(model_input, "sampler") is None:  # a distilled student samples with its own by default
             req["sampler"] = default_sampler(self.bundle)
         steps = min(int(req["steps"]), self.bundle.diffusion.num_timesteps)
         classes = None if req["class_label"] is None else [int(req["class_label"])]
-        out = generate(self.bundle, int(req["num_samples"]), sampler=str(req["sampler"]), steps=steps,
-                       eta=float(req["eta"]), guidance_kind=str(req["guidance"]), scale=float(req["scale"]),
-                       classes=classes, seed=int(req["seed"]), batch_size=int(req["batch_size"]),
-                       spacing=str(req["spacing"]))
+        spec = SamplingSpec.from_setting({"sampler": str(req["sampler"]), "steps": steps, "eta": float(req["eta"]),
+                                          "guidance": str(req["guidance"]), "scale": float(req["scale"]),
+                                          "spacing": str(req["spacing"])})
+        out = generate(self.bundle, int(req["num_samples"]), spec, classes=classes, seed=int(req["seed"]),
+                       batch_size=int(req["batch_size"]))
         return out["images"] if "images" in out else out["points"]
 
 

@@ -125,9 +125,9 @@ USAGE = {
 
 In Python (sample i uses seed + i):
 
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_diffusion_dir
-    images = generate(load_diffusion_dir("{model_dir}"), 16, sampler="ddim", steps=50, seed=0)["images"]  # uint8
+    images = generate(load_diffusion_dir("{model_dir}"), 16, SamplingSpec("ddim", steps=50), seed=0)["images"]
 
 """ + _MLFLOW_USE + """    images = m.predict({{"num_samples": 16, "seed": 0, "sampler": "ddim", "steps": 50}})
 """,
@@ -138,9 +138,10 @@ In Python (sample i uses seed + i):
 
 In Python (sample i uses seed + i; the sampler and grid are the folder's: ddim, trailing):
 
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_diffusion_dir
-    images = generate(load_diffusion_dir("{model_dir}"), 16, steps=1, guidance_kind="cfg", scale=2.0)["images"]
+    spec = SamplingSpec("ddim", steps=1, guidance="cfg", scale=2.0)
+    images = generate(load_diffusion_dir("{model_dir}"), 16, spec)["images"]
 
 """ + _MLFLOW_USE + """    images = m.predict({{"num_samples": 16, "steps": 1, "guidance": "cfg", "scale": 2.0}})
 """,

@@ -103,19 +103,17 @@ def sampling_trial(config: dict) -> None:
     from ray import tune
 
     from diffusion_core.evaluation import sample_metrics
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
     watch = Stopwatch()
     ext, ref = _enter_trial(config)
     t = config["trial"]
     bundle = load_diffusion_dir(STUDENT if t.get("model") == "student" else MODEL)
     clf = load_classifier_dir(CLASSIFIER) if t["guidance"] == "classifier" else None
-    out = generate(bundle, t["num_samples"], sampler=t["sampler"], steps=t["steps"], eta=t["eta"],
-                   options=t.get("options"), guidance_kind=t["guidance"],
-                   scale=1.0 if t["scale"] is None else t["scale"], classifier_bundle=clf,
-                   seed=trial_seed(t, config["seed"]),
-                   batch_size=config["batch_size"], spacing=t.get("spacing", config["spacing"]), bf16=config["bf16"],
-                   channels_last=config["channels_last"], device=config["device"])
+    spec = SamplingSpec.from_setting(t, spacing=t.get("spacing", config["spacing"]))
+    out = generate(bundle, t["num_samples"], spec, classifier_bundle=clf, seed=trial_seed(t, config["seed"]),
+                   batch_size=config["batch_size"], bf16=config["bf16"], channels_last=config["channels_last"],
+                   device=config["device"])
     inception = _inception(config, t)
     metrics = sample_metrics(out["images"], out["labels"], ref, ext, *inception,
                              inception_samples=config["inception_samples"])
@@ -132,7 +130,7 @@ def training_trial(config: dict) -> None:
     from ray import tune
 
     from diffusion_core.evaluation import nll_on_test, sample_metrics
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from pipeline.short_training import short_training
 
     watch = Stopwatch()
@@ -146,9 +144,9 @@ def training_trial(config: dict) -> None:
     guidance = tc.eval_guidance if num_classes is not None else "none"
 
     def on_eval(step: int, bundle, loss) -> None:
-        out = generate(bundle, tc.eval_samples, sampler=tc.eval_sampler,
-                       steps=min(tc.eval_steps, schedule.num_timesteps), guidance_kind=guidance, scale=tc.eval_scale,
-                       seed=sw.seed, batch_size=sw.batch_size, spacing=sw.spacing, bf16=sw.bf16,
+        spec = SamplingSpec(tc.eval_sampler, min(tc.eval_steps, schedule.num_timesteps), sw.spacing,
+                            guidance=guidance, scale=tc.eval_scale)
+        out = generate(bundle, tc.eval_samples, spec, seed=sw.seed, batch_size=sw.batch_size, bf16=sw.bf16,
                        channels_last=sw.channels_last, device=config["device"])
         metrics = {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"], "loss": loss,
                    "step": step}
@@ -190,14 +188,12 @@ def _trial_data(params) -> tuple:
 def _cross_point(bundle, sub: dict, config: dict, conditional: bool, ref, ext) -> dict:
     """One sample set of a short-trained model at sampling setting `sub` (sweep.training.samplers): its metrics."""
     from diffusion_core.evaluation import sample_metrics
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     watch = Stopwatch()
     guidance = sub["guidance"] if conditional else "none"
-    out = generate(bundle, sub["num_samples"], sampler=sub["sampler"], steps=sub["steps"], eta=sub["eta"],
-                   options=sub.get("options"), guidance_kind=guidance, scale=1.0 if sub["scale"] is None else
-                   sub["scale"], seed=trial_seed(sub, config["seed"]), batch_size=config["batch_size"],
-                   spacing=sub["spacing"], bf16=config["bf16"], channels_last=config["channels_last"],
-                   device=config["device"])
+    out = generate(bundle, sub["num_samples"], SamplingSpec.from_setting(sub, guidance=guidance),
+                   seed=trial_seed(sub, config["seed"]), batch_size=config["batch_size"], bf16=config["bf16"],
+                   channels_last=config["channels_last"], device=config["device"])
     return {**sample_metrics(out["images"], out["labels"], ref, ext), "nfe": out["nfe"],
             "wall_seconds": watch.seconds}
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from diffusion_core.checkpoint import find_last_good_checkpoint
-from diffusion_core.generation import generate
+from diffusion_core.generation import SamplingSpec, generate
 from diffusion_core.model_folders import load_diffusion_dir
 from diffusion_core.training import Trainer
 from pipeline import distill, train_diffusion
@@ -75,7 +75,7 @@ def test_student_folder_card_and_sampling_by_path(teacher, tmp_path, monkeypatch
     bundle = load_diffusion_dir(cwd / "models/student")
     teacher_model = load_diffusion_dir(cwd / "models/diffusion").model
     for steps in (1, 2):
-        r = generate(bundle, 4, sampler="ddim", steps=steps, guidance_kind="cfg", scale=2.0, classes=[0, 1])
+        r = generate(bundle, 4, SamplingSpec("ddim", steps, guidance="cfg", scale=2.0), classes=[0, 1])
         assert r["nfe"] == steps and r["images"].shape == (4, 8, 8, 1)
         member = bundle.model.member(steps)
         moved = [k for k, v in teacher_model.state_dict().items() if not torch.equal(v, member.state_dict()[k])]
@@ -183,10 +183,10 @@ def test_consistency_method_writes_one_student_for_every_step_count_and_resumes_
     bundle = load_diffusion_dir(full / "models/student")
     assert default_sampler(bundle) == "consistency"
     for steps in (1, 2, 4):
-        r = generate(bundle, 4, sampler="consistency", steps=steps, guidance_kind="cfg", scale=2.0, classes=[0, 1])
+        r = generate(bundle, 4, SamplingSpec("consistency", steps, guidance="cfg", scale=2.0), classes=[0, 1])
         assert r["nfe"] == steps
     with pytest.raises(Exception, match="distilled for 1, 2, 4 steps"):
-        generate(bundle, 4, sampler="consistency", steps=3, guidance_kind="cfg", scale=2.0)
+        generate(bundle, 4, SamplingSpec("consistency", 3, guidance="cfg", scale=2.0))
     cwd = _workdir(teacher, tmp_path / "stopped", **cfg)
     real = Trainer.train_step
 

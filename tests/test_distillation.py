@@ -400,16 +400,16 @@ def _student_folder(path, guidance_input=True):
 
 
 def test_a_student_folder_samples_through_generate_with_one_call_per_step(tmp_path):
-    from diffusion_core.generation import SamplingError, generate
+    from diffusion_core.generation import SamplingError, SamplingSpec, generate
     from diffusion_core.model_folders import load_diffusion_dir
 
     path, family = _student_folder(tmp_path / "student")
     bundle = load_diffusion_dir(path)
-    kw = dict(num=6, sampler="ddim", spacing="trailing", classes=[0, 1, 2], seed=3)
+    kw = dict(num=6, classes=[0, 1, 2], seed=3)
     out = {}
     for steps in (1, 2):
         for scale in (1.0, 3.0):
-            r = generate(bundle, steps=steps, guidance_kind="cfg", scale=scale, **kw)
+            r = generate(bundle, spec=SamplingSpec("ddim", steps, "trailing", guidance="cfg", scale=scale), **kw)
             assert r["nfe"] == steps  # guidance is the member's input: no unconditional pass
             out[steps, scale] = r["images"]
     assert not (out[1, 1.0] == out[2, 1.0]).all()  # each step count samples with its own member
@@ -423,13 +423,14 @@ def test_a_student_folder_samples_through_generate_with_one_call_per_step(tmp_pa
     assert (torch.as_tensor(out[1, 1.0]) != torch.as_tensor(out[1, 3.0])).any()  # w reaches the member
     for bad, match in ((dict(steps=3), "distilled for 2, 1 steps"), (dict(steps=2, sampler="dpmpp3m"), "grid"),
                        (dict(steps=2, spacing="logsnr"), "grid"), (dict(steps=None), "distilled for"),
-                       (dict(steps=2, guidance_kind="classifier"), "classifier")):
+                       (dict(steps=2, guidance="classifier"), "classifier"),
+                       (dict(steps=2, options={"eta": 0.5}), "eta 0")):
         with pytest.raises(SamplingError, match=match):
-            generate(bundle, **{**kw, "guidance_kind": "cfg", "scale": 2.0, **bad})
+            generate(bundle, spec=SamplingSpec(**{"sampler": "ddim", "guidance": "cfg", "scale": 2.0, **bad}), **kw)
     plain = load_diffusion_dir(_student_folder(tmp_path / "plain", guidance_input=False)[0])
-    assert generate(plain, steps=1, guidance_kind="cfg", scale=1.0, **kw)["nfe"] == 1
+    assert generate(plain, spec=SamplingSpec("ddim", 1, guidance="cfg", scale=1.0), **kw)["nfe"] == 1
     with pytest.raises(SamplingError, match="without the guidance scale"):
-        generate(plain, steps=1, guidance_kind="cfg", scale=2.0, **kw)
+        generate(plain, spec=SamplingSpec("ddim", 1, guidance="cfg", scale=2.0), **kw)
 
 
 def test_consistency_distillation_learns_the_exact_teachers_ode_map_on_gaussian_data():

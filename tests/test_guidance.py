@@ -143,15 +143,14 @@ def test_label_dropout_drops_the_fraction_asked_to_the_null_class_only():
 def test_generate_counts_the_classifiers_calls_apart_from_the_denoisers(tmp_path, kind):
     """NFE per sample is the denoiser's (two a step with CFG); classifier guidance adds one classifier call (a
     forward and a backward pass) a step, reported as classifier_nfe."""
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 
     from .tiny_models import make_classifier_dir, make_diffusion_dir
 
     bundle = load_diffusion_dir(make_diffusion_dir(tmp_path / "d", num_classes=3))
     clf = load_classifier_dir(make_classifier_dir(tmp_path / "c", num_classes=3)) if kind == "classifier" else None
-    out = generate(bundle, 6, sampler="ddim", steps=5, guidance_kind=kind, scale=2.0, classifier_bundle=clf,
-                   batch_size=4)
+    out = generate(bundle, 6, SamplingSpec("ddim", 5, guidance=kind, scale=2.0), classifier_bundle=clf, batch_size=4)
     assert out["nfe"] == (10 if kind == "cfg" else 5)
     assert out["classifier_nfe"] == (5 if kind == "classifier" else 0)
 

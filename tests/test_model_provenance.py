@@ -4,12 +4,14 @@ links to the training runs. One chain of tiny in-process stage runs (no Ray) wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -180,11 +182,17 @@ def test_model_folder_holds_its_card_and_provenance(trained, stage):
     assert "| nll" not in card and "bits" not in card
     for text in (card, (folder / "provenance.json").read_text()):  # no path of this machine
         assert str(trained) not in text and str(ROOT) not in text and "/tmp/" not in text and "/home/" not in text
+    if stage in ("train_diffusion", "distill"):  # the card's Python lines run as written, from the repo folder
+        code = textwrap.dedent(card.split("In Python", 1)[1].split("\n\n")[1])
+        namespace: dict = {}
+        with contextlib.chdir(trained):
+            exec(code, namespace)  # noqa: S102 - our own card
+        assert namespace["images"].dtype == np.uint8 and namespace["images"].shape == (16, 8, 8, 1)
 
 
 @pytest.mark.slow
 def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder(trained, store):
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_diffusion_dir
 
     run_id = _runs(trained)["train_diffusion"]
@@ -192,8 +200,8 @@ def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder
     assert version.run_id == run_id  # registered with the run that produced it
     assert _tags(trained, run_id)["registered_model"] == REGISTERED
     request = {"num_samples": 3, "seed": 7, "steps": 5, "guidance": "cfg", "scale": 2.0, "class_label": 4}
-    direct = generate(load_diffusion_dir(trained / "models" / "diffusion"), 3, steps=5, seed=7,
-                      guidance_kind="cfg", scale=2.0, classes=[4])["images"]
+    direct = generate(load_diffusion_dir(trained / "models" / "diffusion"), 3,
+                      SamplingSpec("ddim", 5, guidance="cfg", scale=2.0), seed=7, classes=[4])["images"]
     for uri in (f"models:/{REGISTERED}/1", f"runs:/{run_id}/model"):
         images = store.pyfunc.load_model(uri).predict(request)
         assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
@@ -205,7 +213,7 @@ def test_diffusion_model_loads_from_registry_and_run_and_samples_like_the_folder
 @pytest.mark.slow
 def test_student_loads_from_registry_and_samples_like_the_folder(trained, store):
     """distill registers its student family; the MLflow model samples it like the folder, one call per step."""
-    from diffusion_core.generation import generate
+    from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.model_folders import load_diffusion_dir
 
     run_id = _runs(trained)["distill"]
@@ -213,8 +221,8 @@ def test_student_loads_from_registry_and_samples_like_the_folder(trained, store)
     prov = json.loads((trained / "models/student/provenance.json").read_text())
     assert prov["inputs"]["models/diffusion"]["mlflow_run_id"] == _runs(trained)["train_diffusion"]
     request = {"num_samples": 3, "seed": 7, "steps": 1, "guidance": "cfg", "scale": 2.0, "class_label": 4}
-    direct = generate(load_diffusion_dir(trained / "models" / "student"), 3, steps=1, seed=7,
-                      guidance_kind="cfg", scale=2.0, classes=[4])
+    direct = generate(load_diffusion_dir(trained / "models" / "student"), 3,
+                      SamplingSpec("ddim", 1, guidance="cfg", scale=2.0), seed=7, classes=[4])
     assert direct["nfe"] == 1
     images = store.pyfunc.load_model(f"models:/{STUDENT}/1").predict(request)
     assert np.array_equal(images, direct["images"])

@@ -227,7 +227,7 @@ def test_a_learned_variance_pixel_model_trains_samples_and_reports_bits_per_dim(
 def test_distilled_students_sample_from_their_folder_in_one_call_a_step(pipeline):
     """distill ran on 2 Ray workers after train_diffusion; its family samples by path at each distilled step count
     with classifier-free guidance as an input (NFE = steps), and refuses a step count it was not distilled for."""
-    from diffusion_core.generation import SamplingError, generate
+    from diffusion_core.generation import SamplingError, SamplingSpec, generate
     from diffusion_core.model_folders import load_diffusion_dir
 
     work, log, _ = pipeline
@@ -237,10 +237,10 @@ def test_distilled_students_sample_from_their_folder_in_one_call_a_step(pipeline
     assert metrics["rounds"] == rounds and all(np.isfinite(metrics[f"final_loss_{n}_steps"]) for n in rounds)
     bundle = load_diffusion_dir(work / "models/student")
     for steps in rounds:
-        r = generate(bundle, 4, steps=steps, guidance_kind="cfg", scale=2.0, classes=[1, 2])
+        r = generate(bundle, 4, SamplingSpec("ddim", steps, guidance="cfg", scale=2.0), classes=[1, 2])
         assert r["nfe"] == steps and r["images"].shape[0] == 4
     with pytest.raises(SamplingError, match="distilled for"):
-        generate(bundle, 4, steps=3, guidance_kind="cfg", scale=2.0)
+        generate(bundle, 4, SamplingSpec("ddim", 3, guidance="cfg", scale=2.0))
 
 
 def test_mlflow_holds_one_run_per_stage_and_one_nested_run_per_trial(pipeline):

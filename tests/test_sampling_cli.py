@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.generation import SamplingError, generate, save_samples
+from diffusion_core.generation import SamplingError, SamplingSpec, generate, save_samples
 from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 from pipeline.cli import main
 from tests.tiny_models import CHANNELS, DIFFUSION, SIZE, make_classifier_dir, make_diffusion_dir, make_latent_dir
@@ -87,15 +87,15 @@ def test_sample_folder_outputs_classes_and_batch_size_invariance(folders, tmp_pa
     assert (tmp_path / "b.png").is_file() and not (tmp_path / "b.png.npz").exists()
     # sample i depends only on seed i: a set started at seed 12 repeats samples 2.. of the first
     bundle = load_diffusion_dir(folders["cond"])
-    again = generate(bundle, 3, "ddim", steps=4, eta=0.5, guidance_kind="cfg", scale=2.0, classes=[0, 2], seed=12,
-                     batch_size=3)
+    again = generate(bundle, 3, SamplingSpec("ddim", 4, options={"eta": 0.5}, guidance="cfg", scale=2.0),
+                     classes=[0, 2], seed=12, batch_size=3)
     assert again["labels"].tolist() == z["labels"][2:].tolist()  # [0, 2, 0] here as well
     assert np.abs(again["images"].astype(int) - z["images"][2:]).max() <= 1
 
 
 def test_generate_is_batch_size_invariant_and_counts_nfe(folders):
     bundle = load_diffusion_dir(folders["cond"])
-    kw = dict(sampler="ddpm", steps=5, guidance_kind="cfg", scale=3.0, classes=[1, 2, 0], seed=3)
+    kw = dict(spec=SamplingSpec("ddpm", 5, guidance="cfg", scale=3.0), classes=[1, 2, 0], seed=3)
     a = generate(bundle, 4, batch_size=4, **kw)
     b = generate(bundle, 4, batch_size=1, **kw)
     assert np.abs(a["images"].astype(int) - b["images"]).max() <= 1
@@ -104,13 +104,13 @@ def test_generate_is_batch_size_invariant_and_counts_nfe(folders):
     part = generate(bundle, 2, batch_size=2, start=2, **kw)  # a worker's slice of the same set
     assert part["seeds"].tolist() == [5, 6] and part["labels"].tolist() == [0, 1]
     assert np.abs(part["images"].astype(int) - a["images"][2:]).max() <= 1
-    c = generate(bundle, 2, sampler="dpmpp2m", steps=4, seed=3, batch_size=2)
+    c = generate(bundle, 2, SamplingSpec("dpmpp2m", 4), seed=3, batch_size=2)
     assert c["nfe"] == 4 and c["labels"].tolist() == [-1, -1]  # no guidance, no classes: unconditional
 
 
 def test_bf16_channels_last_sampling_is_close_batch_invariant_and_restores_the_model(folders):
     bundle = load_diffusion_dir(folders["cond"])
-    kw = dict(sampler="ddim", steps=5, eta=1.0, guidance_kind="cfg", scale=2.0, classes=[1, 2, 0], seed=3)
+    kw = dict(spec=SamplingSpec("ddim", 5, options={"eta": 1.0}, guidance="cfg", scale=2.0), classes=[1, 2, 0], seed=3)
     exact = generate(bundle, 6, batch_size=6, **kw)["images"].astype(int)
     a = generate(bundle, 6, batch_size=6, bf16=True, channels_last=True, **kw)["images"].astype(int)
     b = generate(bundle, 6, batch_size=4, bf16=True, channels_last=True, **kw)["images"].astype(int)
@@ -146,14 +146,14 @@ def test_fast_denoiser_returns_float32_and_autocasts(folders):
 def test_classifier_guidance_and_latent_decoding(folders, tmp_path):
     bundle = load_diffusion_dir(folders["uncond"])
     clf = load_classifier_dir(folders["classifier"])
-    r0 = generate(bundle, 3, steps=4, seed=0)
-    r = generate(bundle, 3, steps=4, guidance_kind="classifier", scale=50.0, classifier_bundle=clf, seed=0)
+    r0 = generate(bundle, 3, SamplingSpec(steps=4), seed=0)
+    r = generate(bundle, 3, SamplingSpec(steps=4, guidance="classifier", scale=50.0), classifier_bundle=clf, seed=0)
     assert r["labels"].tolist() == [0, 1, 2]  # guided without classes: cycle through all classes
     assert r["images"].shape == (3, 8, 8, 1) and not np.array_equal(r["images"], r0["images"])
 
     latent = load_diffusion_dir(folders["latent"])
     assert latent.is_latent and latent.shape == (2, 4, 4)
-    res = generate(latent, 2, steps=3, seed=0)
+    res = generate(latent, 2, SamplingSpec(steps=3), seed=0)
     assert res["images"].shape == (2, 8, 8, 1) and res["images"].dtype == np.uint8  # decoded to the image size
     paths = save_samples(tmp_path / "lat", res)
     assert [p.name for p in paths] == ["seed-000000.png", "seed-000001.png", "samples.npz", "grid.png"]
@@ -161,8 +161,8 @@ def test_classifier_guidance_and_latent_decoding(folders, tmp_path):
 
 def test_folder_output_removes_stale_seed_files(folders, tmp_path):
     bundle = load_diffusion_dir(folders["uncond"])
-    save_samples(tmp_path, generate(bundle, 3, steps=2, seed=0))
-    save_samples(tmp_path, generate(bundle, 2, steps=2, seed=0))
+    save_samples(tmp_path, generate(bundle, 3, SamplingSpec(steps=2), seed=0))
+    save_samples(tmp_path, generate(bundle, 2, SamplingSpec(steps=2), seed=0))
     assert sorted(p.name for p in tmp_path.glob("seed-*.png")) == ["seed-000000.png", "seed-000001.png"]
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -217,8 +217,9 @@ def test_debug_adds_the_traceback(folders, tmp_path, capsys):
 
 def test_generate_validates_directly(folders):
     bundle = load_diffusion_dir(folders["cond"])
-    for kw in (dict(num=0), dict(batch_size=0), dict(sampler="lms"), dict(spacing="odd"), dict(guidance_kind="x"),
-               dict(classes=[])):
+    for kw, spec in ((dict(num=0), {}), (dict(batch_size=0), {}), ({}, dict(sampler="lms")), ({}, dict(spacing="odd")),
+                     ({}, dict(guidance="x")), (dict(classes=[]), {}), ({}, dict(options={"eta": 2.0})),
+                     ({}, dict(sampler="dpmpp2m", options={"eta": 0.5})), ({}, dict(scale=-1.0))):
         with pytest.raises(SamplingError):
-            generate(bundle, **{"num": 1, "steps": 1, **kw})
+            generate(bundle, **{"num": 1, "spec": SamplingSpec(**{"steps": 1, **spec}), **kw})
     assert issubclass(SamplingError, ValueError)
