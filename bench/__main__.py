@@ -114,6 +114,13 @@ def table(res: dict) -> str:
             f"{n} thread(s) {i[f'threads_{n}']['channels_last']['images_per_s']} img/s channels_last, "
             f"{i[f'threads_{n}']['contiguous']['images_per_s']} contiguous" for n in (1, 2))
             + f"; resize {100 * i['threads_2']['resize_fraction']:.0f}% of it")
+    if "backbones" in g:
+        b = g["backbones"]
+        lines.append(f"train_diffusion backbones, b{b['batch']} latents {b['latent']} ({b['gflop_per_image']} "
+                     f"GFLOP/img; bf16 peak {b['peak_bf16_gflops']} GFLOP/s in the same run):")
+        for k, v in b["settings"].items():
+            lines.append(f"  {k:32s} {v['images_per_s']:8.1f} img/s {v['gflops']:8.1f} GFLOP/s "
+                         f"{100 * v['fraction_of_bf16_peak']:5.1f}% of peak")
     lines += ["", f"{'ratio':40s} {'value':>10s} {'target':>8s}  met"]
     for k, target in TARGETS.items():
         v = res[k]

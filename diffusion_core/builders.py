@@ -3,6 +3,7 @@ options (`options.py`), and the one learning-rate schedule."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -11,13 +12,19 @@ from torch import nn
 
 from .diffusion import GaussianDiffusion
 from .model_folders import build_diffusion, diffusion_spec
-from .models import AutoencoderKL, MLPDenoiser, NoisyClassifier, UNet
-from .options import AutoencoderOptions, DiffusionOptions, NetOptions, ScheduleOptions
+from .models import AutoencoderKL, DiT, MLPDenoiser, NoisyClassifier, UNet
+from .options import AutoencoderOptions, DiffusionOptions, DiTOptions, NetOptions, ScheduleOptions
 
 
-def build_denoiser(net: NetOptions, data_shape: tuple[int, ...], num_classes: int | None,
+def build_denoiser(net: NetOptions | DiTOptions, data_shape: tuple[int, ...], num_classes: int | None,
                    learn_sigma: bool) -> nn.Module:
-    """U-Net for [C, H, W] data (pixels or latents), residual MLP for [D] points; sizes from `net`."""
+    """U-Net (NetOptions) or diffusion transformer (DiTOptions) for [C, H, W] data (pixels or latents), residual
+    MLP for [D] points; sizes from `net`."""
+    if isinstance(net, DiTOptions):
+        if len(data_shape) != 3:
+            raise ValueError(f"a DiT denoises [C, H, W] images or latents, not data of shape {list(data_shape)}")
+        return DiT(in_channels=data_shape[0], image_size=data_shape[-1], num_classes=num_classes,
+                   learn_sigma=learn_sigma, **dataclasses.asdict(net))
     if len(data_shape) == 1:
         return MLPDenoiser(dim=data_shape[0], hidden=4 * net.base_channels, num_layers=2 * net.num_res_blocks,
                            num_classes=num_classes, learn_sigma=learn_sigma)

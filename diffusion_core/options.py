@@ -27,6 +27,19 @@ class NetOptions:
 
 
 @dataclass(frozen=True)
+class DiTOptions:
+    """Size of a diffusion transformer (models/dit.py: patches of patch_size, depth blocks of hidden_size with
+    num_heads heads); in/out channels, image size and classes come from the data."""
+
+    patch_size: int = 2
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
 class AutoencoderOptions:
     """Architecture of the KL autoencoder (latent diffusion): one stride-2 level between channel_mult entries."""
 

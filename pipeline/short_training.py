@@ -28,7 +28,7 @@ def short_training(train_cfg: Any, schedule_cfg: Any, diffusion_cfg: Any, data, 
     diffusion = build_diffusion_from_options(schedule_cfg.to_options(), diffusion_cfg.to_options())
     shape, num_classes = tuple(data_block["shape"]), data_block["num_classes"]
     torch.manual_seed(cfg.seed)
-    model = build_denoiser(cfg.unet.to_options(), shape, num_classes, diffusion.learn_sigma)
+    model = build_denoiser(cfg.net_options(), shape, num_classes, diffusion.learn_sigma)
     objective = DiffusionObjective(diffusion, num_classes, cfg.label_dropout)
     trainer = Trainer(model, objective, diffusion_cfg.timestep_sampler, cfg.train_options(), device)
     config = {"diffusion": diffusion_spec(schedule_cfg.to_options(), diffusion_cfg.to_options()), "data": data_block}

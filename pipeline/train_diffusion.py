@@ -21,7 +21,7 @@ from diffusion_core.models import unwrap_model
 from diffusion_core.objectives import DiffusionObjective
 from diffusion_core.rank_data import load_rank_data
 from diffusion_core.training import LoopHooks, Trainer, sample_preview, train_loop, weights_sha256
-from pipeline.config import params_hash
+from pipeline.config import ConfigError, params_hash
 from pipeline.provenance import registered_name
 
 from . import training_stage
@@ -45,7 +45,12 @@ class TrainDiffusion(TrainingStage):
     def inputs(self, params) -> Inputs:
         cfg = params.train_diffusion
         shard_dir = Path("data/shards" if cfg.space == "pixel" else "data/latents")
-        read_meta(shard_dir)
+        meta = read_meta(shard_dir)
+        shape = tuple(meta["sample_shape"])
+        if cfg.backbone == "dit" and (len(shape) != 3 or shape[-1] % cfg.dit.patch_size):
+            raise ConfigError(f"train_diffusion.backbone dit cuts {cfg.space} samples of shape {list(shape)} into "
+                              f"patches of train_diffusion.dit.patch_size {cfg.dit.patch_size}: use a patch size "
+                              f"that divides the side, or backbone unet")
         if cfg.space == "latent" and not (Path(AUTOENCODER) / "config.json").is_file():
             raise CheckpointError(f"latent space needs {AUTOENCODER}/ to decode samples: run train_autoencoder and "
                                   f"encode_latents, or set train_diffusion.space: pixel")
@@ -71,7 +76,7 @@ class TrainDiffusion(TrainingStage):
                                                  sigma_data)
         shape = tuple(meta["sample_shape"])
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        model = build_denoiser(cfg.unet.to_options(), shape, num_classes, diffusion.learn_sigma)
+        model = build_denoiser(cfg.net_options(), shape, num_classes, diffusion.learn_sigma)
         objective = DiffusionObjective(diffusion, num_classes, cfg.label_dropout)
         trainer = Trainer(model, objective, params.diffusion.timestep_sampler, cfg.train_options(), w.device)
         spec = diffusion_spec(params.schedule.to_options(), params.diffusion.to_options(),

@@ -254,8 +254,8 @@ def test_every_section_with_library_options_hands_over_all_its_fields():
 
     for name in SECTIONS:
         walk(getattr(params, name))
-    assert sorted(set(found)) == ["AutoencoderOptions", "DiffusionOptions", "NetOptions", "PrepareOptions",
-                                  "ScheduleOptions"]
+    assert sorted(set(found)) == ["AutoencoderOptions", "DiTOptions", "DiffusionOptions", "NetOptions",
+                                  "PrepareOptions", "ScheduleOptions"]
 
 
 def test_sections_carry_no_defaults_and_a_missing_key_is_a_one_line_error():

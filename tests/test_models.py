@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_core.models import EMA, AutoencoderKL, FeatureNet, MLPDenoiser, NoisyClassifier, UNet, build_model
+from diffusion_core.models import EMA, AutoencoderKL, DiT, FeatureNet, MLPDenoiser, NoisyClassifier, UNet, build_model
 from diffusion_core.models.autoencoder import DiagonalGaussian
+from diffusion_core.models.dit import DiTBlock, sincos_positions
 from diffusion_core.models.layers import AttentionBlock, ResBlock, timestep_embedding
 
 TINY = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, num_groups=4)
@@ -241,8 +242,86 @@ def test_ema_update_formula_and_buffers_copied():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+# ------------------------------------------------------------------------------------------------------- DiT
+DIT = dict(in_channels=2, image_size=8, patch_size=2, hidden_size=16, depth=2, num_heads=2)
+
+
+def test_dit_block_attention_matches_explicit_softmax_attention():
+    block = randomize_zero_params(DiTBlock(8, num_heads=2, mlp_ratio=2.0, dropout=0.0))
+    x = torch.randn(3, 5, 8)
+    q, k, v = block.qkv(x).split(8, dim=-1)
+    heads = []
+    for h in range(2):  # head h owns channels 4h..4h+3 of q, k and v
+        qh, kh, vh = (a[..., 4 * h:4 * h + 4] for a in (q, k, v))
+        heads.append(torch.softmax(qh @ kh.transpose(1, 2) / 2.0, dim=-1) @ vh)
+    torch.testing.assert_close(block.attention(x), block.proj(torch.cat(heads, dim=-1)), atol=1e-5, rtol=1e-5)
+
+
+def test_dit_block_is_adaln_zero():
+    """At init every block is the identity and the model outputs exactly zero (Peebles & Xie sec. 3.2); with the
+    modulation trained, shift/scale act on the normalised tokens as x * (1 + scale) + shift."""
+    model = DiT(**DIT, num_classes=3)
+    x, t, c = torch.randn(4, 2, 8, 8), torch.tensor([0, 5, 50, 99]), torch.randn(4, 16)
+    tokens = torch.randn(4, 16, 16)
+    for block in model.blocks:
+        assert torch.equal(block(tokens, c), tokens)
+    assert torch.equal(model(x, t, torch.tensor([0, 1, 2, 3])), torch.zeros(4, 2, 8, 8))
+    block = DiTBlock(16, num_heads=2, mlp_ratio=2.0, dropout=0.0)
+    with torch.no_grad():  # only the attention branch's gate and shift/scale: gate 1, scale 0.5, shift 2
+        block.ada[1].bias[2 * 16:3 * 16] = 1.0
+        block.ada[1].bias[16:2 * 16] = 0.5
+        block.ada[1].bias[:16] = 2.0
+    normed = torch.nn.functional.layer_norm(tokens, (16,), eps=1e-6)
+    torch.testing.assert_close(block(tokens, c), tokens + block.attention(normed * 1.5 + 2.0))
+
+
+def test_dit_output_patch_depends_only_on_its_input_patch_without_blocks():
+    """depth 0: tokens never mix, so unpatchify must put each token back where patchify took it from."""
+    model = randomize_zero_params(DiT(**{**DIT, "depth": 0})).eval()
+    x, t = torch.randn(1, 2, 8, 8), torch.tensor([10])
+    base = model(x, t)
+    x2 = x.clone()
+    x2[0, 1, 2, 5] += 1.0  # row 2, column 5: patch (1, 2) of the 4x4 grid of 2x2 patches
+    changed = (model(x2, t) - base).abs().sum(1)[0] > 0
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:4, 4:6] = True
+    assert torch.equal(changed, expected)
+
+
+def test_dit_positions_are_2d_sincos_and_distinguish_every_token():
+    pos = sincos_positions(4, 16)
+    assert pos.shape == (16, 16)
+    torch.testing.assert_close(pos[5, :4], torch.tensor([1.0, 0.1, 0.01, 0.001]).sin())  # token 5 = row 1
+    torch.testing.assert_close(pos[5, 8:12], torch.tensor([1.0, 0.1, 0.01, 0.001]).sin())  # and column 1
+    assert torch.cdist(pos, pos).add(torch.eye(16)).min() > 0
+
+
+def test_dit_conditioning_shapes_and_checks():
+    model = randomize_zero_params(DiT(**DIT, num_classes=3, learn_sigma=True)).eval()
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 80])
+    out = model(x, t, torch.tensor([0, 2]))
+    assert out.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(model(x, t), model(x, t, torch.tensor([3, 3])))  # y=None is the null class
+    assert not torch.allclose(model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 1])))
+    assert not torch.allclose(model(x, t), model(x, torch.tensor([4, 5])))
+    check_backward(model, model(x, t, torch.tensor([0, 2])))
+    torch.manual_seed(0)
+    plain = randomize_zero_params(DiT(**DIT, num_classes=3))
+    torch.manual_seed(0)
+    guided = DiT(**DIT, num_classes=3, guidance_input=True)
+    guided.load_state_dict(plain.state_dict(), strict=False)  # the teacher's weights, guidance layers left
+    y = torch.tensor([1, 2])
+    torch.testing.assert_close(guided(x, t, y, torch.tensor([1.0, 3.0])), plain(x, t, y))  # zero w embedding
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        DiT(**{**DIT, "image_size": 7})
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        DiT(**{**DIT, "num_heads": 3})
+
+
 ALL_CONFIGS = [
     UNet(image_size=8, num_classes=3, learn_sigma=True, attention_resolutions=(4,), **TINY).config,
+    DiT(in_channels=1, image_size=8, patch_size=2, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+        learn_sigma=True).config,
     MLPDenoiser(hidden=16, num_layers=2, num_classes=2).config,
     NoisyClassifier(1, 8, 5, **TINY).config,
     FeatureNet(1, 8, 5, width=8, feature_dim=8).config,

@@ -241,20 +241,24 @@ def test_interrupted_checkpoint_write_keeps_last_good_then_sampling_needs_only_t
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
 
 
-@pytest.mark.parametrize("objective,steps", [
-    ({}, 20),  # tiny.yaml's: learned variances with the hybrid loss, uniform timesteps
+@pytest.mark.parametrize("objective,train,steps", [
+    ({}, {}, 20),  # tiny.yaml's: learned variances with the hybrid loss, uniform timesteps
     # L_vlb with importance-sampled timesteps (Improved DDPM), long enough for every t's loss history to fill
-    ({"loss": "vlb", "timestep_sampler": "loss_aware"}, 160),
-])
-def test_same_seed_bitwise_identical_and_resume_is_exact(objective, steps, prepared, tmp_path, monkeypatch):
+    ({"loss": "vlb", "timestep_sampler": "loss_aware"}, {}, 160),
+    ({}, {"backbone": "dit"}, 20),  # the transformer backbone through the same stage
+], ids=["hybrid", "vlb-loss_aware", "dit"])
+def test_same_seed_bitwise_identical_and_resume_is_exact(objective, train, steps, prepared, tmp_path, monkeypatch):
     """Two runs, and one stopped halfway and continued, end with the same bytes (weights and EMA): with the
     loss-aware sampler too, which samples by its loss history once every timestep has one (the checkpoint carries
-    it)."""
+    it), and with the DiT backbone, whose folder rebuilds a DiT that samples."""
     from diffusion_core.checkpoint import load_training_state
+    from diffusion_core.generation import SamplingSpec, generate
+    from diffusion_core.model_folders import load_diffusion_dir
+    from diffusion_core.models import DiT
 
     runs, half = {}, steps // 2
     for name, plan in (("a", [steps]), ("b", [steps]), ("resumed", [half, steps])):
-        cwd = _workdir(prepared, tmp_path / name, steps=plan[0], checkpoint_every=half, scaling=IN_PROCESS)
+        cwd = _workdir(prepared, tmp_path / name, steps=plan[0], checkpoint_every=half, scaling=IN_PROCESS, **train)
         for steps in plan:
             raw = yaml.safe_load((cwd / "tiny.yaml").read_text())
             raw["train_diffusion"]["steps"] = steps
@@ -266,6 +270,20 @@ def test_same_seed_bitwise_identical_and_resume_is_exact(objective, steps, prepa
     if objective.get("timestep_sampler") == "loss_aware":  # the resumed half sampled by the restored history
         state = load_training_state(cwd / "checkpoints" / "train_diffusion" / f"step-{half:08d}" / "training_state.pt")
         assert state["timestep_sampler"]["counts"].min() >= 10
+    bundle = load_diffusion_dir(cwd / "models" / "diffusion")
+    assert isinstance(bundle.model, DiT) == (train.get("backbone") == "dit")
+    out = generate(bundle, 3, SamplingSpec("ddim", 4, guidance="cfg", scale=2.0), seed=0)
+    assert out["images"].shape == (3, 8, 8, 1) and out["images"].std() > 0
+
+
+def test_a_dit_patch_that_does_not_divide_the_data_is_a_one_line_error(prepared, tmp_path, monkeypatch, capsys):
+    raw = yaml.safe_load(TINY.read_text())
+    cwd = _workdir(prepared, tmp_path / "w", backbone="dit", scaling=IN_PROCESS,
+                   dit={**raw["train_diffusion"]["dit"], "patch_size": 3})
+    assert _main_in(cwd, monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train_diffusion.dit.patch_size 3" in err and "[1, 8, 8]" in err, err
+    assert not (cwd / "models").exists()
 
 
 def _change_loss_at_call(monkeypatch, n: int, change) -> dict:

@@ -192,6 +192,26 @@ class UNetConfig(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)]
 
 
+class DiTConfig(Section):
+    """Diffusion transformer size of `train_diffusion` (backbone: dit); in/out channels and classes come from the
+    data, whose side must be a multiple of patch_size."""
+
+    OPTIONS = "DiTOptions"
+    patch_size: PosInt
+    hidden_size: PosInt
+    depth: PosInt
+    num_heads: PosInt
+    mlp_ratio: PosFloat
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads} and "
+                             f"by 4 (2-D sin-cos positions)")
+        return self
+
+
 class ScalingSection(Section):
     """Ray Train scaling: workers, GPUs, CPUs per worker, restarts of a lost worker."""
 
@@ -246,7 +266,13 @@ class TrainDiffusionConfig(RayTrainingSection):
     checkpoint_every: PosInt
     keep_checkpoints: PosInt
     sample_every: NonNegInt  # 0: no sample grids
+    backbone: Literal["unet", "dit"]  # the denoiser: the `unet` section's U-Net or the `dit` section's transformer
     unet: UNetConfig
+    dit: DiTConfig
+
+    def net_options(self):
+        """The library's options of the chosen backbone (build_denoiser takes either)."""
+        return (self.unet if self.backbone == "unet" else self.dit).to_options()
 
     def train_options(self, **more: Any):
         return super().train_options(ema_decay=self.ema_decay, bf16=self.bf16, channels_last=self.channels_last,
