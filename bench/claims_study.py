@@ -183,14 +183,17 @@ def _spread(values: list[float], digits: int = 3) -> str:
 
 
 def table(merged: dict) -> str:
-    """Markdown: per row, bits/dim and DDPM fd_domain / fid_inception per step count, mean ± std over seeds."""
+    """Markdown: per row, bits/dim (the bound, and its terms at t = 0 and t = T - 1) and DDPM fd_domain /
+    fid_inception per step count, mean ± std over seeds."""
     T = merged["num_timesteps"]
     keys = [str(s or T) for s in STEPS]
-    head = ["row", "bits/dim"] + [f"fd_domain {k}" for k in keys] + [f"fid_inception {k}" for k in keys]
+    head = (["row", "bits/dim", "term t=0", f"term t={T - 1}"] + [f"fd_domain {k}" for k in keys]
+            + [f"fid_inception {k}" for k in keys])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, by_seed in merged["rows"].items():
         res = list(by_seed.values())
-        cells = [row, _spread([r["bpd"] for r in res])]
+        cells = [row, _spread([r["bpd"] for r in res]), _spread([r["vb_per_t"][0] for r in res]),
+                 _spread([r["vb_per_t"][-1] for r in res])]
         cells += [_spread([r["samples"][k]["fd_domain"] for r in res]) for k in keys]
         cells += [_spread([r["samples"][k]["fid_inception"] for r in res], 2) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
@@ -205,6 +208,43 @@ def paired(merged: dict, a: str, b: str, figure) -> tuple[float, float, int]:
     if len(d) < 2:
         return float("nan"), float("nan"), len(d)
     return statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5, len(d)
+
+
+CLAIMS = [  # (what is compared, row a, row b, figure): a - b < 0 means a is better (lower)
+    ("bound: learned variances (L_hybrid) vs fixed small", "learned (L_hybrid)", "fixed_small (L_simple)", "bpd"),
+    ("bound: fixed large vs fixed small", "fixed_large (L_simple)", "fixed_small (L_simple)", "bpd"),
+    ("bound: L_vlb with importance sampling vs L_hybrid", "learned (L_vlb, importance-sampled t)",
+     "learned (L_hybrid)", "bpd"),
+    ("bound: cosine vs linear schedule (L_simple, fixed small)", "fixed_small (L_simple)",
+     "linear schedule, fixed_small (L_simple)", "bpd"),
+    ("fd_domain at the full schedule: cosine vs linear", "fixed_small (L_simple)",
+     "linear schedule, fixed_small (L_simple)", "fd_domain@T"),
+    ("fid_inception at the full schedule: cosine vs linear", "fixed_small (L_simple)",
+     "linear schedule, fixed_small (L_simple)", "fid_inception@T"),
+    ("fd_domain at 50 steps: learned (L_hybrid) vs fixed small", "learned (L_hybrid)", "fixed_small (L_simple)",
+     "fd_domain@50"),
+    ("fd_domain at 50 steps: learned (L_hybrid) vs fixed large", "learned (L_hybrid)", "fixed_large (L_simple)",
+     "fd_domain@50"),
+    ("fid_inception at 50 steps: learned (L_hybrid) vs fixed large", "learned (L_hybrid)",
+     "fixed_large (L_simple)", "fid_inception@50"),
+]
+
+
+def _figure(res: dict, name: str, T: int) -> float:
+    if "@" not in name:
+        return res[name]
+    metric, steps = name.split("@")
+    return res["samples"][str(T if steps == "T" else steps)][metric]
+
+
+def claims(merged: dict) -> str:
+    """Markdown: each comparison of CLAIMS as the paired difference a - b over training seeds (mean ± SE, n)."""
+    T = merged["num_timesteps"]
+    lines = ["| comparison | a - b (mean ± SE over seeds) | seeds |", "|---|---|---|"]
+    for what, a, b, fig in CLAIMS:
+        mean, se, n = paired(merged, a, b, lambda r, fig=fig: _figure(r, fig, T))
+        lines.append(f"| {what} | {mean:+.3f} ± {se:.3f} | {n} |")
+    return "\n".join(lines)
 
 
 def plots(merged: dict, out: Path) -> list[Path]:
@@ -272,6 +312,8 @@ def main(argv=None) -> int:
     atomic_write_json(OUT / "claims_study.json", merged)
     plots(merged, OUT)
     print(table(merged))
+    print()
+    print(claims(merged))
     return 0
 
 
