@@ -105,37 +105,72 @@ def train(study: Path, model: str, seed: int) -> Path:
     return folder
 
 
-def measure(study: Path, model: str, seed: int, num: int) -> dict:
-    """Every row of `model` at training seed `seed`: bound, per-t profile, DDPM samples' metrics."""
+def _rows(study: Path, model: str, seed: int):
+    """(row, bundle scored and sampled with that row's variance) for each row of `model`."""
     import dataclasses
 
+    from diffusion_core.model_folders import load_diffusion_dir
+
+    base = load_diffusion_dir(study / "train" / f"{model}-s{seed}" / "models" / "diffusion")
+    for row, (m, variance) in ROWS.items():
+        if m == model:
+            yield row, (base if variance is None else dataclasses.replace(
+                base, diffusion=dataclasses.replace(base.diffusion, variance=variance)))
+
+
+def bound(bundle, x_test, seed: int, clip: bool) -> dict:
+    """The full bound on every test image (seeded noise, the same for every row): mean, standard error over
+    images, the prior term and the per-t profile of the vb terms. `clip`: x0 clipped to [-1, 1] in the reverse
+    process, the one DDPM sampling runs (improved-diffusion's NLL default); without it, the raw network's."""
+    import torch
+
+    terms = bundle.diffusion.bound_terms(bundle.model.eval(), x_test, generator=torch.Generator().manual_seed(seed),
+                                         clip_denoised=clip)
+    total = terms["total"]
+    return {"bpd": float(total.mean()), "bpd_se": float(total.std() / len(total) ** 0.5), "test_images": len(total),
+            "prior_bpd": float(terms["prior"].mean()), "vb_per_t": [round(float(v), 6) for v in terms["vb"].mean(0)]}
+
+
+def add_clipped_bounds(study: Path, model: str, seed: int) -> None:
+    """Results measured before the clipped bound (theirs is the raw network's): move it to "unclipped" and add
+    the clipped one."""
+    import torch
+
+    from diffusion_core.data import load_split
+    from diffusion_core.io import atomic_write_json
+
+    torch.set_num_threads(1)
+    path = study / "results" / f"{model}-s{seed}.json"
+    results = json.loads(path.read_text())
+    x_test, _ = load_split(study / "data" / "shards", "test")
+    for row, bundle in _rows(study, model, seed):
+        res = results[row]
+        if "unclipped" not in res:
+            unclipped = {k: res[k] for k in ("bpd", "bpd_se", "test_images", "prior_bpd", "vb_per_t")}
+            results[row] = {**res, **bound(bundle, x_test, seed, clip=True), "unclipped": unclipped}
+            atomic_write_json(path, results)
+            print(f"{row} seed {seed}: bits/dim {results[row]['bpd']:.3f} clipped, {unclipped['bpd']:.3f} raw",
+                  flush=True)
+
+
+def measure(study: Path, model: str, seed: int, num: int) -> dict:
+    """Every row of `model` at training seed `seed`: bounds, per-t profile, DDPM samples' metrics."""
     import torch
 
     from diffusion_core.data import load_split
     from diffusion_core.evaluation import DOMAIN, INCEPTION, load_reference, sample_metrics
     from diffusion_core.generation import SamplingSpec, generate
     from diffusion_core.metrics.fidelity import domain_extractor, inception_extractor
-    from diffusion_core.model_folders import load_diffusion_dir
 
     torch.set_num_threads(1)
-    base = load_diffusion_dir(study / "train" / f"{model}-s{seed}" / "models" / "diffusion")
     x_test, _ = load_split(study / "data" / "shards", "test")
     ref_dir = study / "data" / "reference"
     domain, domain_ref = domain_extractor(str(study / "models" / "feature_net")), load_reference(ref_dir, DOMAIN)
     inception, inception_ref = inception_extractor(), load_reference(ref_dir, INCEPTION)
     out = {}
-    for row, (m, variance) in ROWS.items():
-        if m != model:
-            continue
-        bundle = base
-        if variance is not None:
-            bundle = dataclasses.replace(base, diffusion=dataclasses.replace(base.diffusion, variance=variance))
-        terms = bundle.diffusion.bound_terms(bundle.model.eval(), x_test,
-                                             generator=torch.Generator().manual_seed(seed))
-        total = terms["total"]
-        res = {"bpd": float(total.mean()), "bpd_se": float(total.std() / len(total) ** 0.5),
-               "test_images": len(total), "prior_bpd": float(terms["prior"].mean()),
-               "vb_per_t": [round(float(v), 6) for v in terms["vb"].mean(0)], "samples": {}}
+    for row, bundle in _rows(study, model, seed):
+        res = {**bound(bundle, x_test, seed, clip=True), "unclipped": bound(bundle, x_test, seed, clip=False),
+               "samples": {}}
         for steps in STEPS:
             o = generate(bundle, num, SamplingSpec("ddpm", steps), seed=SAMPLE_SEED + 10_000 * seed, batch_size=num)
             met = sample_metrics(o["images"], o["labels"], domain_ref, domain, inception, inception_ref)
@@ -293,8 +328,16 @@ def main(argv=None) -> int:
     ap.add_argument("--num", type=int, default=359, help="samples per point (default: the test split's size)")
     ap.add_argument("--jobs", type=int, default=2, help="models trained and measured side by side, one thread each")
     ap.add_argument("--measure-one", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
+    ap.add_argument("--add-clipped", action="store_true",
+                    help="only add the clipped-x0 bound to the finished results measured without it")
     args = ap.parse_args(argv)
     study = args.dir.resolve()
+    if args.add_clipped:
+        for model in MODELS:
+            for seed in args.seeds:
+                if (study / "results" / f"{model}-s{seed}.json").exists():
+                    add_clipped_bounds(study, model, seed)
+        return 0
     if args.measure_one:
         from diffusion_core.io import atomic_write_json
 

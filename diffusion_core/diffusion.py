@@ -227,10 +227,13 @@ class GaussianDiffusion:
         return self.p_mean_variance_from_output(out, x_t, t, clip_denoised)
 
     # ----- losses -----------------------------------------------------------------------------------
-    def vb_terms_bpd(self, out, x0, x_t, t):
-        """L_t in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t>0, decoder NLL -log p(x0|x1) at t=0."""
+    def vb_terms_bpd(self, out, x0, x_t, t, clip_denoised: bool = False):
+        """L_t in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t>0, decoder NLL -log p(x0|x1) at t=0.
+
+        `clip_denoised`: p's mean from x0 clipped to [-1, 1], the reverse process pixel-space sampling runs.
+        """
         true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
-        p = self.p_mean_variance_from_output(out, x_t, t)
+        p = self.p_mean_variance_from_output(out, x_t, t, clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / NATS_PER_BIT
         first = t == 0
         if not bool(first.any()):
@@ -300,8 +303,14 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def bound_terms(self, model: Denoiser, x0, y=None, generator: torch.Generator | None = None,
-                    progress: bool = False):
-        """All terms of the variational bound per sample, bits/dim: vb [B, T], prior [B], total [B], x0_mse [B, T]."""
+                    progress: bool = False, clip_denoised: bool = False):
+        """All terms of the variational bound per sample, bits/dim: vb [B, T], prior [B], total [B], x0_mse [B, T].
+
+        `clip_denoised` bounds the reverse process whose x0 prediction is clipped to [-1, 1] (the one `generate`
+        samples in pixel space; improved-diffusion's `calc_bpd_loop` default). Still a bound: the clip is part of
+        that process's mean. Without it, an eps-model's error at a step where alpha_bar falls steeply (the cosine
+        schedule's last, beta clipped to 0.999) reaches the mean amplified by sqrt(alpha_bar_{t-1} / alpha_bar_t).
+        """
         from tqdm.auto import tqdm
 
         b, T = x0.shape[0], self.num_timesteps
@@ -312,12 +321,13 @@ class GaussianDiffusion:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = self.q_sample(x0, t, noise)
             out = self.call_model(model, x_t, t, y).to(x0.dtype)
-            vb[:, i] = self.vb_terms_bpd(out, x0, x_t, t).double()
-            pred_x0 = self.p_mean_variance_from_output(out, x_t, t)["pred_x0"]
+            vb[:, i] = self.vb_terms_bpd(out, x0, x_t, t, clip_denoised).double()
+            pred_x0 = self.p_mean_variance_from_output(out, x_t, t, clip_denoised)["pred_x0"]
             mse[:, i] = mean_flat((pred_x0 - x0) ** 2).double()
         prior = self.prior_bpd(x0).double()
         return {"vb": vb, "prior": prior, "total": vb.sum(1) + prior, "x0_mse": mse}
 
-    def bits_per_dim(self, model: Denoiser, x0, y=None, generator=None, progress: bool = False) -> torch.Tensor:
+    def bits_per_dim(self, model: Denoiser, x0, y=None, generator=None, progress: bool = False,
+                     clip_denoised: bool = False) -> torch.Tensor:
         """Per-sample variational bound on -log p(x0) in bits/dim for 8-bit data scaled to [-1, 1]."""
-        return self.bound_terms(model, x0, y, generator, progress)["total"]
+        return self.bound_terms(model, x0, y, generator, progress, clip_denoised)["total"]

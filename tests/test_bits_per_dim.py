@@ -77,3 +77,36 @@ def test_bits_per_dim_penalizes_a_worse_model():
     b_good = diff.bits_per_dim(good, x0, generator=torch.Generator().manual_seed(2)).mean()
     b_bad = diff.bits_per_dim(bad, x0, generator=torch.Generator().manual_seed(2)).mean()
     assert b_bad > b_good + 0.05
+
+
+def test_clipping_x0_caps_the_cosine_last_steps_amplified_error_and_stays_a_bound():
+    """Cosine's last step (beta clipped to 0.999: alpha_bar falls 1000-fold) hands an eps error delta to the mean as
+    coef1 sqrt((1 - ab) / ab) delta, about 31 delta: the last term of the exact denoiser plus an offset delta is the
+    closed form plus coef1^2 (1 - ab) / ab delta^2 / (2 sigma^2). With x0 clipped to [-1, 1] (the process pixel
+    sampling runs) the mean lies within 2 coef1 of the true posterior mean, which caps that part of the KL at
+    (2 coef1)^2 / (2 sigma^2); where nothing is clipped the two bounds agree."""
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    diff = GaussianDiffusion(sched)  # fixed_small: sigma^2 = beta_tilde
+    exact = GaussianDenoiser(sched, torch.zeros(D), torch.full((D,), S))
+    delta = 0.2
+
+    def offset(x_t, t, y=None):
+        return exact(x_t, t) + delta
+
+    g = torch.Generator().manual_seed(3)
+    x0 = _quantized_gaussian(N, g)
+    T, last = sched.num_timesteps, sched.num_timesteps - 1
+    t = torch.full((N,), last)
+    x_t = diff.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+    out = offset(x_t, t)
+    raw = diff.vb_terms_bpd(out, x0, x_t, t).mean().item()
+    clipped = diff.vb_terms_bpd(out, x0, x_t, t, clip_denoised=True).mean().item()
+    ab, coef1, sigma2 = sched.alphas_cumprod[last], sched.posterior_mean_coef1[last], sched.posterior_variance[last]
+    want = (_closed_form_kl_bits(diff, exact)[last - 1]
+            + coef1 ** 2 * (1 - ab) / ab * delta ** 2 / (2 * sigma2) / math.log(2)).item()
+    assert raw == pytest.approx(want, rel=0.05) and raw > 10
+    assert 0 <= clipped <= ((2 * coef1) ** 2 / (2 * sigma2) / math.log(2)).item() + 1e-12
+    terms = diff.bound_terms(exact, x0[:64], generator=torch.Generator().manual_seed(4), clip_denoised=True)
+    plain = diff.bound_terms(exact, x0[:64], generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(terms["vb"][:, :T // 2], plain["vb"][:, :T // 2])  # x0 predictions inside [-1, 1]
+    assert terms["total"].mean() <= plain["total"].mean() + 1e-9

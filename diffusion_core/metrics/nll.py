@@ -17,6 +17,8 @@ def nll_bpd(bundle, x0: torch.Tensor, batch_size: int = 64, generator: torch.Gen
     Gaussian decoder at t=0) for x0 [N, C, H, W] in [-1, 1] (uint8 is converted); pixel-space image models only.
 
     `labels` conditions a class-conditional model (None: its null class, i.e. the unconditional bound).
+    The bound is that of the process `generate` samples: x0 predictions clipped to [-1, 1] (improved-diffusion's
+    `calc_bpd_loop` default; `GaussianDiffusion.bound_terms`).
     """
     if bundle.is_latent:
         raise MetricsError("nll_bpd needs a pixel-space model: a latent model's bound is on latents, not on the "
@@ -40,8 +42,8 @@ def nll_bpd(bundle, x0: torch.Tensor, batch_size: int = 64, generator: torch.Gen
     for lo in range(0, len(x0), batch_size):
         xb = x0[lo:lo + batch_size].to(p.device, torch.float32)
         yb = None if labels is None else torch.as_tensor(labels[lo:lo + batch_size], device=p.device)
-        per_sample.append(bundle.diffusion.bits_per_dim(model, xb, y=yb, generator=generator,
-                                                        progress=progress).double().cpu())
+        per_sample.append(bundle.diffusion.bits_per_dim(model, xb, y=yb, generator=generator, progress=progress,
+                                                        clip_denoised=True).double().cpu())
     bpd = torch.cat(per_sample)
     return float(bpd.mean()), float(bpd.std(unbiased=True) / math.sqrt(len(bpd)))
 
