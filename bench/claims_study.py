@@ -312,7 +312,8 @@ def plots(merged: dict, out: Path) -> list[Path]:
             vals = np.array([[r["samples"][k][metric] for k in keys] for r in by_seed.values()])
             err = vals.std(0, ddof=1) if len(vals) > 1 else None
             ax.errorbar([int(k) for k in keys], vals.mean(0), yerr=err, marker="o", capsize=3, label=row)
-        ax.set(xscale="log", xlabel="DDPM ancestral steps", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
+        ax.set(xscale="log", yscale="log", xlabel="DDPM ancestral steps", ylabel=metric,
+               title=f"{metric} (mean ± std over seeds)")
     axes[0].legend(fontsize=7)
     paths.append(out / "claims_fd_vs_steps.png")
     with atomic_path(paths[-1]) as tmp:
