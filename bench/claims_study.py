@@ -74,18 +74,9 @@ def prepare(study: Path) -> None:
 
 def model_params(base: dict, overrides: dict, seed: int) -> dict:
     """`base` with dotted `overrides` set and train_diffusion.seed = seed; an unknown key is an error."""
-    import copy
+    from .common import with_dotted
 
-    out = copy.deepcopy(base)
-    for key, value in {**overrides, "train_diffusion.seed": seed}.items():
-        *path, last = key.split(".")
-        node = out
-        for k in path:
-            node = node[k]
-        if last not in node:
-            raise SystemExit(f"error: params key {key!r} does not exist in {CONFIG.name}: fix MODELS")
-        node[last] = value
-    return out
+    return with_dotted(base, {**overrides, "train_diffusion.seed": seed}, "MODELS")
 
 
 def train(study: Path, model: str, seed: int) -> Path:

@@ -82,6 +82,23 @@ def machine() -> dict:
     }
 
 
+def with_dotted(base: dict, overrides: dict, where: str) -> dict:
+    """A deep copy of a params dict with dotted `overrides` ({"diffusion.loss": "vlb"}) set; a key that `base`
+    lacks is an error naming `where` the override comes from."""
+    import copy
+
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = out
+        for k in path:
+            node = node[k]
+        if last not in node:
+            raise SystemExit(f"error: params key {key!r} does not exist in the params file: fix {where}")
+        node[last] = value
+    return out
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """JSON in insertion order (the table's order), through the library's atomic writer (temp file, then rename)."""
     from diffusion_core.io import atomic_write_text

@@ -29,18 +29,9 @@ POINTS = ["dpmpp3m-10-logsnr", "dpmpp2m-10-logsnr", "ddim-50-trailing"]  # the f
 
 def variant_params(base: dict, overrides: dict) -> dict:
     """params.yaml's dict with dotted `overrides` set and tracking off (a study is not a pipeline run)."""
-    import copy
+    from .common import with_dotted
 
-    out = copy.deepcopy(base)
-    for key, value in {**overrides, "tracking.enabled": False}.items():
-        *path, last = key.split(".")
-        node = out
-        for k in path:
-            node = node[k]
-        if last not in node:
-            raise SystemExit(f"error: params key {key!r} does not exist in params.yaml: fix VARIANTS")
-        node[last] = value
-    return out
+    return with_dotted(base, {**overrides, "tracking.enabled": False}, "VARIANTS")
 
 
 def train_variant(run: Path, name: str) -> Path:
