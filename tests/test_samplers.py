@@ -263,3 +263,37 @@ def test_cosine_end_guard_keeps_an_imperfect_model_stable(sampler):
     assert (unguarded.mean(0) - MEAN).abs().max() > (0.25 if sampler == "ddpm" else 1.0)
     # 50 ancestral steps with the posterior variance lose ~12% of the spread (sigma_t below the true one)
     _check_moments(guarded, tol_mean=0.1, tol_std=0.15 if sampler == "ddpm" else 0.1)
+
+
+def test_a_sampler_added_in_one_registration_runs_on_the_grid_sample_hands_it():
+    """docs/architecture.md's recipe: a loop over the Grid and one `register`. Deterministic DDIM written that way
+    draws exactly the built-in's samples, on the respaced grid the spacing asked for."""
+    import math
+
+    from diffusion_core.samplers import SAMPLERS, SamplerSpec
+    from diffusion_core.samplers.registry import register
+
+    seen = []
+
+    def ddim0_loop(predict, x, grid, noise, options, callback=None):
+        seen.append(grid)
+        for i in reversed(range(len(grid))):
+            a_prev = grid.alphas_cumprod_prev[i]  # the level this step lands on
+            out = predict(x, i)
+            x = a_prev ** 0.5 * out["pred_x0"] + max(1 - a_prev, 0.0) ** 0.5 * out["eps"]
+        return x
+
+    register(SamplerSpec("ddim0_test", ddim0_loop, "DDIM eta 0, written in a test", "Song et al. 2021"))
+    try:
+        diff, model = _setup("linear")
+        kw = dict(steps=10, spacing="karras", clip_denoised=False)
+        mine = sample(diff, model, (64, 4), sampler="ddim0_test", generator=torch.Generator().manual_seed(0), **kw)
+        ref = sample(diff, model, (64, 4), sampler="ddim", generator=torch.Generator().manual_seed(0), **kw)
+    finally:
+        del SAMPLERS["ddim0_test"]
+    assert torch.equal(mine, ref)
+    (grid,) = seen
+    assert len(grid) == 10 and list(grid.timesteps) == sorted(grid.timesteps) and grid.alphas_cumprod_prev[0] == 1.0
+    ab = diff.schedule.alphas_cumprod
+    assert all(math.isclose(grid.alphas_cumprod[i], float(ab[t])) for i, t in enumerate(grid.timesteps))
+    assert all(grid.alphas_cumprod_prev[i] == grid.alphas_cumprod[i - 1] for i in range(1, 10))

@@ -17,14 +17,14 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion import GaussianDiffusion
-from .common import NoiseSource, Predictor, sampling_diffusion
+from .common import Grid, NoiseSource, Predictor, sampling_diffusion
 from .grids import SPACINGS
 from .registry import SAMPLERS, SamplerSpec, describe, get_sampler, resolve_options
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["SAMPLERS", "SPACINGS", "NoiseSource", "SamplerSpec", "describe", "get_sampler", "resolve_options",
+__all__ = ["SAMPLERS", "SPACINGS", "Grid", "NoiseSource", "SamplerSpec", "describe", "get_sampler", "resolve_options",
            "sample", "sampler_options"]
 
 
@@ -72,7 +72,7 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
                         lambda_min=lambda_min, base=diffusion)
     if progress:
         callback = _with_progress(d.num_timesteps, sampler, callback)
-    return spec.loop(predict, x, noise, opts, callback)
+    return spec.loop(predict, x, Grid.of(d), noise, opts, callback)
 
 
 def _params(model):

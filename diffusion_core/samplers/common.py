@@ -1,7 +1,9 @@
-"""Pieces every sampler shares: seeded noise, the (respaced) step list, guided model predictions."""
+"""Pieces every sampler shares: seeded noise, the grid of noise levels, guided model predictions."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +36,38 @@ class NoiseSource:
             return z.to(self.device, self.dtype)
         gen_device = self.generator.device if self.generator is not None else self.device
         return torch.randn(self.shape, generator=self.generator, device=gen_device).to(self.device, self.dtype)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The noise levels a sampler steps through, computed once per `sample` call (k-diffusion's `sigmas`, in
+    alpha_bar). Point i (0 the least noisy) is the model's timestep `timesteps[i]` at `alphas_cumprod[i]`; the step
+    from point i lands on `alphas_cumprod_prev[i]`, point i - 1's level (1, clean data, below point 0). Loops run
+    i = len(grid) - 1 down to 0 and call the network at point i as `predict(x, i)`."""
+
+    timesteps: tuple[int, ...]
+    alphas_cumprod: tuple[float, ...]
+    alphas_cumprod_prev: tuple[float, ...]
+
+    @classmethod
+    def of(cls, diffusion: GaussianDiffusion) -> "Grid":
+        """The grid of a (respaced) diffusion's schedule."""
+        s = diffusion.schedule
+        return cls(tuple(s.timesteps.tolist()), tuple(s.alphas_cumprod.tolist()),
+                   tuple(s.alphas_cumprod_prev.tolist()))
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @staticmethod
+    def sigma(alpha_bar: float) -> float:
+        """EDM's sigma = sigma_t / alpha_t = 1 / sqrt(SNR) at a level (0 on clean data)."""
+        return math.sqrt((1 - alpha_bar) / alpha_bar) if alpha_bar < 1 else 0.0
+
+    @staticmethod
+    def log_snr_half(alpha_bar: float) -> float:
+        """DPM-Solver's lambda = log(alpha_t / sigma_t), half the log-SNR, at a level below 1."""
+        return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
 
 
 def sampling_diffusion(diffusion: GaussianDiffusion, steps: int | None, spacing: str,

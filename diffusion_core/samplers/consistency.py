@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from .common import NoiseSource, Predictor
+from .common import Grid, NoiseSource, Predictor
 from .registry import SamplerSpec, register
 
 
-def consistency_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, options: dict,
+def consistency_loop(predict: Predictor, x: torch.Tensor, grid: Grid, noise: NoiseSource, options: dict,
                      callback=None) -> torch.Tensor:
-    sched = predict.diffusion.schedule
-    ab_prev_all = sched.alphas_cumprod_prev
-    for i in reversed(range(sched.num_timesteps)):
+    for i in reversed(range(len(grid))):
         x0 = predict(x, i)["pred_x0"]
-        a_prev = float(ab_prev_all[i])
+        a_prev = grid.alphas_cumprod_prev[i]
         x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * noise() if i > 0 else x0
         if callback is not None:
             callback(i, x, x0)

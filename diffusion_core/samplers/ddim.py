@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .common import NoiseSource, Predictor
+from .common import Grid, NoiseSource, Predictor
 from .registry import Option, SamplerSpec, register
 
 
-def ddim_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, options: dict, callback=None) -> torch.Tensor:
+def ddim_loop(predict: Predictor, x: torch.Tensor, grid: Grid, noise: NoiseSource, options: dict,
+              callback=None) -> torch.Tensor:
     """x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z; the last step lands on ab = 1."""
     eta = options["eta"]
-    sched = predict.diffusion.schedule
-    ab, ab_prev_all = sched.alphas_cumprod, sched.alphas_cumprod_prev
-    for i in reversed(range(sched.num_timesteps)):
+    for i in reversed(range(len(grid))):
         out = predict(x, i)
-        a, a_prev = float(ab[i]), float(ab_prev_all[i])
+        a, a_prev = grid.alphas_cumprod[i], grid.alphas_cumprod_prev[i]
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x = a_prev ** 0.5 * out["pred_x0"] + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * out["eps"]
         if sigma > 0:

@@ -22,30 +22,24 @@ import math
 
 import torch
 
-from .common import NoiseSource, Predictor
+from .common import Grid, NoiseSource, Predictor
 from .registry import SamplerSpec, register
 
 D2_WEIGHT = 2.0  # weight of phi_3 D2 in the third-order step (2: third order; 1: DPM-Solver/diffusers code)
 
 
-def _lam(a: float) -> float:
-    return 0.5 * math.log(a / (1 - a))
-
-
-def multistep_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, order: int, sde: bool,
+def multistep_loop(predict: Predictor, x: torch.Tensor, grid: Grid, noise: NoiseSource, order: int, sde: bool,
                    callback=None) -> torch.Tensor:
-    sched = predict.diffusion.schedule
-    ab, ab_prev_all = sched.alphas_cumprod.tolist(), sched.alphas_cumprod_prev.tolist()
-    n = sched.num_timesteps
+    n = len(grid)
     hist: list[tuple[torch.Tensor, float]] = []  # (x0, lambda) of earlier points, newest last
     for i in reversed(range(n)):
         out = predict(x, i)
-        x0, a_s, a_t = out["pred_x0"], ab[i], ab_prev_all[i]
-        lam_s = _lam(a_s)
+        x0, a_s, a_t = out["pred_x0"], grid.alphas_cumprod[i], grid.alphas_cumprod_prev[i]
+        lam_s = Grid.log_snr_half(a_s)
         if a_t >= 1.0:  # final step onto clean data: sigma_t = 0, first order gives x0
             x = x0
         else:
-            lam_t = _lam(a_t)
+            lam_t = Grid.log_snr_half(a_t)
             h = lam_t - lam_s
             k = 1  # order of this step: 1 + the newest history points that are usable, in a row
             for _, lam_p in reversed(hist[len(hist) - (order - 1):]):
@@ -100,16 +94,16 @@ def _sde_step(x, x0, hist, k, h, lam_s, a_t, s_t, s_s, noise):
     return x + s_t * math.sqrt(e2) * noise()
 
 
-def dpmpp_2m_loop(predict, x, noise, options, callback=None):
-    return multistep_loop(predict, x, noise, 2, False, callback)
+def dpmpp_2m_loop(predict, x, grid, noise, options, callback=None):
+    return multistep_loop(predict, x, grid, noise, 2, False, callback)
 
 
-def dpmpp_2m_sde_loop(predict, x, noise, options, callback=None):
-    return multistep_loop(predict, x, noise, 2, True, callback)
+def dpmpp_2m_sde_loop(predict, x, grid, noise, options, callback=None):
+    return multistep_loop(predict, x, grid, noise, 2, True, callback)
 
 
-def dpmpp_3m_loop(predict, x, noise, options, callback=None):
-    return multistep_loop(predict, x, noise, 3, False, callback)
+def dpmpp_3m_loop(predict, x, grid, noise, options, callback=None):
+    return multistep_loop(predict, x, grid, noise, 3, False, callback)
 
 
 register(SamplerSpec("dpmpp2m", dpmpp_2m_loop, "DPM-Solver++(2M), second-order multistep ODE solver",

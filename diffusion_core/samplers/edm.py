@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .common import NoiseSource, Predictor
+from .common import Grid, NoiseSource, Predictor
 from .registry import Option, SamplerSpec, register
 
 CHURN_OPTIONS = (
@@ -26,36 +26,30 @@ CHURN_OPTIONS = (
 )
 
 
-def _sigma(a: float) -> float:
-    return math.sqrt((1 - a) / a) if a < 1 else 0.0
-
-
-def _churn(predict: Predictor, x_tilde, i: int, s: float, n: int, options: dict, noise: NoiseSource):
+def _churn(predict: Predictor, grid: Grid, x_tilde, i: int, s: float, options: dict, noise: NoiseSource):
     """(x~_hat, sigma_hat, predictions at sigma_hat): EDM alg. 2 lines 4-6 on the model's own timesteps."""
-    gamma = min(options["s_churn"] / n, math.sqrt(2) - 1) if options["s_tmin"] <= s <= options["s_tmax"] else 0.0
+    gamma = min(options["s_churn"] / len(grid), math.sqrt(2) - 1) if options["s_tmin"] <= s <= options["s_tmax"] \
+        else 0.0
     if gamma <= 0:
         return x_tilde, s, None
     base = predict.base.schedule
-    t_i = int(predict.diffusion.schedule.timesteps[i])
+    t_i = grid.timesteps[i]
     log_sigma = -0.5 * torch.log(base.snr[t_i:])
     t_hat = t_i + int((log_sigma - math.log(s * (1 + gamma))).abs().argmin())
     a_hat = float(base.alphas_cumprod[t_hat])
-    s_hat = _sigma(a_hat)
+    s_hat = Grid.sigma(a_hat)
     if t_hat == t_i:
         return x_tilde, s, None
     x_tilde = x_tilde + math.sqrt(s_hat ** 2 - s ** 2) * options["s_noise"] * noise()
     return x_tilde, s_hat, predict.at_timestep(x_tilde * math.sqrt(a_hat), t_hat)
 
 
-def edm_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, options: dict, heun: bool,
+def edm_loop(predict: Predictor, x: torch.Tensor, grid: Grid, noise: NoiseSource, options: dict, heun: bool,
              callback=None) -> torch.Tensor:
-    sched = predict.diffusion.schedule
-    ab, ab_prev_all = sched.alphas_cumprod.tolist(), sched.alphas_cumprod_prev.tolist()
-    n = sched.num_timesteps
-    for i in reversed(range(n)):
-        a, a_next = ab[i], ab_prev_all[i]
-        s, s_next = _sigma(a), _sigma(a_next)
-        x_tilde, s_hat, out = _churn(predict, x / math.sqrt(a), i, s, n, options, noise)
+    for i in reversed(range(len(grid))):
+        a, a_next = grid.alphas_cumprod[i], grid.alphas_cumprod_prev[i]
+        s, s_next = Grid.sigma(a), Grid.sigma(a_next)
+        x_tilde, s_hat, out = _churn(predict, grid, x / math.sqrt(a), i, s, options, noise)
         if out is None:
             out = predict(x, i)
         d = (x_tilde - out["pred_x0"]) / s_hat
@@ -69,12 +63,12 @@ def edm_loop(predict: Predictor, x: torch.Tensor, noise: NoiseSource, options: d
     return x
 
 
-def euler_loop(predict, x, noise, options, callback=None):
-    return edm_loop(predict, x, noise, options, False, callback)
+def euler_loop(predict, x, grid, noise, options, callback=None):
+    return edm_loop(predict, x, grid, noise, options, False, callback)
 
 
-def heun_loop(predict, x, noise, options, callback=None):
-    return edm_loop(predict, x, noise, options, True, callback)
+def heun_loop(predict, x, grid, noise, options, callback=None):
+    return edm_loop(predict, x, grid, noise, options, True, callback)
 
 
 register(SamplerSpec("euler", euler_loop, "Euler on the probability-flow ODE, optional churn",

@@ -28,7 +28,8 @@ class Option:
 class SamplerSpec:
     """What the rest of the code needs to know about a sampler.
 
-    `loop(predict, x, noise, options, callback) -> x0` runs it on `predict.diffusion`'s (respaced) schedule.
+    `loop(predict, x, grid, noise, options, callback) -> x0` runs it over `grid` (`common.Grid`, the noise levels
+    `sample` computed once), calling the network at grid point i as `predict(x, i)`.
     `guidance`: classifier guidance as an eps correction ("eps", Dhariwal & Nichol alg. 2) or a DDPM mean shift
     ("mean", alg. 1). `calls_per_step` / `final_calls`: network calls of a step and of the last step (Heun's last
     step is an Euler step), so NFE = calls_per_step * (steps - 1) + final_calls, doubled by classifier-free guidance.
