@@ -83,6 +83,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         else:
             if quiet:  # nothing drains a local node, and its watcher's set-up error is noise here
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # the stage's own Ray: its workers do the stage's work while the driver waits, so they run at the
+            # driver's priority. Ray's default (nice 15) hands a busy machine's cores to every other process first.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             hook = {"worker_process_setup_hook": "pipeline._ray.quiet_worker_logging"} if quiet else {}
             # address="local": a new Ray of our own, even where a `ray start` cluster runs on this machine
             # (ray.init() without an address would join the latest one, which then refuses num_cpus)

@@ -24,7 +24,10 @@ def stage_env(**extra: str) -> dict:
     settings, with the repo on PYTHONPATH, the venv first on PATH and Ray's usage stats off; `extra` on top (e.g.
     OMP_NUM_THREADS="1" for tiny models on a busy 2-core box, fake secrets, a storage root)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
-    env.update(PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    # Ray's workers at the priority of the test that starts them (Ray's default, nice 15, starves them behind the
+    # other xdist workers' processes on a busy machine: a `ray start` cluster's too, which sets none of its own)
+    env.update(PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+               RAY_worker_niceness="0")
     env.update(extra)
     return env
 
