@@ -3,12 +3,15 @@ environment every stage of those runs gets."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from .stages import ROOT, stage_env
@@ -38,6 +41,37 @@ def scratch_checkout(work: Path, params: Path) -> Path:
     git(work, "add", "-A")
     git(work, "commit", "-q", "-m", "dvc init")
     return work
+
+
+def shared_repro(tmp_path_factory, params: Path) -> tuple[Path, str]:
+    """`dvc repro` of `params` in a scratch checkout, once per test session: the first test (of any xdist worker) to
+    ask runs it under a file lock, the others wait and share it. Returns (the checkout, dvc's output). Shared means
+    read only: a test that runs anything in it other than a read (a dvc command that writes, a stage) works on a
+    copy. A failed repro fails every test that asks, with its output, and is not run again."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp lies in the session's own folder
+        base = base.parent
+    root = base / f"repro-{params.stem}"
+    log, failed = root / "repro.log", root / "repro.failed"
+    with open(base / f"repro-{params.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if failed.exists():
+            pytest.fail(f"dvc repro of {params.name} failed in the test that ran it:\n{failed.read_text()}")
+        if not log.exists():
+            (root / "work").mkdir(parents=True, exist_ok=True)
+            try:
+                out = dvc(scratch_checkout(root / "work", params), "repro")
+            except BaseException as e:
+                failed.write_text(str(e)[-6000:])
+                raise
+            log.write_text(out)
+    return root / "work", log.read_text()
+
+
+def copy_checkout(work: Path, to: Path) -> Path:
+    """A copy of the checkout `work` (git, DVC cache and all) to run commands in; returns `to`."""
+    shutil.copytree(work, to, symlinks=True, ignore=shutil.ignore_patterns("ray_results", "dvc_plots"))
+    return to
 
 
 def checkout_env(work: Path) -> dict:

@@ -1,16 +1,15 @@
 """The whole pipeline under `dvc repro` on configs/tiny.yaml, in a scratch git checkout of the repo; then every
 output is checked, the MLflow store must hold one run per stage and one nested run per sweep trial, and a second
 `dvc repro` must have nothing to do. On top of that repro, README's experiment commands: `dvc exp run -S` variants,
-`dvc exp show`, `dvc plots show`. Slow (minutes): marked `slow`, still run in CI."""
+`dvc exp show`, `dvc plots show`. The repro is the session's shared one (tests/e2e.py, `shared_repro`: the killed
+sweep of tests/test_sweep_evaluate.py starts from it too). Slow (minutes): marked `slow`, still run in CI."""
 
-import contextlib
 import csv
 import json
 import os
 import re
 import shutil
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from diffusion_core.checkpoint import load_model_dir
 from diffusion_core.data import load_split
 from diffusion_core.models import NoisyClassifier
 
-from .e2e import checkout_env, dvc, dvc_json, git, png_ok, scratch_checkout
+from .e2e import copy_checkout, dvc, dvc_json, git, png_ok, shared_repro
 from .stages import TINY
 from .test_no_secrets import SECRETS, assert_store_holds_no_secret_or_environment
 
@@ -42,8 +41,7 @@ def _outputs(stage: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    work = scratch_checkout(tmp_path_factory.mktemp("pipeline"), TINY)
-    log = dvc(work, "repro")
+    work, log = shared_repro(tmp_path_factory, TINY)
     return work, log, yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
 
 
@@ -269,7 +267,6 @@ def test_second_repro_is_a_no_op(pipeline):
 def test_no_absolute_path_of_this_machine_in_models_or_checkpoints(pipeline):
     """Model folders and checkpoints travel (object storage, another node, a colleague's checkout): no byte of them
     names the folder the pipeline ran in, nor this user's home."""
-    import os
 
     work, _, _ = pipeline
     needles = {str(work).encode(), str(work.resolve()).encode(), os.path.expanduser("~").encode() + b"/"}
@@ -317,10 +314,11 @@ EXP_TABLE = ("exp", "show", "--only-changed", "--drop", "Created|kd_|nll_|precis
 
 @pytest.fixture(scope="module")
 def experiments(pipeline, tmp_path_factory):
-    """The repro committed as the baseline, then `dvc exp run -n NAME -S evaluate.seed=N` per EXPERIMENTS entry in
-    the workspace; what evaluate wrote (reports/metrics.json) is kept after each run. The variants log to an MLflow
-    store of their own, so the one-run-per-stage check holds whichever order the tests run in."""
-    work, _, _ = pipeline
+    """The repro (a copy: the shared one stays as it ran) committed as the baseline, then `dvc exp run -n NAME -S
+    evaluate.seed=N` per EXPERIMENTS entry in the workspace; what evaluate wrote (reports/metrics.json) is kept after
+    each run. The variants log to an MLflow store of their own, so the one-run-per-stage check holds whichever order
+    the tests run in. Returns the copy too."""
+    work = copy_checkout(pipeline[0], tmp_path_factory.mktemp("experiments") / "w")
     git(work, "add", "-A")  # README's `git add -A`: dvc.lock, metrics/, reports/ (data and models are ignored)
     git(work, "commit", "-q", "-m", "baseline: dvc repro")
     head = git(work, "rev-parse", "HEAD").strip()
@@ -330,7 +328,7 @@ def experiments(pipeline, tmp_path_factory):
         logs[name] = dvc(work, "exp", "run", "-n", name, "-S", f"evaluate.seed={seed}", timeout=900,
                           MLFLOW_TRACKING_URI=store)
         written[name] = json.loads((work / "reports/metrics.json").read_text())
-    return head, written, logs, dvc_json(work, "exp", "show")
+    return head, written, logs, dvc_json(work, "exp", "show"), work
 
 
 def _exp_revs(show: list, head: str) -> dict[str, tuple[str, dict]]:
@@ -344,17 +342,16 @@ def _exp_revs(show: list, head: str) -> dict[str, tuple[str, dict]]:
 
 
 def test_exp_run_reruns_only_what_the_param_feeds(experiments):
-    _, _, logs, _ = experiments
+    _, _, logs, _, _ = experiments
     for name, log in logs.items():
         assert re.findall(r"Running stage '(\w+)'", log) == ["evaluate"], name
         assert f"Ran experiment(s): {name}" in log
 
 
-def test_exp_show_lists_each_variant_with_its_metrics_and_changed_param(pipeline, experiments):
+def test_exp_show_lists_each_variant_with_its_metrics_and_changed_param(experiments):
     """Each row's fd_domain and class_accuracy are what evaluate wrote in that run and what the experiment's commit
     holds (so `dvc exp push` shares them); its evaluate.seed is the `-S` value, in exp show and in the commit."""
-    work, _, _ = pipeline
-    head, written, _, show = experiments
+    head, written, _, show, work = experiments
     revs = _exp_revs(show, head)
     seeds = {"baseline": yaml.safe_load(git(work, "show", f"{head}:params.yaml"))["evaluate"]["seed"], **EXPERIMENTS}
     assert set(revs) == set(seeds)
@@ -419,72 +416,3 @@ def _html_specs(html: str) -> list[dict]:
         spec, at = decoder.raw_decode(html, at + len("var spec = "))
         specs.append(spec)
     return specs
-
-
-def _recorded_trials(work: Path) -> int:
-    """Sampling trials Tune's saved experiment state records as finished (what a restore keeps). Tune saves it every
-    ~10 s; a trial's result.json alone can be ahead of it, and a restore reruns a trial the state has as running."""
-    done = 0
-    for state in work.glob("ray_results/sweep-*-sampling/experiment_state-*.json"):
-        with contextlib.suppress(OSError, ValueError):  # being rewritten: read it again next time
-            done += sum('"TERMINATED"' in trial[0] for trial in json.loads(state.read_text())["trial_data"])
-    return done
-
-
-def test_a_killed_sweep_resumes_its_finished_trials(pipeline, tmp_path):
-    """kill -9 of the sweep after some sampling trials have reported: the rerun restores the Tune run (the trials
-    Tune had recorded are not rerun), ends with the table of the unkilled sweep, and MLflow has the killed run
-    marked KILLED and the new one naming it."""
-    import time
-
-    work, _, _ = pipeline
-    copy = tmp_path / "w"
-    shutil.copytree(work, copy, ignore=shutil.ignore_patterns(".git", "cache", "ray_results", "dvc_plots"))
-    params = yaml.safe_load((copy / "params.yaml").read_text())
-    params["sweep"]["training"]["schedules"] = []  # the sampling axis alone: its rows do not depend on the trainings
-    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cmd = [sys.executable, "-m", "pipeline.sweep", "--params", "params.yaml"]
-    # Tune saves the experiment state a restore reads every 10 s by default; every 0.5 s here, so the kill lands
-    # while the sweep (reused trial actors: a dozen tiny trials in about 15 s) still has trials to run
-    first = subprocess.Popen(cmd, cwd=copy, env={**checkout_env(copy), "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while _recorded_trials(copy) < 2:
-            assert first.poll() is None, "the sweep ended before Tune recorded two finished sampling trials"
-            assert time.time() < deadline, "no two finished sampling trials in 10 minutes"
-            time.sleep(0.2)
-    finally:
-        os.killpg(first.pid, 9)
-        first.wait()
-    recorded = _recorded_trials(copy)
-    staged = {p: {p.stat().st_mtime_ns} for p in copy.glob("ray_results/sweep-*/samples/*.npz")}
-
-    rerun = subprocess.Popen(cmd, cwd=copy, env=checkout_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-    while rerun.poll() is None:  # each trial that runs writes its samples anew: watch them until the sweep ends
-        for path, seen in staged.items():
-            with contextlib.suppress(FileNotFoundError):  # the finished sweep removes its staging folder
-                seen.add(path.stat().st_mtime_ns)
-        time.sleep(0.05)
-    out = rerun.stdout.read()
-    assert rerun.returncode == 0, out[-3000:]
-    kept = re.search(r"resuming the interrupted Tune run sweep-\w+-sampling/ \((\d+) of (\d+) trials", out)
-    assert kept and 1 <= int(kept[1]) < int(kept[2]), out[-3000:]
-    untouched = [path for path, seen in staged.items() if len(seen) == 1]
-    assert len(untouched) >= recorded >= 2, "a trial Tune had recorded was run again"
-    assert not list(copy.glob("ray_results/sweep-*")), "the finished sweep leaves no Tune run behind"
-
-    def table(path: Path) -> list[tuple]:
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        keys = [k for k in rows[0] if not k.endswith("seconds")]
-        return sorted(tuple(r[k] for k in keys) for r in rows if r["axis"] == "sampling")
-
-    assert table(copy / "reports/sweep.csv") == table(work / "reports/sweep.csv")
-    with sqlite3.connect(copy / "mlflow.db") as db:
-        sweeps = dict(db.execute("SELECT run_uuid, status FROM runs WHERE name = 'sweep'"))
-        link = dict(db.execute("SELECT run_uuid, value FROM tags WHERE key = 'continues_run'"))
-    killed = [r for r, status in sweeps.items() if status == "KILLED"]
-    assert len(killed) == 1 and list(link.values()) == killed
-    assert sweeps[next(iter(link))] == "FINISHED" and "RUNNING" not in sweeps.values()

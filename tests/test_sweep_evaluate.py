@@ -1,11 +1,21 @@
-"""sweep/evaluate helpers: the sampling grid, trial names, metrics of a sample set, CSV and plots."""
+"""sweep/evaluate helpers: the sampling grid, trial names, metrics of a sample set, CSV and plots; and a sweep
+killed mid-run through its command line, resumed (slow)."""
 
+import contextlib
 import csv
 import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from diffusion_core.evaluation import load_reference, reference_path, sample_metrics
@@ -28,7 +38,8 @@ from pipeline.reports import (
     write_csv,
 )
 
-from .stages import params_raw
+from .e2e import checkout_env, shared_repro
+from .stages import TINY, params_raw
 from .tiny_models import make_feature_net
 
 torch.set_num_threads(1)
@@ -293,3 +304,73 @@ def test_students_are_their_own_line_and_the_rule_may_pick_them_or_not(tmp_path)
     assert select_setting(s, 1000, 50, 0.97)["setting"] == "student-ddim-1-eta0-cfg2-n1000"
     assert select_setting(s, 1000, 50, 0.97, models=("diffusion",))["setting"] == "ddpm-20"
     plot_fd_vs_nfe(s, tmp_path / "fd.png")  # a line of its own ("student") beside the samplers'
+
+
+def _recorded_trials(work: Path) -> int:
+    """Sampling trials Tune's saved experiment state records as finished (what a restore keeps). Tune saves it every
+    ~10 s; a trial's result.json alone can be ahead of it, and a restore reruns a trial the state has as running."""
+    done = 0
+    for state in work.glob("ray_results/sweep-*-sampling/experiment_state-*.json"):
+        with contextlib.suppress(OSError, ValueError):  # being rewritten: read it again next time
+            done += sum('"TERMINATED"' in trial[0] for trial in json.loads(state.read_text())["trial_data"])
+    return done
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_its_finished_trials(tmp_path_factory, tmp_path):
+    """kill -9 of the sweep after some sampling trials have reported: the rerun restores the Tune run (the trials
+    Tune had recorded are not rerun), ends with the table of the unkilled sweep, and MLflow has the killed run
+    marked KILLED and the new one naming it."""
+    import time
+
+    work, _ = shared_repro(tmp_path_factory, TINY)  # the e2e pipeline's: its trained models and its sweep's table
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns(".git", "cache", "ray_results", "dvc_plots"))
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["sweep"]["training"]["schedules"] = []  # the sampling axis alone: its rows do not depend on the trainings
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cmd = [sys.executable, "-m", "pipeline.sweep", "--params", "params.yaml"]
+    # Tune saves the experiment state a restore reads every 10 s by default; every 0.5 s here, so the kill lands
+    # while the sweep (reused trial actors: a dozen tiny trials in about 15 s) still has trials to run
+    first = subprocess.Popen(cmd, cwd=copy, env={**checkout_env(copy), "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while _recorded_trials(copy) < 2:
+            assert first.poll() is None, "the sweep ended before Tune recorded two finished sampling trials"
+            assert time.time() < deadline, "no two finished sampling trials in 10 minutes"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, 9)
+        first.wait()
+    recorded = _recorded_trials(copy)
+    staged = {p: {p.stat().st_mtime_ns} for p in copy.glob("ray_results/sweep-*/samples/*.npz")}
+
+    rerun = subprocess.Popen(cmd, cwd=copy, env=checkout_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    while rerun.poll() is None:  # each trial that runs writes its samples anew: watch them until the sweep ends
+        for path, seen in staged.items():
+            with contextlib.suppress(FileNotFoundError):  # the finished sweep removes its staging folder
+                seen.add(path.stat().st_mtime_ns)
+        time.sleep(0.05)
+    out = rerun.stdout.read()
+    assert rerun.returncode == 0, out[-3000:]
+    kept = re.search(r"resuming the interrupted Tune run sweep-\w+-sampling/ \((\d+) of (\d+) trials", out)
+    assert kept and 1 <= int(kept[1]) < int(kept[2]), out[-3000:]
+    untouched = [path for path, seen in staged.items() if len(seen) == 1]
+    assert len(untouched) >= recorded >= 2, "a trial Tune had recorded was run again"
+    assert not list(copy.glob("ray_results/sweep-*")), "the finished sweep leaves no Tune run behind"
+
+    def table(path: Path) -> list[tuple]:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        keys = [k for k in rows[0] if not k.endswith("seconds")]
+        return sorted(tuple(r[k] for k in keys) for r in rows if r["axis"] == "sampling")
+
+    assert table(copy / "reports/sweep.csv") == table(work / "reports/sweep.csv")
+    with sqlite3.connect(copy / "mlflow.db") as db:
+        sweeps = dict(db.execute("SELECT run_uuid, status FROM runs WHERE name = 'sweep'"))
+        link = dict(db.execute("SELECT run_uuid, value FROM tags WHERE key = 'continues_run'"))
+    killed = [r for r, status in sweeps.items() if status == "KILLED"]
+    assert len(killed) == 1 and list(link.values()) == killed
+    assert sweeps[next(iter(link))] == "FINISHED" and "RUNNING" not in sweeps.values()

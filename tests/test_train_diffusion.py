@@ -241,13 +241,14 @@ def test_interrupted_checkpoint_write_keeps_last_good_then_sampling_needs_only_t
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
 
 
-@pytest.mark.parametrize("objective,train,steps", [
+@pytest.mark.parametrize("sections,train,steps", [
     ({}, {}, 20),  # tiny.yaml's: learned variances with the hybrid loss, uniform timesteps
-    # L_vlb with importance-sampled timesteps (Improved DDPM), long enough for every t's loss history to fill
-    ({"loss": "vlb", "timestep_sampler": "loss_aware"}, {}, 160),
+    # L_vlb with importance-sampled timesteps (Improved DDPM), long enough for every t's loss history to fill: 20
+    # timesteps of 10 losses each, about 200 samples, 7 steps of 32 if every t were drawn evenly
+    ({"diffusion": {"loss": "vlb", "timestep_sampler": "loss_aware"}, "schedule": {"num_timesteps": 20}}, {}, 40),
     ({}, {"backbone": "dit"}, 20),  # the transformer backbone through the same stage
 ], ids=["hybrid", "vlb-loss_aware", "dit"])
-def test_same_seed_bitwise_identical_and_resume_is_exact(objective, train, steps, prepared, tmp_path, monkeypatch):
+def test_same_seed_bitwise_identical_and_resume_is_exact(sections, train, steps, prepared, tmp_path, monkeypatch):
     """Two runs, and one stopped halfway and continued, end with the same bytes (weights and EMA): with the
     loss-aware sampler too, which samples by its loss history once every timestep has one (the checkpoint carries
     it), and with the DiT backbone, whose folder rebuilds a DiT that samples."""
@@ -262,12 +263,13 @@ def test_same_seed_bitwise_identical_and_resume_is_exact(objective, train, steps
         for steps in plan:
             raw = yaml.safe_load((cwd / "tiny.yaml").read_text())
             raw["train_diffusion"]["steps"] = steps
-            raw["diffusion"].update(objective)
+            for section, keys in sections.items():
+                raw[section].update(keys)
             (cwd / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
             assert _main_in(cwd, monkeypatch) == 0
         runs[name] = [(cwd / "models" / "diffusion" / f).read_bytes() for f in ("model.safetensors", "ema.safetensors")]
     assert runs["a"] == runs["b"] == runs["resumed"]
-    if objective.get("timestep_sampler") == "loss_aware":  # the resumed half sampled by the restored history
+    if "loss_aware" in str(sections):  # the resumed half sampled by the restored history
         state = load_training_state(cwd / "checkpoints" / "train_diffusion" / f"step-{half:08d}" / "training_state.pt")
         assert state["timestep_sampler"]["counts"].min() >= 10
     bundle = load_diffusion_dir(cwd / "models" / "diffusion")
