@@ -18,6 +18,57 @@ THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKE
 torch.set_num_threads(THREADS)
 
 
+CGROUP_ENV = "TEST_CPU_CGROUP"  # =1: each test's CPU seconds, its children's and Ray's included, in the JUnit report
+_cpu_usage = None
+
+
+def pytest_configure(config):
+    """With TEST_CPU_CGROUP=1, where a cgroup-v1 cpuacct hierarchy is writable (root on Linux): this pytest process
+    (one per xdist worker) moves into a cgroup of its own, so everything it starts lands there too (stages, their
+    local Ray, `ray start` clusters, servers), and each test's report carries the group's CPU seconds over its setup,
+    call and teardown as the JUnit property cpu_seconds (`python -m tests.durations` sums them per file)."""
+    global _cpu_usage
+    root = Path("/sys/fs/cgroup/cpuacct")
+    if os.environ.get(CGROUP_ENV) != "1" or not root.is_dir():
+        return
+    group = root / f"pytest-{os.getpid()}"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as e:
+        print(f"{CGROUP_ENV}: no cgroup of its own ({e}); no cpu_seconds", file=sys.stderr)
+        return
+    _cpu_usage = group / "cpuacct.usage"
+
+
+def pytest_unconfigure(config):
+    """Back into the parent group, and the group removed (kept while a process it started still runs)."""
+    if _cpu_usage is not None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            (_cpu_usage.parent.parent / "cgroup.procs").write_text(str(os.getpid()))
+            _cpu_usage.parent.rmdir()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    if _cpu_usage is not None:
+        item.stash[_CPU_START] = int(_cpu_usage.read_text())
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield
+    if _cpu_usage is not None and _CPU_START in item.stash:
+        item.user_properties.append(("cpu_seconds", round((int(_cpu_usage.read_text()) - item.stash[_CPU_START]) / 1e9,
+                                                          2)))
+
+
+_CPU_START = pytest.StashKey[int]()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core box two threads per process thrash (a test module

@@ -16,14 +16,20 @@ from pathlib import Path
 DURATIONS = Path(__file__).resolve().parent / "durations.json"
 
 
-def file_seconds(junit: Path) -> dict[str, float]:
-    """{test file name: summed seconds of its test cases (setup and teardown of module fixtures included)}."""
+def file_seconds(junit: Path, key: str = "time") -> dict[str, float]:
+    """{test file name: summed seconds of its test cases (setup and teardown of module fixtures included)}: wall
+    seconds, or with key "cpu_seconds" the CPU seconds TEST_CPU_CGROUP=1 recorded (tests/conftest.py; files without
+    them left out)."""
     totals: dict[str, float] = defaultdict(float)
     for case in ET.parse(junit).getroot().iter("testcase"):
         module = case.get("classname", "").split(".")
         name = next((f"{part}.py" for part in module if part.startswith("test_")), None)
-        if name is not None:
-            totals[name] += float(case.get("time", 0) or 0)
+        if key == "time":
+            value = case.get("time")
+        else:
+            value = next((p.get("value") for p in case.iter("property") if p.get("name") == key), None)
+        if name is not None and value is not None:
+            totals[name] += float(value or 0)
     return dict(totals)
 
 
@@ -40,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {k: round(v, 1) for k, v in sorted(file_seconds(Path(args[0])).items(), key=lambda kv: -kv[1])}
     DURATIONS.write_text(json.dumps(seconds, indent=1) + "\n")
     print(f"{DURATIONS}: {len(seconds)} files, {sum(seconds.values()):.0f} s in all")
+    cpu = file_seconds(Path(args[0]), "cpu_seconds")
+    if cpu:  # a TEST_CPU_CGROUP=1 run: where the CPU went, not recorded
+        print(f"CPU seconds (TEST_CPU_CGROUP): {sum(cpu.values()):.0f} in all")
+        for name, value in sorted(cpu.items(), key=lambda kv: -kv[1]):
+            print(f"{value:8.1f}  {name}")
     return 0
 
 

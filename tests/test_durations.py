@@ -28,3 +28,13 @@ def test_collection_puts_the_longest_recorded_files_first_and_keeps_each_files_o
              [("test_a.py", "a1"), ("test_c.py", "c1"), ("test_b.py", "b1"), ("test_a.py", "a2"), ("test_b.py", "b2")]]
     conftest.pytest_collection_modifyitems(items)
     assert [i.name for i in items] == ["b1", "b2", "c1", "a1", "a2"]
+
+
+def test_cpu_seconds_properties_are_summed_per_file_where_recorded(tmp_path):
+    junit = JUNIT.replace('name="a" time="1.5"/>', 'name="a" time="1.5"><properties>'
+                          '<property name="cpu_seconds" value="3.25"/></properties></testcase>')
+    junit = junit.replace('name="c" time="40.25"/>', 'name="c" time="40.25"><properties>'
+                          '<property name="cpu_seconds" value="70"/></properties></testcase>')
+    (tmp_path / "junit.xml").write_text(junit)
+    assert durations.file_seconds(tmp_path / "junit.xml", "cpu_seconds") == {"test_fast.py": 3.25, "test_slow.py": 70.0}
+    assert durations.file_seconds(tmp_path / "junit.xml") == {"test_fast.py": 3.5, "test_slow.py": 40.25}
