@@ -1,5 +1,6 @@
-"""Stages `train_autoencoder` and `encode_latents` on tiny params (prepare -> train -> encode in a temp dir),
-plus the library pieces of `diffusion_core.autoencoding` against closed forms."""
+"""Stages `train_autoencoder` and `encode_latents`: their outputs in the e2e pipeline's tiny run, a latent
+diffusion model trained on those latents, and the library pieces of `diffusion_core.autoencoding` against closed
+forms."""
 
 import json
 import math
@@ -29,6 +30,7 @@ from diffusion_core.models import AutoencoderKL
 from pipeline.config import ConfigError, validate_params
 
 from . import zygote
+from .e2e import shared_repro
 from .stages import params_raw, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,14 +40,9 @@ STAGES = ("prepare", "train_autoencoder", "encode_latents")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """Working dir after prepare -> train_autoencoder -> encode_latents on configs/tiny.yaml (local MLflow store)."""
-    cwd = tmp_path_factory.mktemp("ae_stage")
-    env = stage_env()
-    for stage in STAGES:
-        res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(TINY)], cwd=cwd, env=env,
-                         timeout=900)
-        assert res.returncode == 0, f"{stage}: {res.stderr[-2000:]}"
-    return cwd
+    """The e2e pipeline's checkout (configs/tiny.yaml under `dvc repro`, local MLflow store; tests/e2e.py
+    `shared_repro`): prepare -> train_autoencoder -> encode_latents ran there as in any repro. Read only."""
+    return shared_repro(tmp_path_factory, TINY)[0]
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,8 +69,8 @@ def test_autoencoder_outputs_and_mlflow_runs(tiny_run):
         assert im.size == (10 * 57 + 1, 2 * 57 + 1)
     # one MLflow run per stage, named after it, finished
     with sqlite3.connect(tiny_run / "mlflow.db") as db:
-        runs = dict(db.execute("SELECT name, status FROM runs").fetchall())
-    assert runs == {s: "FINISHED" for s in STAGES}
+        runs = db.execute("SELECT name, status FROM runs").fetchall()
+    assert sorted(r for r in runs if r[0] in STAGES) == sorted((s, "FINISHED") for s in STAGES)
     assert not list((tiny_run / "data").glob(".encode_latents-*")) and not list((tiny_run / "data").glob(".latents*"))
 
 
@@ -164,24 +161,31 @@ def test_config_downsample_must_match_channel_mult():
 
 
 @pytest.fixture(scope="module")
-def latent_model(tiny_run) -> Path:
-    """train_diffusion in latent space on the tiny latents (in-process, 1 worker): the default run's path."""
+def latent_model(tiny_run, tmp_path_factory) -> Path:
+    """train_diffusion in latent space on the tiny latents (in-process, 1 worker): the default run's path, in a
+    folder of its own holding a copy of tiny_run's data and autoencoder."""
+    import shutil
+
     import yaml
 
+    cwd = tmp_path_factory.mktemp("latent")
+    shutil.copytree(tiny_run / "data", cwd / "data")
+    shutil.copytree(tiny_run / "models" / "autoencoder", cwd / "models" / "autoencoder")
     params = yaml.safe_load(TINY.read_text())
     for stage in ("train_diffusion", "train_classifier"):
         params[stage]["space"] = "latent"
     params["train_diffusion"]["scaling"].update(num_workers=1, use_ray=False)
-    (tiny_run / "latent.yaml").write_text(yaml.safe_dump(params))
+    params["tracking"]["enabled"] = False
+    (cwd / "latent.yaml").write_text(yaml.safe_dump(params))
     env = stage_env()
-    res = zygote.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "latent.yaml"], cwd=tiny_run,
+    res = zygote.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "latent.yaml"], cwd=cwd,
                      env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    return tiny_run / "models" / "diffusion"
+    return cwd / "models" / "diffusion"
 
 
 @pytest.mark.slow
-def test_latent_diffusion_samples_decode_through_the_autoencoder(tiny_run, latent_model):
+def test_latent_diffusion_samples_decode_through_the_autoencoder(latent_model):
     """The CLI's images = the autoencoder's decoder applied, by hand, to the library's latent samples / (1/std z)."""
     from diffusion_core.generation import to_uint8
     from diffusion_core.model_folders import build_diffusion
@@ -190,15 +194,16 @@ def test_latent_diffusion_samples_decode_through_the_autoencoder(tiny_run, laten
     cfg = json.loads((latent_model / "config.json").read_text())
     assert cfg["data"]["space"] == "latent" and cfg["data"]["shape"] == [2, 2, 2]
     assert not Path(cfg["latent"]["autoencoder"]).is_absolute()  # the folder moves with the workspace
-    z_train, _ = load_split(tiny_run / "data" / "latents", "train")
+    work = latent_model.parents[1]  # its folder: the copied data and autoencoder
+    z_train, _ = load_split(work / "data" / "latents", "train")
     scale = 1.0 / z_train.std().item()  # encode_latents' definition, recomputed from the shards
     assert cfg["latent"]["scale_factor"] == pytest.approx(scale, rel=1e-4)
 
-    out = tiny_run / "latent_samples"
+    out = work / "latent_samples"
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--model", str(latent_model), "--num", "4",
                           "--sampler", "dpmpp2m", "--steps", "5", "--spacing", "logsnr", "--seed", "7",
                           "--class", "3", "--guidance", "cfg", "--scale", "1.5", "--no-progress", "--out", str(out)],
-                         cwd=tiny_run, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     npz = np.load(out / "samples.npz")
@@ -208,7 +213,7 @@ def test_latent_diffusion_samples_decode_through_the_autoencoder(tiny_run, laten
     from diffusion_core.guidance import ClassifierFreeGuidance
 
     net, _ = load_model_dir(latent_model)
-    ae, _ = load_model_dir(tiny_run / "models" / "autoencoder")
+    ae, _ = load_model_dir(work / "models" / "autoencoder")
     with torch.no_grad():
         z = sample(build_diffusion(cfg["diffusion"]), net.eval(), (4, 2, 2, 2), sampler="dpmpp2m", steps=5,
                    spacing="logsnr", seeds=[7, 8, 9, 10], y=torch.full((4,), 3), clip_denoised=False,
