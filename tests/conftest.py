@@ -20,6 +20,7 @@ torch.set_num_threads(THREADS)
 
 CGROUP_ENV = "TEST_CPU_CGROUP"  # =1: each test's CPU seconds, its children's and Ray's included, in the JUnit report
 _cpu_usage = None
+_CPU_START = pytest.StashKey[int]()
 
 
 def pytest_configure(config):
@@ -62,11 +63,8 @@ def pytest_runtest_setup(item):
 def pytest_runtest_teardown(item):
     yield
     if _cpu_usage is not None and _CPU_START in item.stash:
-        item.user_properties.append(("cpu_seconds", round((int(_cpu_usage.read_text()) - item.stash[_CPU_START]) / 1e9,
-                                                          2)))
-
-
-_CPU_START = pytest.StashKey[int]()
+        used_ns = int(_cpu_usage.read_text()) - item.stash[_CPU_START]
+        item.user_properties.append(("cpu_seconds", round(used_ns / 1e9, 2)))
 
 
 @pytest.fixture(scope="module")

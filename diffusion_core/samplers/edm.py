@@ -28,8 +28,8 @@ CHURN_OPTIONS = (
 
 def _churn(predict: Predictor, grid: Grid, x_tilde, i: int, s: float, options: dict, noise: NoiseSource):
     """(x~_hat, sigma_hat, predictions at sigma_hat): EDM alg. 2 lines 4-6 on the model's own timesteps."""
-    gamma = min(options["s_churn"] / len(grid), math.sqrt(2) - 1) if options["s_tmin"] <= s <= options["s_tmax"] \
-        else 0.0
+    in_range = options["s_tmin"] <= s <= options["s_tmax"]
+    gamma = min(options["s_churn"] / len(grid), math.sqrt(2) - 1) if in_range else 0.0
     if gamma <= 0:
         return x_tilde, s, None
     base = predict.base.schedule
