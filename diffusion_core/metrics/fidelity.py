@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,12 @@ class ReferenceStats:
     layer: str
     fingerprint: str
 
+    @cached_property
+    def sigma_root(self) -> np.ndarray:
+        """The symmetric square root of sigma (eigenvalues below 0, rounding, clipped), once per loaded reference."""
+        w, v = np.linalg.eigh(self.sigma)
+        return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
     def save(self, path: str | os.PathLike) -> None:
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, features=self.features.numpy(), mu=self.mu, sigma=self.sigma, extractor=self.extractor,
@@ -284,10 +291,26 @@ def reference_stats(real, extractor: FeatureExtractorBase, cache_path: str | os.
 
 
 def frechet_distance(feats: torch.Tensor, reference: ReferenceStats) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) by torch-fidelity's formula, in float64."""
-    st = fid_features_to_statistics(feats.double())
-    return float(fid_statistics_to_metric(st, {"mu": reference.mu, "sigma": reference.sigma}, False)
-                 ["frechet_inception_distance"])
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), torch-fidelity's definition, in float64.
+
+    Tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of S1 S2, which are those of the symmetric
+    R S1 R (R = S2^1/2, the reference's, computed once) and, with S1 = Xc^T Xc / (n - 1) from the n centred
+    features Xc, the nonzero ones of the n x n Gram matrix (Xc R)(Xc R)^T / (n - 1). So a symmetric eigenproblem of
+    the smaller of n and the feature dimension replaces torch-fidelity's general one of the dimension (2,048 for
+    Inception); the two agree to rounding (tests/test_metrics.py)."""
+    x = feats.double().numpy()
+    n = len(x)
+    if n < 2:  # no covariance: torch-fidelity's own answer (nan)
+        st = fid_features_to_statistics(feats.double())
+        return float(fid_statistics_to_metric(st, {"mu": reference.mu, "sigma": reference.sigma}, False)
+                     ["frechet_inception_distance"])
+    mu = x.mean(0)
+    y = (x - mu) @ reference.sigma_root
+    gram = (y @ y.T if n <= y.shape[1] else y.T @ y) / (n - 1)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum()
+    trace_s1 = ((x - mu) ** 2).sum() / (n - 1)
+    diff = mu - reference.mu
+    return float(diff @ diff + trace_s1 + np.trace(reference.sigma) - 2.0 * tr_covmean)
 
 
 def fidelity_metrics(generated, reference: ReferenceStats, extractor: FeatureExtractorBase, prc: bool = True,
