@@ -6,7 +6,8 @@
 Slow (the whole default pipeline, ~30 min on 2 cores): not part of `python -m bench --quick`, which only times a
 no-op `dvc repro` where one has finished. The clone's `.venv` is created by `make install` first (not timed). The
 figures go into `bench/results.json` under groups.e2e; the clone keeps every output (models, reports, mlflow.db)
-for `python -m bench.quality --run DIR`.
+for `python -m bench.quality --run DIR`. A clone is about 8 GB (its venv holds a CUDA build of torch): a finished
+run deletes the clone that this script made for the same group before (a `--dir` of your own is never deleted).
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ def noop_seconds(cwd: Path) -> float:
     return round(time.perf_counter() - t0, 2)
 
 
+def remove_own_clone(directory: str | None, keep: Path) -> None:
+    """Delete `directory` if this script made it (a bench-e2e- folder in the temp dir) and it is not `keep`."""
+    if not directory:
+        return
+    path = Path(directory)
+    own = path.parent == Path(tempfile.gettempdir()) and path.name.startswith("bench-e2e-")
+    if own and path.resolve() != keep.resolve() and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed the previous run's clone {path}", file=sys.stderr)
+
+
 def run(quick: bool = True, directory: Path | None = None) -> dict:
     """Quick: only the no-op rerun in `directory` (default: the clone of the last full run, else this repo)."""
     if directory is None and RESULTS.exists():
@@ -128,8 +140,10 @@ def main(argv=None) -> int:
         if p.exists():
             fig[f"{name}_metrics"] = json.loads(p.read_text())
     res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"groups": {}}
+    previous = res.get("groups", {}).get(group, {}).get("dir")
     res.setdefault("groups", {})[group] = fig
     atomic_write_json(RESULTS, res)
+    remove_own_clone(previous, keep=cwd)
     print(json.dumps({k: v for k, v in fig.items() if not k.endswith("_metrics")}, indent=1))
     return 0
 
