@@ -4,7 +4,7 @@
 - torch-fidelity's architecture with the converted weights (what every stage runs) gives the features of the
   TorchScript graph as NVIDIA converted it, fed through a resize written here from TensorFlow 1's definition
   (`align_corners=False`, no half-pixel centres), on grey and colour images of 28 and 32 pixels.
-- The project's FID of two image sets equals the Fréchet distance computed here with numpy and scipy from the
+- The project's FID of two image sets equals the Fréchet distance computed here with numpy from the
   TorchScript features; the FID of a set against itself is zero, between two halves of one dataset small.
 """
 
@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from scipy import linalg
 
 import diffusion_core.metrics.fidelity as F
 from diffusion_core.metrics import MetricsError, inception
@@ -105,10 +104,13 @@ def test_torch_fidelity_network_gives_the_graphs_features(graph, extractor, colo
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """FID from features by numpy/scipy: |mu_a - mu_b|^2 + Tr(S_a + S_b) - 2 Tr((S_a^1/2 S_b S_a^1/2)^1/2)."""
+    """FID from features by numpy: |mu_a - mu_b|^2 + Tr(S_a + S_b) - 2 Tr((S_a^1/2 S_b S_a^1/2)^1/2), with S_a^1/2
+    the symmetric square root from S_a's own eigendecomposition (scipy's general sqrtm gives the same root of a
+    covariance, ten times slower at 2048 dimensions)."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root_a = linalg.sqrtm(s_a).real
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(w.clip(0))) @ v.T
     eig = np.linalg.eigvalsh(root_a @ s_b @ root_a)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.sqrt(eig.clip(0)).sum())
 
