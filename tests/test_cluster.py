@@ -3,8 +3,9 @@
 Ray Train persists its checkpoints under <root>/ray_results, so a worker group restarted after a lost worker
 resumes from the store, not from a disk only the dead worker's node could read; the finished model is published
 as <root>/models/diffusion and is bitwise the model of the same run without the kill. Two versions: one Ray
-node losing a worker, and a 2-node cluster (tests/ray_cluster.py, Ray's own test cluster, token authentication
-on) losing its second node, with the stage submitted by `ray job submit`.
+node losing a worker and then the whole job, run again on another machine (a fresh workspace: only the store has
+the checkpoints); and a 2-node cluster (tests/ray_cluster.py, Ray's own test cluster, token authentication on)
+losing its second node, with the stage submitted by `ray job submit`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -75,6 +77,7 @@ def _complete_steps(bucket_path: str) -> list[int]:
     return steps
 
 
+RESTART_LINE = "workers restarted by Ray; resuming from its checkpoint at step"
 TRAIN_80 = {"steps": 80, "checkpoint_every": 10, "log_every": 5, "sample_every": 0}
 
 
@@ -111,17 +114,42 @@ def _assert_same_model(url: str, unkilled: Path, tmp_path: Path, sample: bool = 
         assert np.array_equal(*images)
 
 
-def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled(s3, prepared, tmp_path,
-                                                                                  unkilled_80):
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 of every process of a run at once, Ray's own included (they are not all in the stage's group)."""
     import psutil
 
-    train = TRAIN_80
-    env = {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/killed"}
-    cwd = _workdir(prepared, tmp_path / "killed", **train)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=60)
+    proc.wait()
+
+
+def test_a_lost_worker_then_a_lost_job_resume_from_the_store_and_end_bitwise_as_unkilled(s3, prepared, tmp_path,
+                                                                                       unkilled_80):
+    """One Ray node, the storage root on S3, two DDP workers, MLflow on a store both runs share.
+
+    1. A worker is killed once Ray has checkpoints on the store, and the disk rank 0 wrote its checkpoints to is
+       wiped (a node gone): Ray restarts the group inside the same run, which resumes from the store.
+    2. Once the restarted group has put a checkpoint of its own on the store, kill -9 of the whole stage (driver,
+       its Ray and workers: a job lost with its cluster).
+    3. The same stage run again in a fresh workspace (another machine: no local checkpoints) resumes from the
+       newest complete checkpoint on the store and finishes: one gap-free loss curve, the two workers read disjoint
+       equal halves of the data and end with identical weights, the model published to the store is bitwise the
+       unkilled run's, the lost run's checkpoints are gone from the store, nothing is left in the workspace, and
+       MLflow holds no run left RUNNING, the finished one naming the run it continues."""
+    import psutil
+
+    env = {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/killed",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    store = f"{s3.removeprefix('s3://')}/killed/ray_results"
+    cwd = _workdir(prepared, tmp_path / "lost", tracking=True, **TRAIN_80)
     proc, lines = _stage(cwd, env)
+    first_pid = proc.pid
     try:
         # Ray commits a checkpoint once every rank has reported it: a second one on the store means the first is
-        store = f"{s3.removeprefix('s3://')}/killed/ray_results"
         _wait_for(lambda: len(_ray_checkpoints(store)) >= 2, proc, "two Ray checkpoints on the store")
         on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in _cmd(p)]
@@ -134,21 +162,58 @@ def test_worker_lost_mid_run_resumes_from_the_store_and_ends_bitwise_as_unkilled
         # down too (it could still write one), only the store has them when the new group looks
         psutil.wait_procs(workers[:1], timeout=120)
         shutil.rmtree(scratch / "checkpoints")
-        assert proc.wait(timeout=900) == 0, "".join(lines)[-3000:]
+
+        def restarted_at() -> int | None:
+            line = next((ln for ln in list(lines) if RESTART_LINE in ln), None)
+            return None if line is None else int(line.split("at step ")[1].split()[0])
+
+        _wait_for(lambda: restarted_at() is not None, proc, "the restarted group's resume line")
+        resumed_at = restarted_at()
+        assert resumed_at >= on_store
+        _wait_for(lambda: max(_complete_steps(store), default=0) > resumed_at, proc,
+                  "a checkpoint of the restarted group on the store")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
-    resumed = [ln for ln in lines if "workers restarted by Ray; resuming from its checkpoint at step" in ln]
-    assert len(resumed) == 1 and f"({s3}/killed/ray_results)" in resumed[0], \
+        _kill_tree(proc)
+    first = "".join(lines)
+    restarts = [ln for ln in lines if RESTART_LINE in ln]
+    assert len(restarts) == 1 and f"({s3}/killed/ray_results)" in restarts[0], \
         "".join(ln for ln in lines if "TrainController" not in ln)[-4000:]
-    assert int(resumed[0].split("at step ")[1].split()[0]) >= on_store
-    assert _steps(cwd) == list(range(5, 81, 5))  # one loss curve: nothing repeated, nothing missing
+    assert f"uploaded data/shards/ to {s3}/killed/data/shards-" in first
+    newest = max(_complete_steps(store))  # a checkpoint the kill cut short mid-upload is rightly skipped
+    assert newest < 80
+
+    cwd = _workdir(prepared, tmp_path / "again", tracking=True, **TRAIN_80)
+    proc, lines = _stage(cwd, env)
+    assert proc.wait(timeout=900) == 0, "".join(lines)[-3000:]
+    out = "".join(lines)
+    resumed = re.search(rf"train_diffusion: resuming from {s3}/killed/ray_results/train_diffusion-\S+/step-(\d+) "
+                        rf"\(step (\d+) of 80\)", out)
+    assert resumed and int(resumed[2]) == newest, out[-3000:]
+    assert _steps(cwd) == list(range(5, 81, 5))  # one loss curve over three worker groups: nothing repeated or lost
     assert f"published models/diffusion/ to {s3}/killed/models/diffusion" in out
     # the outputs came back into the driver's workspace through the store, and nothing else is left behind
     assert (cwd / "models/diffusion/config.json").is_file() and (cwd / "metrics/train_diffusion.json").is_file()
-    assert not (cwd / "checkpoints").exists() and not scratch.exists()
-    assert f"uploaded data/shards/ to {s3}/killed/data/shards-" in out
+    assert not (cwd / "checkpoints").exists()
+    # the scratch folders are named for their run (the lost run's is left: its node is gone in earnest)
+    assert scratch.name.endswith(f"-{first_pid}") and scratch.exists()
+    assert not list(scratch.parents[2].glob(f"session_*/diffusion-pipeline/*-{proc.pid}")), "a scratch folder is left"
+    assert not _ray_checkpoints(store), "the lost run's checkpoints are left on the store"
+
+    workers = json.loads((cwd / "reports" / "train_diffusion_workers.json").read_text())
+    assert [w["rank"] for w in workers] == [0, 1]
+    keys0, keys1 = set(workers[0]["keys"]), set(workers[1]["keys"])
+    assert len(keys0) == len(keys1) == 1438 // 2 and not keys0 & keys1  # DDP: disjoint halves of the data
+    assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]  # ... and identical replicas
+
+    # MLflow's history stays honest: no run left RUNNING by the kills; the finished run names the run it continues
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        runs = dict(db.execute("SELECT run_uuid, status FROM runs"))
+        continues = dict(db.execute("SELECT run_uuid, value FROM tags WHERE key = 'continues_run'"))
+    finished = [r for r, status in runs.items() if status == "FINISHED"]
+    assert len(finished) == 1 and continues.get(finished[0]) in runs
+    # the lost job's run: KILLED by the next run, or FAILED when the lost peer raised in rank 0 first (both
+    # honest; RUNNING is not)
+    assert {runs[r] for r in runs if r not in finished} <= {"KILLED", "FAILED"} and len(runs) >= 2
 
     _assert_same_model(f"{s3}/killed/models/diffusion", unkilled_80, tmp_path)
 
@@ -226,7 +291,7 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
         except Exception:  # noqa: BLE001 - a cluster that already died
             os.killpg(cluster.pid, signal.SIGKILL)
     lines = logs.splitlines()
-    resumed = [ln for ln in lines if "workers restarted by Ray; resuming from its checkpoint at step" in ln]
+    resumed = [ln for ln in lines if RESTART_LINE in ln]
     assert len(resumed) == 1 and int(resumed[0].split("at step ")[1].split()[0]) >= on_store, \
         "\n".join(ln for ln in logs.split("\nCURVE ")[0].splitlines() if "TrainController" not in ln)[-4000:]
     curve = json.loads(next(ln for ln in lines if ln.startswith("CURVE ")).removeprefix("CURVE "))
@@ -234,37 +299,6 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
     assert f"published models/diffusion/ to {s3}/two/models/diffusion" in logs
 
     _assert_same_model(f"{s3}/two/models/diffusion", unkilled_80, tmp_path, sample=True)
-
-
-def test_a_job_run_again_after_a_lost_cluster_resumes_from_the_store(s3, prepared, tmp_path, unkilled_80):
-    """kill -9 of the whole stage (driver, its Ray and workers: a job lost with its cluster) once Ray has
-    checkpoints on the store; the same stage run again in a fresh workspace (another machine: no local
-    checkpoints) resumes from the newest checkpoint of its params there, ends with one gap-free loss curve and
-    the unkilled run's weights, and removes the lost run's checkpoints from the store."""
-    env = {**stage_env(), "DIFFUSION_STORAGE_ROOT": f"{s3}/again"}
-    store = f"{s3.removeprefix('s3://')}/again/ray_results"
-    proc, lines = _stage(_workdir(prepared, tmp_path / "lost", **TRAIN_80), env)
-    try:
-        _wait_for(lambda: len(_ray_checkpoints(store)) >= 2, proc, "two Ray checkpoints on the store")
-    finally:  # every process of the run at once, Ray's own included (they are not all in the stage's group)
-        import psutil
-
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(tree, timeout=60)
-    newest = max(_complete_steps(store))  # a checkpoint the kill cut short mid-upload is rightly skipped
-    cwd = _workdir(prepared, tmp_path / "again", **TRAIN_80)
-    proc, lines = _stage(cwd, env)
-    assert proc.wait(timeout=900) == 0, "".join(lines)[-3000:]
-    out = "".join(lines)
-    resumed = re.search(rf"train_diffusion: resuming from {s3}/again/ray_results/train_diffusion-\S+/step-(\d+) "
-                        rf"\(step (\d+) of 80\)", out)
-    assert resumed and int(resumed[2]) == newest, out[-3000:]
-    assert _steps(cwd) == list(range(5, 81, 5))  # the curve came with the checkpoint: nothing missing
-    assert not _ray_checkpoints(store), "the lost run's checkpoints are left on the store"
-    _assert_same_model(f"{s3}/again/models/diffusion", unkilled_80, tmp_path)
 
 
 def _wait_for_dashboard(api: str, token: str, timeout: float = 600) -> None:
