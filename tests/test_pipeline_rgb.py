@@ -1,14 +1,17 @@
-"""Colour end to end: configs/tiny_rgb.yaml (cmnist5k, RGB) under `dvc repro` in a scratch checkout, once in
-pixel space (tiny's own) and once more with train_diffusion and train_classifier in latent space, which reruns only
-the stages that the space feeds. After each repro: every network takes colour, the grids in reports/ are colour,
-`diffusion sample` writes 3-channel samples, evaluate's metrics (fid_inception among them) are finite; MLflow holds
-the latent repro's colour models. Slow (minutes): marked `slow`, still run in CI."""
+"""Colour end to end: configs/tiny_rgb.yaml (cmnist5k, RGB) under `dvc repro` in a scratch checkout, in latent
+space (train_diffusion and train_classifier on the autoencoder's latents, so every network of the pipeline runs on
+colour data). Then pixel space on the same checkout: `dvc repro --dry --force-downstream` must name exactly the
+stages the space feeds, and those that train or evaluate (all but the sweep, whose trials run the same code in
+either space) run again by their command lines on the repro's data. After each: every network takes colour, the
+grids in reports/ are colour, `diffusion sample` writes 3-channel samples, evaluate's metrics (fid_inception among
+them) are finite; MLflow holds the latent repro's colour models. Slow (minutes): marked `slow`, still run in CI."""
 
 import json
 import math
 import re
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,56 +22,74 @@ from PIL import Image
 from diffusion_core.checkpoint import load_model_dir
 from pipeline.cli import main as diffusion_cli
 
+from . import zygote
 from .e2e import dvc, scratch_checkout
-from .stages import ROOT
+from .stages import ROOT, stage_env
 
 pytestmark = pytest.mark.slow
 
 TINY_RGB = ROOT / "configs" / "tiny_rgb.yaml"
-SPACES = ("pixel", "latent")
+SPACES = ("latent", "pixel")
 SPACE_KEYS = ("train_diffusion", "train_classifier")  # the sections whose `space` says pixel or latent
 SPACE_FED = ["train_classifier", "train_diffusion", "distill", "sweep", "evaluate"]  # what a change of space reruns
+PIXEL_RUNS = [stage for stage in SPACE_FED if stage != "sweep"]
+UNTRACKED = ["encode_latents", "reference_stats"]  # the repro's first part, with their inputs: tracking off
 NETWORKS = ("autoencoder", "diffusion", "classifier", "feature_net")
 
 
-def _set(params: Path, space: str, tracking: bool) -> None:
+def _set(params: Path, space: str, tracking: bool, **evaluate) -> None:
     raw = yaml.safe_load(params.read_text())
     for section in SPACE_KEYS:
         raw[section]["space"] = space
     raw["tracking"]["enabled"] = tracking
+    raw["evaluate"].update(evaluate)
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _snapshot(work: Path, snap: Path, space: str) -> Path:
+    """A copy of `work`'s models/, reports/, metrics/ and params.yaml (and MLflow's store and MLmodel files where
+    it logged), plus what `diffusion sample` draws from its diffusion model and its distilled student."""
+    for name in ("models", "reports", "metrics"):
+        shutil.copytree(work / name, snap / name)
+    shutil.copy(work / "params.yaml", snap / "params.yaml")
+    if space == "latent":
+        shutil.copy(work / "mlflow.db", snap / "mlflow.db")
+        (snap / "mlmodels").mkdir()
+        for i, path in enumerate(work.glob("mlartifacts/models/*/artifacts/MLmodel")):
+            shutil.copy(path, snap / "mlmodels" / f"{i}.yaml")
+    else:  # the sweep's grids are the latent repro's: the pixel run does not rerun the sweep
+        shutil.rmtree(snap / "reports" / "sweep")
+    # a latent model decodes through the autoencoder its config.json names, found beside it in the copy
+    argv = ["sample", "--model", str(snap / "models" / "diffusion"), "--num", "4", "--steps", "2",
+            "--guidance", "cfg", "--scale", "1.5", "--no-progress", "--out", str(snap / "samples")]
+    assert diffusion_cli(argv) == 0
+    student = ["sample", "--model", str(snap / "models" / "student"), "--num", "4", "--steps", "1",
+               "--guidance", "cfg", "--scale", "2", "--no-progress", "--out", str(snap / "student_samples")]
+    assert diffusion_cli(student) == 0  # distill's students, one call per step, decoded like their teacher
+    return snap
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
-    """{space: (a copy of that repro's models/, reports/, metrics/ and params.yaml, plus `diffusion sample`'s
-    folder samples/; dvc's output)}, pixel first. MLflow logs the latent repro only: tiny's e2e checks what every
-    stage logs, and the latent models are the colour-specific ones here (their MLflow models decode through the
-    3-channel autoencoder); off, the pixel repro saves about 8 CPU seconds a stage. `tracking` is no DVC param:
-    switching it reruns nothing."""
+    """{space: (its snapshot, the stages dvc ran or would run)}: latent, the repro and its output; pixel, the runs
+    of PIXEL_RUNS on the repro's checkout and what `dvc repro --dry --force-downstream` printed for the switch.
+    MLflow logs the stages the space feeds (tiny's e2e checks what every stage logs; the latent models are the
+    colour-specific ones here: their MLflow models decode through the 3-channel autoencoder). `tracking` is no
+    DVC param: the repro in two parts runs each stage once."""
     work = scratch_checkout(tmp_path_factory.mktemp("rgb"), TINY_RGB)
-    assert all(yaml.safe_load(TINY_RGB.read_text())[s]["space"] == SPACES[0] for s in SPACE_KEYS)
-    out = {}
-    for space in SPACES:
-        _set(work / "params.yaml", space, tracking=space == "latent")
-        log = dvc(work, "repro")
-        snap = tmp_path_factory.mktemp(space)
-        for name in ("models", "reports", "metrics"):
-            shutil.copytree(work / name, snap / name)
-        shutil.copy(work / "params.yaml", snap / "params.yaml")
-        if space == "latent":
-            shutil.copy(work / "mlflow.db", snap / "mlflow.db")
-            (snap / "mlmodels").mkdir()
-            for i, path in enumerate(work.glob("mlartifacts/models/*/artifacts/MLmodel")):
-                shutil.copy(path, snap / "mlmodels" / f"{i}.yaml")
-        # a latent model decodes through the autoencoder its config.json names, found beside it in the copy
-        argv = ["sample", "--model", str(snap / "models" / "diffusion"), "--num", "4", "--steps", "2",
-                "--guidance", "cfg", "--scale", "1.5", "--no-progress", "--out", str(snap / "samples")]
-        assert diffusion_cli(argv) == 0
-        student = ["sample", "--model", str(snap / "models" / "student"), "--num", "4", "--steps", "1",
-                   "--guidance", "cfg", "--scale", "2", "--no-progress", "--out", str(snap / "student_samples")]
-        assert diffusion_cli(student) == 0  # distill's students, one call per step, decoded like their teacher
-        out[space] = snap, log
+    _set(work / "params.yaml", "latent", tracking=False)
+    log = dvc(work, "repro", *UNTRACKED)  # and what they need; MLflow (about 5 CPU s a stage) for the rest only
+    _set(work / "params.yaml", "latent", tracking=True)
+    log += dvc(work, "repro")
+    out = {"latent": (_snapshot(work, tmp_path_factory.mktemp("latent"), "latent"), log)}
+    _set(work / "params.yaml", "pixel", tracking=False)
+    dry = dvc(work, "repro", "--dry", "--force-downstream")  # what the changed stages' outputs feed, too
+    _set(work / "params.yaml", "pixel", tracking=False, setting="params")  # the sweep's table is latent's
+    for stage in PIXEL_RUNS:
+        res = zygote.run([sys.executable, "-m", f"pipeline.{stage}", "--params", "params.yaml"], cwd=work,
+                         env=stage_env(), timeout=900)
+        assert res.returncode == 0, f"{stage} in pixel space: {res.stderr[-3000:]}"
+    out["pixel"] = (_snapshot(work, tmp_path_factory.mktemp("pixel"), "pixel"), dry)
     return out
 
 
@@ -103,12 +124,13 @@ def test_every_network_is_built_for_colour(runs, space):
 @pytest.mark.parametrize("space", SPACES)
 def test_image_grids_and_samples_are_colour(runs, space):
     """Every image grid in reports/ (the data preview, the autoencoder's reconstructions, evaluate's samples, the
-    sweep's grids) is RGB with distinct channels, and so are `diffusion sample`'s images in samples.npz; the
-    distilled student samples colour images of the same size in one network call."""
+    sweep's grids in latent space) is RGB with distinct channels, and so are `diffusion sample`'s images in
+    samples.npz; the distilled student samples colour images of the same size in one network call."""
     snap, _ = runs[space]
     grids = [*(snap / "reports").glob("*.png"), *(snap / "reports" / "sweep").glob("grid_*.png")]
     names = {p.name for p in grids}
-    assert {"prepare_samples.png", "autoencoder_recon.png", "samples.png"} <= names and len(names) > 3
+    assert {"prepare_samples.png", "autoencoder_recon.png", "samples.png"} <= names
+    assert (len(names) > 3) == (space == "latent")  # the sweep's grids: the repro's sweep ran in latent space
     for path in grids:
         _colour(path)
     with np.load(snap / "samples" / "samples.npz") as z:
@@ -133,15 +155,15 @@ def test_evaluate_metrics_are_finite(runs, space):
     assert all(math.isfinite(v) for v in numbers.values()), numbers
 
 
-def test_the_latent_repro_reran_only_what_the_space_feeds(runs):
-    (_, pixel), (_, latent) = runs["pixel"], runs["latent"]
+def test_the_repro_ran_every_stage_and_a_switch_of_space_reruns_what_it_feeds(runs):
+    (_, latent), (_, dry) = runs["latent"], runs["pixel"]
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert sorted(re.findall(r"Running stage '(\w+)'", pixel)) == sorted(stages)
-    assert sorted(re.findall(r"Running stage '(\w+)'", latent)) == sorted(SPACE_FED)
+    assert sorted(re.findall(r"Running stage '(\w+)'", latent)) == sorted(stages)
+    assert sorted(re.findall(r"Running stage '(\w+)'", dry)) == sorted(SPACE_FED)
 
 
 def test_mlflow_holds_the_latent_repros_runs_and_colour_models(runs):
-    """One finished MLflow run per stage the latent repro ran; the latent diffusion model MLflow holds returns RGB
+    """One finished MLflow run per stage the space feeds; the latent diffusion model MLflow holds returns RGB
     images of the data's size (decoded by the autoencoder), and the latent classifier takes the latents."""
     snap, _ = runs["latent"]
     with sqlite3.connect(snap / "mlflow.db") as db:
