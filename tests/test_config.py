@@ -58,7 +58,7 @@ TINY_RGB_CHANGES = {
     "prepare.image_size": (None, 16),
     "prepare.test_fraction": (0.2, 0.05),
     "train_autoencoder.batch_size": (64, 16),
-    **{f"{stage}.scaling.{key}": value for stage in ("train_diffusion", "train_classifier", "distill")
+    **{f"{stage}.scaling.{key}": value for stage in ("train_classifier", "distill")
        for key, value in (("num_workers", (2, 1)), ("use_ray", (True, False)))},
     "sweep.max_concurrent": (2, 1),
     "sweep.inception_samples": (8, 0),

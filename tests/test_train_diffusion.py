@@ -40,12 +40,13 @@ _env = stage_env  # the `prepared` folder (tiny.yaml's data) is the session fixt
 
 
 def _workdir(prepared: Path, dest: Path, tracking: bool = False, **train) -> Path:
-    """dest/ with the prepared data and tiny.yaml (train_diffusion keys overridden); returns dest."""
+    """dest/ with the prepared data and tiny.yaml (train_diffusion keys overridden; `scaling` defaults to two Ray
+    Train workers, tiny.yaml's is in-process); returns dest."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(prepared / "data", dest / "data")
     raw = yaml.safe_load(TINY.read_text())
     raw["tracking"]["enabled"] = tracking
-    scaling = train.pop("scaling", {})
+    scaling = train.pop("scaling", RAY_WORKERS)
     raw["train_diffusion"].update(train)
     raw["train_diffusion"]["scaling"].update(scaling)
     (dest / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -53,6 +54,7 @@ def _workdir(prepared: Path, dest: Path, tracking: bool = False, **train) -> Pat
 
 
 IN_PROCESS = {"num_workers": 1, "use_ray": False}
+RAY_WORKERS = {"num_workers": 2, "use_ray": True}
 
 
 def _main_in(cwd: Path, monkeypatch, *argv: str) -> int:
@@ -311,6 +313,7 @@ def test_infinite_gradient_with_a_finite_loss_stops_at_that_step(prepared, tmp_p
 def test_config_errors_before_any_work(tmp_path, monkeypatch, capsys):
     raw = yaml.safe_load(TINY.read_text())
     raw["train_diffusion"]["batch_size"] = 33
+    raw["train_diffusion"]["scaling"].update(RAY_WORKERS)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
     assert _main_in(tmp_path, monkeypatch) == 2
     assert "batch_size 33 must be divisible by scaling.num_workers 2" in capsys.readouterr().err
