@@ -1,6 +1,6 @@
 """Stage train_diffusion on configs/tiny.yaml in tmp dirs: kill -9 and resume, interrupted checkpoint writes,
-sampling from models/diffusion alone, bitwise determinism and exact resume, NaN -> one-line error, and `ray job
-submit` against a local `ray start --head` cluster. Ray DDP (disjoint data, identical replicas) through a lost worker
+sampling from models/diffusion alone, bitwise determinism and exact resume, NaN -> one-line error, a `ray start --head`
+as the README starts it and a local run beside it. Ray DDP (disjoint data, identical replicas) through a lost worker
 and a lost job: tests/test_cluster.py."""
 
 from __future__ import annotations
@@ -374,52 +374,6 @@ def _start_head(make_args, env: dict, temp_dir: str, timeout: float, attempts: i
     pytest.fail(f"ray start --head did not come up; its last output:\n{log.read_text()[-3000:]}")
 
 
-@pytest.mark.slow
-def test_ray_job_submit_against_local_head(prepared, tmp_path):
-    job_dir = _workdir(prepared, tmp_path / "job")
-    for pkg in ("diffusion_core", "pipeline"):  # the working dir ray uploads holds the code, as the repo root does
-        shutil.copytree(ROOT / pkg, job_dir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    # as the README: Ray's token authentication on (the README generates ~/.ray/auth_token; here the token comes
-    # from the environment, which Ray reads first, so the test leaves the home folder alone)
-    env = ray_token_env()
-    token = env["RAY_AUTH_TOKEN"]
-
-    def head_args():
-        nonlocal port, dash
-        port, dash = _free_port(), _free_port()
-
-        def ready() -> bool:
-            return dashboard_answers(f"http://127.0.0.1:{dash}", token)
-
-        return ["--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                *_node_ports()], ready
-
-    port = dash = 0
-    head = _start_head(head_args, env, temp_dir, timeout=180)
-    try:
-        deadline = time.time() + 300  # on a busy machine the job agent comes up minutes after the dashboard
-        while True:  # the dashboard answers before its job agent is up ("No available agent"): retry
-            res = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-                                  ".", "--", "python", "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"],
-                                 cwd=job_dir, env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in res.stderr or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-        assert "succeeded" in res.stdout and "train_diffusion: wrote models/diffusion/" in res.stdout
-        assert '"steps": 30' in res.stdout
-        with pytest.raises(urllib.error.HTTPError, match="401"):  # without the token the dashboard refuses
-            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=5)
-        # started as the README starts it, the dashboard (which accepts jobs) listens on the loopback address only.
-        # Ray 2.60's GCS, raylet and agents listen on every interface whatever --node-ip-address says: that is
-        # why the README keeps token authentication on
-        assert listening_ips(group_pids(head.pid) | _pids_naming(temp_dir), port=dash) == {"127.0.0.1"}
-    finally:
-        _stop_head(head, temp_dir)
-
-
 def _stop_head(head: subprocess.Popen, temp_dir: str, remove: bool = True) -> None:
     """Stop only this cluster (`ray stop` would also kill every other Ray on the machine): --block makes `ray start`
     stop its processes on SIGTERM; whatever is left in our session folder is killed by pid."""
@@ -457,25 +411,42 @@ def _kill_session_leftovers(temp_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_local_run_starts_its_own_ray_beside_a_ray_start_cluster(prepared, tmp_path):
-    """RAY_ADDRESS unset: a stage starts a Ray of its own even when `ray start` runs on this machine. ray.init()
-    without an address would join the latest such cluster (its address file in the Ray temp dir) and refuse the
-    stage's num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided")."""
+def test_a_head_started_as_the_readme_says_and_a_local_run_beside_it(prepared, tmp_path):
+    """`ray start --head` as README's cluster walkthrough starts it: token authentication on (the README generates
+    ~/.ray/auth_token; here the token comes from the environment, which Ray reads first, so the test leaves the home
+    folder alone), the dashboard (which accepts jobs) on the loopback address only and refusing a request without
+    the token (401). Ray's GCS, raylet and agents listen on every interface whatever --node-ip-address says: that is
+    why the README keeps token authentication on. `ray job submit` to such a cluster: tests/test_cluster.py.
+
+    Beside it, a stage with RAY_ADDRESS unset starts a Ray of its own: ray.init() without an address would join
+    the latest such cluster (its address file in the Ray temp dir) and refuse the stage's num_cpus ("When
+    connecting to an existing cluster, num_cpus ... must not be provided")."""
     work = _workdir(prepared, tmp_path / "w", steps=4, checkpoint_every=2, log_every=2)
     tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = {**_env(), "RAY_TMPDIR": tmp}  # the head's address file and the stage's lookup both live under tmp/ray
-    head_args = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false",
-                 f"--temp-dir={tmp}/ray", "--disable-usage-stats"]
+    env = ray_token_env(RAY_TMPDIR=tmp)  # the head's address file and the stage's lookup both live under tmp/ray
+    token = env["RAY_AUTH_TOKEN"]
     address_file = Path(tmp) / "ray" / "ray_current_cluster"
+    port = dash = 0
 
-    def fresh_args():
+    def head_args():
+        nonlocal port, dash
+        port, dash = _free_port(), _free_port()
         address_file.unlink(missing_ok=True)  # a failed try's file must not pass for the next head's
-        return [*head_args, f"--port={_free_port()}", *_node_ports()], address_file.exists
 
-    head = _start_head(fresh_args, env, tmp, timeout=120)
+        def ready() -> bool:
+            return address_file.exists() and dashboard_answers(f"http://127.0.0.1:{dash}", token)
+
+        return ["--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={tmp}/ray", "--disable-usage-stats",
+                *_node_ports()], ready
+
+    head = _start_head(head_args, env, tmp, timeout=180)
     try:
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # without the token the dashboard refuses
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=5)
+        assert listening_ips(group_pids(head.pid) | _pids_naming(tmp), port=dash) == {"127.0.0.1"}
         res = subprocess.run([sys.executable, "-m", "pipeline.train_diffusion", "--params", "tiny.yaml"], cwd=work,
-                             env=env, capture_output=True, text=True, timeout=900)
+                             env={**_env(), "RAY_TMPDIR": tmp}, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-2000:]
         assert verify_checkpoint_dir(work / "models/diffusion")  # written by the stage's own two-worker Ray
     finally:
