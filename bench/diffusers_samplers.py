@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from diffusion_core.guidance import ClassifierFreeGuidance
     from diffusion_core.io import atomic_write_json
     from diffusion_core.model_folders import load_diffusion_dir
-    from diffusion_core.samplers import sample
+    from diffusion_core.samplers import SamplingSpec, sample
     from diffusion_core.samplers.common import NoiseSource
 
     from .sampler_study import study_context
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             s, y = seeds[lo:lo + batch], torch.as_tensor(labels[lo:lo + batch])
             with torch.no_grad(), _grid(label):
                 if kind == "ours":
-                    x0 = sample(d, guided, (len(s), *bundle.shape), sampler=ours, steps=steps, spacing="trailing",
+                    x0 = sample(d, guided, (len(s), *bundle.shape), SamplingSpec(ours, steps=steps, spacing="trailing"),
                                 seeds=s, y=y, clip_denoised=not bundle.is_latent, lambda_min=lam)
                 else:
                     sch = getattr(diffusers, cls)(num_train_timesteps=d.num_timesteps, trained_betas=betas,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_core.precision import bf16_is_fast
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 
 from .common import atomic_write_json, machine
 from .models import IMAGE, diffusers_unet, diffusion, n_params, our_unet
@@ -112,7 +112,7 @@ def sample_rate(net: Net, device: torch.device, bf16: bool, batch: int, steps: i
             return net.fwd(x, t, y).float()
 
     def run():
-        sample(d, model, (batch, *net.shape), sampler="ddim", steps=steps, y=y, device=device,
+        sample(d, model, (batch, *net.shape), SamplingSpec("ddim", steps=steps), y=y, device=device,
                generator=torch.Generator(device).manual_seed(0), clip_denoised=net.name != "default")
 
     return _per_second(run, device, 1, batch)

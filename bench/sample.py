@@ -11,7 +11,7 @@ import time
 import torch
 
 from diffusion_core.generation import FastDenoiser
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 
 from .common import interleaved, load
 from .models import BASE_SETTINGS, IMAGE, Setting, diffusers_unet, diffusion, our_unet
@@ -60,7 +60,7 @@ def our_sampler(name: str, net: TimedModel, steps: int | None = None):
     d = diffusion()
 
     def run():
-        return sample(d, net, (BATCH, *IMAGE), sampler=sampler, steps=steps, spacing="trailing",
+        return sample(d, net, (BATCH, *IMAGE), SamplingSpec(sampler, steps=steps, spacing="trailing"),
                       generator=torch.Generator().manual_seed(0), device="cpu")
     return run
 

@@ -120,7 +120,7 @@ def distributed(steps: int) -> dict:
 
 def latent_vs_pixel(quick: bool) -> dict:
     from diffusion_core.builders import build_autoencoder, build_denoiser, build_diffusion_from_options
-    from diffusion_core.samplers import sample
+    from diffusion_core.samplers import SamplingSpec, sample
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml")
@@ -149,7 +149,7 @@ def latent_vs_pixel(quick: bool) -> dict:
         @torch.no_grad()
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=td.bf16):
-                x = sample(diff, net, (n, *shapes[kind]), sampler="ddim", steps=50, seeds=list(range(n)),
+                x = sample(diff, net, (n, *shapes[kind]), SamplingSpec("ddim", steps=50), seeds=list(range(n)),
                            y=torch.arange(n) % 10, clip_denoised=kind == "pixel")
                 if kind == "latent":
                     x = ae.decode(x)

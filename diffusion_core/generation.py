@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,43 +23,12 @@ from .io import atomic_path
 from .model_folders import ClassifierBundle, DiffusionBundle
 from .models import StudentFamily
 from .precision import Bf16, resolve_bf16
-from .samplers import SAMPLERS, SPACINGS, sample, sampler_options  # noqa: F401 (re-exported)
+from .samplers import SAMPLERS, SPACINGS, SamplingSpec, resolve_options, sample  # noqa: F401 (re-exported)
 from .samplers.grids import grid_timesteps
 
 GUIDANCE_KINDS = ("none", "classifier", "cfg")
 SEED_FILE = "seed-{:06d}.png"
 _SEED_FILE_RE = re.compile(r"^seed-\d{6,}\.png$")
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """One sampling setting: a sampler (its registry name) on a grid, the sampler's own options, the guidance.
-
-    `steps` grid points (None: every timestep) placed by `spacing` (samplers.SPACINGS); `options` are the sampler's
-    own (`samplers.describe()`: eta, s_churn ...; `generate` fills in the defaults and checks them); `guidance`
-    is none, cfg (the model's null class) or classifier (generate's `classifier_bundle`), at `scale`.
-    """
-
-    sampler: str = "ddim"
-    steps: int | None = None
-    spacing: str = "trailing"
-    options: Mapping[str, float] = field(default_factory=dict)
-    guidance: str = "none"
-    scale: float = 1.0
-
-    @classmethod
-    def from_setting(cls, setting: Mapping, **changes) -> "SamplingSpec":
-        """From a setting as the sweep, evaluate and MLflow requests write it (sampler, steps, spacing, options,
-        guidance, scale, eta), with `changes` on top. A scale of None is 1; a nonzero eta goes into the options
-        (DDIM's noise; an eta in `options` wins)."""
-        values = {k: setting[k] for k in ("sampler", "steps", "spacing", "options", "guidance", "scale")
-                  if k in setting}
-        values = {**values, **changes}
-        eta = setting.get("eta") or 0.0
-        values["options"] = {**({"eta": eta} if eta else {}), **(values.get("options") or {})}
-        if values.get("scale") is None:
-            values["scale"] = 1.0
-        return cls(**values)
 
 
 class SamplingError(ValueError):
@@ -94,7 +63,7 @@ def _check_options(bundle: DiffusionBundle, num: int, spec: SamplingSpec, classi
     sampler, steps, spacing, guidance_kind, scale = spec.sampler, spec.steps, spec.spacing, spec.guidance, spec.scale
     T = bundle.diffusion.num_timesteps
     try:
-        resolved = sampler_options(sampler, None, dict(spec.options))
+        resolved = resolve_options(sampler, dict(spec.options))
     except ValueError as e:
         raise SamplingError(str(e)) from None
     if guidance_kind not in GUIDANCE_KINDS:
@@ -266,14 +235,15 @@ def generate(bundle: DiffusionBundle, num: int, spec: SamplingSpec | None = None
 
         steps = spec.steps or bundle.diffusion.num_timesteps
         bar = tqdm(total=num, desc=f"{spec.sampler} {steps} steps", unit="sample")
+    # the spec as the loop reads it: guidance is the object built above (or the student's own input)
+    loop_spec = replace(spec, options=options, guidance="none", scale=1.0)
     start, chunks = time.perf_counter(), []
     try:
         for lo in range(0, num, batch_size):
             hi = min(lo + batch_size, num)
             y = None if classes is None else torch.as_tensor(labels[lo:hi], device=device)
-            x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), sampler=spec.sampler, steps=spec.steps,
-                        options=options, spacing=spec.spacing, seeds=seeds[lo:hi].tolist(), y=y,
-                        clip_denoised=pixel, guidance=guidance, device=device, **grid)
+            x0 = sample(bundle.diffusion, model, (hi - lo, *bundle.shape), loop_spec, seeds=seeds[lo:hi].tolist(),
+                        y=y, clip_denoised=pixel, guidance=guidance, device=device, **grid)
             chunks.append(bundle.to_images(x0).float().cpu())
             if bar is not None:
                 bar.update(hi - lo)

@@ -327,7 +327,7 @@ def sample_preview(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple[
                    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None, per_class: int = 4,
                    steps: int = 25, seed: int = 0, clip_denoised: bool = True) -> np.ndarray:
     """uint8 [N, H, W, C] preview samples (DDIM): `per_class` rows of every class, or 40 unconditional samples."""
-    from .samplers import sample
+    from .samplers import SamplingSpec, sample
 
     was_training = model.training
     model.eval()
@@ -338,7 +338,7 @@ def sample_preview(model: nn.Module, diffusion: GaussianDiffusion, shape: tuple[
         y = None
     n = len(y) if y is not None else 40
     device = next(model.parameters()).device
-    x = sample(diffusion, model, (n, *shape), sampler="ddim", steps=min(steps, diffusion.num_timesteps),
+    x = sample(diffusion, model, (n, *shape), SamplingSpec("ddim", steps=min(steps, diffusion.num_timesteps)),
                generator=torch.Generator(device=device).manual_seed(seed), y=y, clip_denoised=clip_denoised)
     if decoder is not None:
         x = decoder(x).clamp(-1, 1)

@@ -189,7 +189,7 @@ def test_latent_diffusion_samples_decode_through_the_autoencoder(latent_model):
     """The CLI's images = the autoencoder's decoder applied, by hand, to the library's latent samples / (1/std z)."""
     from diffusion_core.generation import to_uint8
     from diffusion_core.model_folders import build_diffusion
-    from diffusion_core.samplers import sample
+    from diffusion_core.samplers import SamplingSpec, sample
 
     cfg = json.loads((latent_model / "config.json").read_text())
     assert cfg["data"]["space"] == "latent" and cfg["data"]["shape"] == [2, 2, 2]
@@ -215,9 +215,9 @@ def test_latent_diffusion_samples_decode_through_the_autoencoder(latent_model):
     net, _ = load_model_dir(latent_model)
     ae, _ = load_model_dir(work / "models" / "autoencoder")
     with torch.no_grad():
-        z = sample(build_diffusion(cfg["diffusion"]), net.eval(), (4, 2, 2, 2), sampler="dpmpp2m", steps=5,
-                   spacing="logsnr", seeds=[7, 8, 9, 10], y=torch.full((4,), 3), clip_denoised=False,
-                   guidance=ClassifierFreeGuidance(1.5, null_class=cfg["data"]["num_classes"]))
+        z = sample(build_diffusion(cfg["diffusion"]), net.eval(), (4, 2, 2, 2),
+                   SamplingSpec("dpmpp2m", steps=5, spacing="logsnr"), seeds=[7, 8, 9, 10], y=torch.full((4,), 3),
+                   clip_denoised=False, guidance=ClassifierFreeGuidance(1.5, null_class=cfg["data"]["num_classes"]))
         images = ae.eval().decode(z / scale).clamp(-1, 1)
     diff = np.abs(to_uint8(images).astype(int) - npz["images"].astype(int))
     assert diff.max() <= 1, diff.max()  # 1 = rounding of a float32 scale factor recomputed here

@@ -9,7 +9,7 @@ from diffusion_core.distillation import model_x0, sample_student, student_grid, 
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.models import MLPDenoiser, UNet, build_model
 from diffusion_core.objectives import DistillationObjective
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 from diffusion_core.schedules import spaced_timesteps
 from diffusion_core.training import Trainer, TrainOptions
 from tests.gaussian import GaussianDenoiser
@@ -104,7 +104,7 @@ def test_one_step_on_the_target_lands_on_the_teachers_two_steps(schedule_name, p
     net = _target_net(d, teacher_x0, n)
     x_T = torch.randn(256, 2, generator=g, dtype=torch.float64)
     student = sample_student(net, GaussianDiffusion(sched, parameterization="x0"), x_T.shape, n, x_T=x_T)
-    ref = sample(d, teacher, x_T.shape, sampler="ddim", steps=2 * n, spacing="trailing", x_T=x_T,
+    ref = sample(d, teacher, x_T.shape, SamplingSpec("ddim", steps=2 * n, spacing="trailing"), x_T=x_T,
                  clip_denoised=False, lambda_min=None)
     assert net.calls == n
     assert (student - ref).abs().max() < 1e-10
@@ -181,13 +181,13 @@ def gaussian_distances(steps=300):
     one.load_state_dict(two.state_dict())  # round two starts from its teacher (Salimans & Ho sec. 4)
     _train(one, DistillationObjective(two, d_student, 1), steps, data, seed=1)
     x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))
-    kw = dict(sampler="ddim", spacing="trailing", x_T=x_T, clip_denoised=False, lambda_min=None)
-    ref = sample(d_teacher, teacher, x_T.shape, steps=4, **kw)
+    kw = dict(x_T=x_T, clip_denoised=False, lambda_min=None)
+    ref = sample(d_teacher, teacher, x_T.shape, SamplingSpec("ddim", steps=4), **kw)
     return {"drawn": drawn, "frozen": not two.training and not any(p.requires_grad for p in two.parameters()),
             "student2": _mse(sample_student(two.eval(), d_student, x_T.shape, 2, x_T=x_T), ref),
-            "teacher2": _mse(sample(d_teacher, teacher, x_T.shape, steps=2, **kw), ref),
+            "teacher2": _mse(sample(d_teacher, teacher, x_T.shape, SamplingSpec("ddim", steps=2), **kw), ref),
             "student1": _mse(sample_student(one.eval(), d_student, x_T.shape, 1, x_T=x_T), ref),
-            "teacher1": _mse(sample(d_teacher, teacher, x_T.shape, steps=1, **kw), ref)}
+            "teacher1": _mse(sample(d_teacher, teacher, x_T.shape, SamplingSpec("ddim", steps=1), **kw), ref)}
 
 
 def test_students_learn_the_exact_teachers_few_step_map_on_gaussian_data():
@@ -220,12 +220,13 @@ def guidance_distances(steps=400, scales=(0.0, 1.0, 3.0)):
         students[name].eval()
     x_T = torch.randn(1000, 2, generator=torch.Generator().manual_seed(2))
     y = torch.arange(1000) % 2
-    kw = dict(sampler="ddim", spacing="trailing", x_T=x_T, clip_denoised=False, lambda_min=None, y=y)
+    kw = dict(x_T=x_T, clip_denoised=False, lambda_min=None, y=y)
     out = {}
     for w in scales:
         guidance = ClassifierFreeGuidance(w, null_class=2)
-        ref = sample(d_teacher, teacher, x_T.shape, steps=2, guidance=guidance, **kw)
-        out[w] = {"teacher1": _mse(sample(d_teacher, teacher, x_T.shape, steps=1, guidance=guidance, **kw), ref)}
+        ref = sample(d_teacher, teacher, x_T.shape, SamplingSpec("ddim", steps=2), guidance=guidance, **kw)
+        teacher1 = sample(d_teacher, teacher, x_T.shape, SamplingSpec("ddim", steps=1), guidance=guidance, **kw)
+        out[w] = {"teacher1": _mse(teacher1, ref)}
         for name, net in students.items():
             calls = []
             counted = lambda *a, net=net: calls.append(1) or net(*a)  # noqa: E731
@@ -370,13 +371,13 @@ def test_the_registrys_ddim_on_the_trailing_grid_is_the_students_sampler():
         calls = []
         guided = _GuidedStudent(net, 2.0)
         counted = lambda *a: calls.append(1) or guided(*a)  # noqa: E731
-        got = sample(d, counted, x_T.shape, sampler="ddim", steps=steps, spacing="trailing", x_T=x_T, y=y,
+        got = sample(d, counted, x_T.shape, SamplingSpec("ddim", steps=steps, spacing="trailing"), x_T=x_T, y=y,
                      clip_denoised=False, lambda_min=None)
         want = sample_student(net, d, x_T.shape, steps, y=y, w=2.0, x_T=x_T)
         assert len(calls) == steps
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32, the same steps written twice
-    other = sample(d, _GuidedStudent(net, 2.0), x_T.shape, sampler="ddim", steps=4, spacing="leading", x_T=x_T, y=y,
-                   clip_denoised=False, lambda_min=None)
+    other = sample(d, _GuidedStudent(net, 2.0), x_T.shape, SamplingSpec("ddim", steps=4, spacing="leading"),
+                   x_T=x_T, y=y, clip_denoised=False, lambda_min=None)
     assert (other - want).abs().max() > 1e-2  # another grid is another trajectory: the comparison can fail
 
 
@@ -400,7 +401,7 @@ def _student_folder(path, guidance_input=True):
 
 
 def test_a_student_folder_samples_through_generate_with_one_call_per_step(tmp_path):
-    from diffusion_core.generation import SamplingError, SamplingSpec, generate
+    from diffusion_core.generation import SamplingError, generate
     from diffusion_core.model_folders import load_diffusion_dir
 
     path, family = _student_folder(tmp_path / "student")
@@ -450,12 +451,12 @@ def test_consistency_distillation_learns_the_exact_teachers_ode_map_on_gaussian_
     assert set(drawn.unique().tolist()) == set(objective.grid().tolist())
     student.eval()
     x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))
-    kw = dict(spacing="trailing", x_T=x_T, clip_denoised=False, lambda_min=None)
-    ref = sample(d_teacher, teacher, x_T.shape, sampler="ddim", steps=8, **kw)
-    one = sample(d_student, student, x_T.shape, sampler="consistency", steps=1, **kw)
-    teacher1 = sample(d_teacher, teacher, x_T.shape, sampler="ddim", steps=1, **kw)
+    kw = dict(x_T=x_T, clip_denoised=False, lambda_min=None)  # every spec: trailing spacing
+    ref = sample(d_teacher, teacher, x_T.shape, SamplingSpec("ddim", steps=8), **kw)
+    one = sample(d_student, student, x_T.shape, SamplingSpec("consistency", steps=1), **kw)
+    teacher1 = sample(d_teacher, teacher, x_T.shape, SamplingSpec("ddim", steps=1), **kw)
     assert _mse(one, ref) * 10 < _mse(teacher1, ref), (_mse(one, ref), _mse(teacher1, ref))
-    two = sample(d_student, student, x_T.shape, sampler="consistency", steps=2,
+    two = sample(d_student, student, x_T.shape, SamplingSpec("consistency", steps=2),
                  generator=torch.Generator().manual_seed(5), **kw)
     # the teacher's 8-step DDIM ends at E[x0 | z_124], narrower than the data: that is the map distilled
     assert torch.allclose(two.std(0), ref.std(0), rtol=0.1) and torch.allclose(two.mean(0), MEAN, atol=0.05)

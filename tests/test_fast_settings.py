@@ -5,7 +5,7 @@ import torch
 
 from diffusion_core.diffusion import COEFFICIENTS, GaussianDiffusion, extract
 from diffusion_core.models import UNet
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 from diffusion_core.schedules import NoiseSchedule
 
 from .test_models import randomize_zero_params
@@ -89,8 +89,9 @@ def test_bf16_sampling_close_to_fp32():
             return model(x, t, y).float()
 
     for sampler in ("ddim", "dpmpp2m"):
-        ref = sample(d, model, (4, 1, 28, 28), sampler=sampler, steps=8, generator=torch.Generator().manual_seed(1))
-        fast = sample(d, bf16, (4, 1, 28, 28), sampler=sampler, steps=8, generator=torch.Generator().manual_seed(1),
+        spec = SamplingSpec(sampler, steps=8)
+        ref = sample(d, model, (4, 1, 28, 28), spec, generator=torch.Generator().manual_seed(1))
+        fast = sample(d, bf16, (4, 1, 28, 28), spec, generator=torch.Generator().manual_seed(1),
                       device="cpu")
         assert ref.dtype == fast.dtype == torch.float32
         assert (fast - ref).abs().mean() < 0.05, sampler

@@ -8,7 +8,7 @@ import torch
 from diffusion_core import GaussianDiffusion, NoiseSchedule
 from diffusion_core.formulations import EDM, FORMULATIONS, Formulation
 from diffusion_core.resample import ObjectiveSampler, make_timestep_sampler
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 from tests.gaussian import GaussianDenoiser
 
 ALL = ["eps", "x0", "v", "mu", "edm"]
@@ -122,7 +122,7 @@ def test_edm_samples_gaussian_data_with_the_exact_denoiser():
     d = _diff("edm")
     mean, std = torch.tensor([0.5, -0.3]), torch.tensor([0.25, 0.6])
     model = GaussianDenoiser(d.schedule, mean, std, "edm", sigma_data=0.6)
-    x = sample(d, model, (4000, 2), sampler="ddim", steps=100, generator=torch.Generator().manual_seed(8),
+    x = sample(d, model, (4000, 2), SamplingSpec("ddim", steps=100), generator=torch.Generator().manual_seed(8),
                clip_denoised=False)
     assert torch.allclose(x.mean(0), mean, atol=0.03)
     assert torch.allclose(x.std(0) / std, torch.ones(2), atol=0.05)

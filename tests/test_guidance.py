@@ -16,7 +16,7 @@ import torch
 
 from diffusion_core import GaussianDiffusion, NoiseSchedule
 from diffusion_core.guidance import ClassifierFreeGuidance, ClassifierGuidance, cfg_label_dropout
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 from diffusion_core.samplers.common import Predictor
 
 from .gaussian import GaussianMixtureDenoiser, GaussianNoisyClassifier
@@ -112,7 +112,7 @@ def test_classifier_guided_sampling_equals_cfg_sampling_on_these_data(sampler, s
     is called once per step and counted apart from the denoiser."""
     diff, model, clf = _setup("v")
     y = torch.arange(12) % K
-    kw = dict(sampler=sampler, steps=20, seeds=list(range(12)), y=y, clip_denoised=False)
+    kw = dict(spec=SamplingSpec(sampler, steps=20), seeds=list(range(12)), y=y, clip_denoised=False)
     calls = []
 
     def counted(x, t, y=None):
@@ -143,7 +143,7 @@ def test_label_dropout_drops_the_fraction_asked_to_the_null_class_only():
 def test_generate_counts_the_classifiers_calls_apart_from_the_denoisers(tmp_path, kind):
     """NFE per sample is the denoiser's (two a step with CFG); classifier guidance adds one classifier call (a
     forward and a backward pass) a step, reported as classifier_nfe."""
-    from diffusion_core.generation import SamplingSpec, generate
+    from diffusion_core.generation import generate
     from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 
     from .tiny_models import make_classifier_dir, make_diffusion_dir

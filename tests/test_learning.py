@@ -8,7 +8,7 @@ from sklearn.datasets import make_swiss_roll
 from diffusion_core import GaussianDiffusion, NoiseSchedule
 from diffusion_core.models import EMA, MLPDenoiser
 from diffusion_core.resample import UniformSampler
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 
 
 def swiss_roll(n, seed):
@@ -59,7 +59,7 @@ FRESH = 2000
 def swd_of(diff, model, sampler, steps, lambda_min):
     fresh = swiss_roll(FRESH, seed=2)
     with torch.no_grad():
-        x = sample(diff, model, (FRESH, 2), sampler=sampler, steps=steps, clip_denoised=False,
+        x = sample(diff, model, (FRESH, 2), SamplingSpec(sampler, steps=steps), clip_denoised=False,
                    generator=torch.Generator().manual_seed(3), lambda_min=lambda_min)
     return sliced_wasserstein(x, fresh) if torch.isfinite(x).all() else float("inf")
 

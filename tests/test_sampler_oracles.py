@@ -9,7 +9,7 @@ import torch
 
 from diffusion_core import GaussianDiffusion, NoiseSchedule
 from diffusion_core.guidance import ClassifierFreeGuidance
-from diffusion_core.samplers import SAMPLERS, SPACINGS, get_sampler, sample
+from diffusion_core.samplers import SAMPLERS, SPACINGS, SamplingSpec, get_sampler, sample
 from diffusion_core.samplers.dpm_solver import _differences, _ode_step
 from diffusion_core.samplers.grids import KARRAS_RHO, grid_timesteps
 from tests.gaussian import GaussianConsistency, GaussianDenoiser
@@ -37,7 +37,7 @@ def test_every_sampler_and_grid_reproduces_gaussian_data(sampler, spacing):
     """
     diff, model = _setup()
     steps = 250 if sampler in ("ddpm", "ddim", "euler") else 100
-    x = sample(diff, model, (4000, 4), sampler=sampler, steps=steps, spacing=spacing, clip_denoised=False,
+    x = sample(diff, model, (4000, 4), SamplingSpec(sampler, steps=steps, spacing=spacing), clip_denoised=False,
                generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x.mean(0), MEAN, atol=0.03), (x.mean(0), MEAN)
     _check_std(x, model, grid_timesteps(diff.schedule, steps, spacing, -5.1)[0])
@@ -51,7 +51,7 @@ def _check_std(x, model, t1, tol=0.07):
 @pytest.mark.parametrize("sampler,options", sorted(STOCHASTIC.items()))
 def test_stochastic_options_keep_gaussian_data(sampler, options):
     diff, model = _setup()
-    x = sample(diff, model, (4000, 4), sampler=sampler, steps=250, options=options, clip_denoised=False,
+    x = sample(diff, model, (4000, 4), SamplingSpec(sampler, steps=250, options=options), clip_denoised=False,
                generator=torch.Generator().manual_seed(1))
     assert torch.allclose(x.mean(0), MEAN, atol=0.03)
     _check_std(x, model, grid_timesteps(diff.schedule, 250, "trailing", -5.1)[0])
@@ -76,7 +76,7 @@ def test_global_error_falls_at_the_solver_order(sampler, order):
     errs = []
     for n in (32, 64, 128):
         states = {}
-        sample(diff, model, x_T.shape, sampler=sampler, steps=n, spacing="linspace", x_T=x_T, clip_denoised=False,
+        sample(diff, model, x_T.shape, SamplingSpec(sampler, steps=n, spacing="linspace"), x_T=x_T, clip_denoised=False,
                lambda_min=None, callback=lambda i, x, x0: states.__setitem__(i, x))
         errs.append(float((states[1] - _exact_ode_end(diff.schedule, x_T, 999, 0)).abs().max()))
     rates = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
@@ -116,8 +116,8 @@ def test_euler_is_deterministic_ddim():
     """Euler on dx~/dsigma = (x~ - D)/sigma is DDIM eta 0 (Karras et al. sec. 3; Song et al. eq. 14)."""
     diff, model = _setup()
     x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
-    a = sample(diff, model, x_T.shape, sampler="euler", steps=20, x_T=x_T, clip_denoised=False)
-    b = sample(diff, model, x_T.shape, sampler="ddim", steps=20, x_T=x_T, clip_denoised=False)
+    a = sample(diff, model, x_T.shape, SamplingSpec("euler", steps=20), x_T=x_T, clip_denoised=False)
+    b = sample(diff, model, x_T.shape, SamplingSpec("ddim", steps=20), x_T=x_T, clip_denoised=False)
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -128,8 +128,8 @@ def test_euler_and_heun_match_diffusers(name):
     cls = diffusers.EulerDiscreteScheduler if name == "euler" else diffusers.HeunDiscreteScheduler
     ref = cls(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
               timestep_spacing="trailing")
-    ours = sample(diff, model, x_T.shape, sampler=name, steps=20, spacing="trailing", x_T=x_T, clip_denoised=False,
-                  lambda_min=None)
+    ours = sample(diff, model, x_T.shape, SamplingSpec(name, steps=20, spacing="trailing"), x_T=x_T,
+                  clip_denoised=False, lambda_min=None)
     ref.set_timesteps(20)
     x = x_T * float((1 + ref.sigmas[0] ** 2).sqrt())  # diffusers works in x~ = x_t / alpha
     for t in ref.timesteps:
@@ -147,8 +147,8 @@ def test_multistep_solvers_match_diffusers(sampler, kw, monkeypatch):
     diff, model = _setup("linear")
     x_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(5))
     n = 20
-    ours = sample(diff, model, x_T.shape, sampler=sampler, steps=n, spacing="trailing", x_T=x_T, clip_denoised=False,
-                  lambda_min=None, generator=torch.Generator().manual_seed(6))
+    ours = sample(diff, model, x_T.shape, SamplingSpec(sampler, steps=n, spacing="trailing"), x_T=x_T,
+                  clip_denoised=False, lambda_min=None, generator=torch.Generator().manual_seed(6))
     g = torch.Generator().manual_seed(6)  # our noise draws, in order: one per step but the last
     noises = ([torch.randn(x_T.shape, generator=g) for _ in range(n - 1)] if get_sampler(sampler).stochastic({})
               else None)
@@ -198,8 +198,8 @@ def test_nfe_is_counted_for_every_sampler(sampler, cfg):
 
     guidance = ClassifierFreeGuidance(2.0, null_class=3) if cfg else None
     y = torch.zeros(8, dtype=torch.long) if cfg else None
-    sample(diff, counting, (8, 4), sampler=sampler, steps=12, clip_denoised=False, guidance=guidance, y=y,
-           generator=torch.Generator().manual_seed(7), options=STOCHASTIC.get(sampler))
+    sample(diff, counting, (8, 4), SamplingSpec(sampler, steps=12, options=STOCHASTIC.get(sampler) or {}),
+           clip_denoised=False, guidance=guidance, y=y, generator=torch.Generator().manual_seed(7))
     assert sum(calls) / 8 == get_sampler(sampler).nfe(12, cfg=cfg)
     spec = get_sampler(sampler)
     assert spec.nfe(spec.steps_for_nfe(20, cfg), cfg) <= 20 < spec.nfe(spec.steps_for_nfe(20, cfg) + 1, cfg)
@@ -216,7 +216,7 @@ def test_every_sampler_runs_on_every_formulation(sampler, parameterization):
     diff = GaussianDiffusion(sched, parameterization, formulation_options=options)
     model = GaussianDenoiser(sched, MEAN, STD, parameterization, sigma_data=0.4)
     steps = 250 if sampler in ("ddpm", "ddim", "euler") else 100
-    x = sample(diff, model, (4000, 4), sampler=sampler, steps=steps, spacing="trailing", clip_denoised=False,
+    x = sample(diff, model, (4000, 4), SamplingSpec(sampler, steps=steps, spacing="trailing"), clip_denoised=False,
                generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x.mean(0), MEAN, atol=0.03), (x.mean(0), MEAN)
     _check_std(x, model, grid_timesteps(diff.schedule, steps, "trailing", -5.1)[0])
@@ -231,7 +231,7 @@ def test_consistency_sampling_of_the_exact_consistency_function_draws_the_data(s
     diff = GaussianDiffusion(sched, "v")
     f = GaussianConsistency(sched, MEAN, STD, "v")
     x_T = torch.randn(8000, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    kw = dict(sampler="consistency", steps=steps, spacing="trailing", clip_denoised=False, lambda_min=None)
+    kw = dict(spec=SamplingSpec("consistency", steps=steps), clip_denoised=False, lambda_min=None)
     x = sample(diff, f, x_T.shape, generator=torch.Generator().manual_seed(4), x_T=x_T, **kw)
     assert torch.allclose(x.mean(0).float(), MEAN, atol=0.02) and torch.allclose(x.std(0).float(), STD, rtol=0.03)
     if steps == 1:  # the ODE's invariant u at t = 999, carried to the data: m + s u
@@ -254,7 +254,7 @@ def test_every_sampler_samples_a_learned_variance_model(sampler):
     diff = GaussianDiffusion(sched, "eps", variance="learned_range", loss="hybrid")
     model = GaussianDenoiser(sched, MEAN, STD, "eps", extra_var_channels=True)
     steps = 250 if sampler in ("ddpm", "ddim", "euler") else 100
-    x = sample(diff, model, (4000, 4), sampler=sampler, steps=steps, spacing="trailing", clip_denoised=False,
+    x = sample(diff, model, (4000, 4), SamplingSpec(sampler, steps=steps, spacing="trailing"), clip_denoised=False,
                generator=torch.Generator().manual_seed(0))
     assert x.shape == (4000, 4) and torch.allclose(x.mean(0), MEAN, atol=0.03), (x.mean(0), MEAN)
     _check_std(x, model, grid_timesteps(diff.schedule, steps, "trailing", -5.1)[0], tol=0.1)

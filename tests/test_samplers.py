@@ -4,7 +4,7 @@ import torch
 
 from diffusion_core import GaussianDiffusion, NoiseSchedule
 from diffusion_core.guidance import ClassifierFreeGuidance, ClassifierGuidance
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 from tests.gaussian import GaussianDenoiser
 
 MEAN = torch.tensor([0.5, -0.3, 0.0, 0.2])
@@ -29,7 +29,7 @@ def _check_moments(x, tol_mean=0.03, tol_std=0.05):
                                            ("linear", "fixed_small")])
 def test_ddpm_1000_steps_reproduces_gaussian_data(name, variance):
     diff, model = _setup(name, variance=variance)
-    x = sample(diff, model, (4000, 4), sampler="ddpm", generator=torch.Generator().manual_seed(0),
+    x = sample(diff, model, (4000, 4), SamplingSpec("ddpm"), generator=torch.Generator().manual_seed(0),
                clip_denoised=False)
     _check_moments(x)
     # the cosine-end guard skips the steps with log-SNR below 2 * -5.1 (cosine's last few; none of linear's)
@@ -42,7 +42,7 @@ def test_ddpm_1000_steps_reproduces_gaussian_data(name, variance):
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v", "mu"])
 def test_ddim_100_steps_reproduces_gaussian_data(parameterization):
     diff, model = _setup("cosine", parameterization)
-    x = sample(diff, model, (4000, 4), sampler="ddim", steps=100, generator=torch.Generator().manual_seed(1),
+    x = sample(diff, model, (4000, 4), SamplingSpec("ddim", steps=100), generator=torch.Generator().manual_seed(1),
                clip_denoised=False)
     _check_moments(x)
     assert model.calls == 100
@@ -50,7 +50,7 @@ def test_ddim_100_steps_reproduces_gaussian_data(parameterization):
 
 def test_dpmpp2m_20_steps_reproduces_gaussian_data():
     diff, model = _setup("cosine")
-    x = sample(diff, model, (4000, 4), sampler="dpmpp2m", steps=20, generator=torch.Generator().manual_seed(2),
+    x = sample(diff, model, (4000, 4), SamplingSpec("dpmpp2m", steps=20), generator=torch.Generator().manual_seed(2),
                clip_denoised=False)
     _check_moments(x, tol_std=0.07)
 
@@ -58,7 +58,7 @@ def test_dpmpp2m_20_steps_reproduces_gaussian_data():
 def test_dpmpp2m_trajectory_matches_diffusers():
     diff, model = _setup("linear")
     x_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(3))
-    ours = sample(diff, model, x_T.shape, sampler="dpmpp2m", steps=20, spacing="trailing", x_T=x_T,
+    ours = sample(diff, model, x_T.shape, SamplingSpec("dpmpp2m", steps=20, spacing="trailing"), x_T=x_T,
                   clip_denoised=False, lambda_min=None)
     ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                                 timestep_spacing="trailing", solver_order=2,
@@ -73,9 +73,9 @@ def test_dpmpp2m_trajectory_matches_diffusers():
 def test_ddim_eta1_equals_ddpm_posterior_variance():
     """DDIM with eta=1 is DDPM ancestral sampling with sigma_t^2 = posterior variance (Song et al. sec. 4.1)."""
     diff, model = _setup("linear")
-    kw = dict(steps=50, spacing="leading", clip_denoised=False, seeds=list(range(16)))
-    a = sample(diff, model, (16, 4), sampler="ddim", eta=1.0, **kw)
-    b = sample(diff, model, (16, 4), sampler="ddpm", **kw)
+    kw = dict(clip_denoised=False, seeds=list(range(16)))
+    a = sample(diff, model, (16, 4), SamplingSpec("ddim", steps=50, spacing="leading", options={"eta": 1.0}), **kw)
+    b = sample(diff, model, (16, 4), SamplingSpec("ddpm", steps=50, spacing="leading"), **kw)
     assert torch.allclose(a, b, atol=1e-4)
 
 
@@ -94,7 +94,7 @@ def test_learned_range_at_the_upper_end_is_fixed_large():
 def test_ddim_trajectory_matches_diffusers(spacing, name, dname):
     diff, model = _setup(name)
     x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
-    ours = sample(diff, model, x_T.shape, sampler="ddim", steps=50, spacing=spacing, x_T=x_T, clip_denoised=False,
+    ours = sample(diff, model, x_T.shape, SamplingSpec("ddim", steps=50, spacing=spacing), x_T=x_T, clip_denoised=False,
                   lambda_min=None)
     ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=dname, timestep_spacing=spacing,
                                   clip_sample=False, set_alpha_to_one=True)
@@ -112,31 +112,32 @@ def test_per_sample_seeds_do_not_depend_on_batch_size():
     stochastic = {"ddpm": {}, "ddim": {"eta": 0.5}, "dpmpp2m_sde": {}, "heun": {"s_churn": 10.0},
                   "euler": {"s_churn": 10.0}}
     for sampler, options in stochastic.items():
-        kw = dict(sampler=sampler, steps=25, options=options, clip_denoised=False)
-        whole = sample(diff, model, (10, 4), seeds=seeds, **kw)
-        parts = torch.cat([sample(diff, model, (3, 4), seeds=seeds[:3], **kw),
-                           sample(diff, model, (7, 4), seeds=seeds[3:], **kw)])
+        spec, kw = SamplingSpec(sampler, steps=25, options=options), dict(clip_denoised=False)
+        whole = sample(diff, model, (10, 4), spec, seeds=seeds, **kw)
+        parts = torch.cat([sample(diff, model, (3, 4), spec, seeds=seeds[:3], **kw),
+                           sample(diff, model, (7, 4), spec, seeds=seeds[3:], **kw)])
         assert torch.equal(whole, parts)
 
 
 def test_generator_determinism_and_x_T():
     diff, model = _setup("cosine")
-    a = sample(diff, model, (8, 4), sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(5))
-    b = sample(diff, model, (8, 4), sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(5))
-    c = sample(diff, model, (8, 4), sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(6))
+    a = sample(diff, model, (8, 4), SamplingSpec("ddpm", steps=20), generator=torch.Generator().manual_seed(5))
+    b = sample(diff, model, (8, 4), SamplingSpec("ddpm", steps=20), generator=torch.Generator().manual_seed(5))
+    c = sample(diff, model, (8, 4), SamplingSpec("ddpm", steps=20), generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     x_T = torch.randn(8, 4)
-    d1 = sample(diff, model, (8, 4), sampler="ddim", steps=20, x_T=x_T, generator=torch.Generator().manual_seed(1))
-    d2 = sample(diff, model, (8, 4), sampler="ddim", steps=20, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    spec = SamplingSpec("ddim", steps=20)
+    d1 = sample(diff, model, (8, 4), spec, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    d2 = sample(diff, model, (8, 4), spec, x_T=x_T, generator=torch.Generator().manual_seed(2))
     assert torch.equal(d1, d2)  # eta=0 DDIM is a deterministic map of x_T
 
 
 def test_clipping_keeps_samples_in_range():
     diff, _ = _setup("cosine")
     wide = GaussianDenoiser(diff.schedule, torch.zeros(4), torch.full((4,), 2.0))
-    x = sample(diff, wide, (256, 4), sampler="ddim", steps=20, generator=torch.Generator().manual_seed(0))
+    x = sample(diff, wide, (256, 4), SamplingSpec("ddim", steps=20), generator=torch.Generator().manual_seed(0))
     assert x.abs().max() <= 1.0
-    x = sample(diff, wide, (256, 4), sampler="ddim", steps=20, generator=torch.Generator().manual_seed(0),
+    x = sample(diff, wide, (256, 4), SamplingSpec("ddim", steps=20), generator=torch.Generator().manual_seed(0),
                clip_denoised=False)
     assert x.abs().max() > 1.5
 
@@ -153,7 +154,7 @@ class _LinearClassifier(torch.nn.Module):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
 def test_classifier_guidance_scale_zero_equals_unguided(sampler):
     diff, model = _setup("cosine")
-    kw = dict(sampler=sampler, steps=20, seeds=list(range(6)), y=torch.tensor([0, 1, 2, 0, 1, 2]))
+    kw = dict(spec=SamplingSpec(sampler, steps=20), seeds=list(range(6)), y=torch.tensor([0, 1, 2, 0, 1, 2]))
     plain = sample(diff, model, (6, 4), **kw)
     zero = sample(diff, model, (6, 4), guidance=ClassifierGuidance(_LinearClassifier(), 0.0), **kw)
     assert torch.equal(plain, zero)
@@ -170,9 +171,9 @@ def test_classifier_guidance_moves_samples_toward_the_class():
 
     diff, model = _setup("cosine")
     y = torch.ones(4000, dtype=torch.long)
-    x = sample(diff, model, (4000, 4), sampler="ddpm", steps=100, clip_denoised=False, y=y,
+    x = sample(diff, model, (4000, 4), SamplingSpec("ddpm", steps=100), clip_denoised=False, y=y,
                guidance=ClassifierGuidance(Tilt(), 1.0), generator=torch.Generator().manual_seed(0))
-    plain = sample(diff, model, (4000, 4), sampler="ddpm", steps=100, clip_denoised=False,
+    plain = sample(diff, model, (4000, 4), SamplingSpec("ddpm", steps=100), clip_denoised=False,
                    generator=torch.Generator().manual_seed(0))
     shift = (x[:, 0].mean() - plain[:, 0].mean()).item()
     assert 0 < shift < 0.2  # toward the class; a noisy-x_t classifier is not the exact tilt, so only the sign and scale
@@ -196,7 +197,7 @@ def test_cfg_scale_zero_is_unconditional_and_one_is_conditional():
     diff, _ = _setup("cosine")
     model = _CondGaussian(diff.schedule)
     y = torch.tensor([0, 1] * 4)
-    kw = dict(sampler="ddim", steps=20, seeds=list(range(8)), clip_denoised=False)
+    kw = dict(spec=SamplingSpec("ddim", steps=20), seeds=list(range(8)), clip_denoised=False)
     uncond = sample(diff, model, (8, 4), y=torch.full((8,), 2), **kw)
     assert torch.equal(sample(diff, model, (8, 4), y=y, guidance=ClassifierFreeGuidance(0.0, 2), **kw), uncond)
     cond = sample(diff, model, (8, 4), y=y, **kw)
@@ -226,17 +227,19 @@ def test_bad_sampler_arguments():
     with pytest.raises(ValueError,
                        match="unknown sampler 'lms'; accepted: consistency, ddim, ddpm, dpmpp2m, dpmpp2m_sde, "
                              "dpmpp3m, euler, heun"):
-        sample(diff, model, (2, 4), sampler="lms")
+        sample(diff, model, (2, 4), SamplingSpec("lms"))
     with pytest.raises(ValueError, match="steps must be in 1..1000"):
-        sample(diff, model, (2, 4), steps=1001)
+        sample(diff, model, (2, 4), SamplingSpec(steps=1001))
     with pytest.raises(ValueError, match=r"option eta must be in \[0.0, 1.0\]"):
-        sample(diff, model, (2, 4), eta=-0.1)
-    with pytest.raises(ValueError, match="'dpmpp2m' has no eta option"):
-        sample(diff, model, (2, 4), sampler="dpmpp2m", eta=0.5)
+        sample(diff, model, (2, 4), SamplingSpec(options={"eta": -0.1}))
+    with pytest.raises(ValueError, match="sampler 'dpmpp2m' has no option 'eta'; its options: none"):
+        sample(diff, model, (2, 4), SamplingSpec("dpmpp2m", options={"eta": 0.5}))
+    with pytest.raises(ValueError, match="the spec asks for cfg guidance but no guidance object was given"):
+        sample(diff, model, (2, 4), SamplingSpec(guidance="cfg", scale=2.0))
     with pytest.raises(ValueError, match="'heun' has no option 'churn'; its options: s_churn, s_tmin"):
-        sample(diff, model, (2, 4), sampler="heun", options={"churn": 1})
+        sample(diff, model, (2, 4), SamplingSpec("heun", options={"churn": 1}))
     with pytest.raises(ValueError, match="unknown spacing 'cosine'; accepted: leading, trailing, linspace, logsnr"):
-        sample(diff, model, (2, 4), spacing="cosine")
+        sample(diff, model, (2, 4), SamplingSpec(spacing="cosine"))
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         ClassifierFreeGuidance(-1.0, 2)
 
@@ -256,7 +259,7 @@ def test_cosine_end_guard_keeps_an_imperfect_model_stable(sampler):
             return exact(x, t) + 0.05 * (t >= 996).float()[:, None]
         return exact(x, t) + 0.01
 
-    kw = dict(sampler=sampler, steps=50, clip_denoised=False, generator=torch.Generator().manual_seed(0))
+    kw = dict(spec=SamplingSpec(sampler, steps=50), clip_denoised=False, generator=torch.Generator().manual_seed(0))
     unguarded = sample(diff, imperfect, (2000, 4), lambda_min=None, **kw)
     guarded = sample(diff, imperfect, (2000, 4), **kw)
     # the pitfall is real: the mean moves by more than the data's smallest std (0.25), far more for DDIM/DPM++
@@ -286,9 +289,11 @@ def test_a_sampler_added_in_one_registration_runs_on_the_grid_sample_hands_it():
     register(SamplerSpec("ddim0_test", ddim0_loop, "DDIM eta 0, written in a test", "Song et al. 2021"))
     try:
         diff, model = _setup("linear")
-        kw = dict(steps=10, spacing="karras", clip_denoised=False)
-        mine = sample(diff, model, (64, 4), sampler="ddim0_test", generator=torch.Generator().manual_seed(0), **kw)
-        ref = sample(diff, model, (64, 4), sampler="ddim", generator=torch.Generator().manual_seed(0), **kw)
+        kw = dict(clip_denoised=False)
+        mine = sample(diff, model, (64, 4), SamplingSpec("ddim0_test", steps=10, spacing="karras"),
+                      generator=torch.Generator().manual_seed(0), **kw)
+        ref = sample(diff, model, (64, 4), SamplingSpec("ddim", steps=10, spacing="karras"),
+                     generator=torch.Generator().manual_seed(0), **kw)
     finally:
         del SAMPLERS["ddim0_test"]
     assert torch.equal(mine, ref)

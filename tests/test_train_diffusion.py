@@ -28,7 +28,7 @@ import yaml
 
 from diffusion_core.checkpoint import find_last_good_checkpoint, verify_checkpoint_dir
 from diffusion_core.model_folders import load_diffusion_dir
-from diffusion_core.samplers import sample
+from diffusion_core.samplers import SamplingSpec, sample
 from pipeline import train_diffusion
 
 from .stages import dashboard_answers, group_pids, listening_ips, ray_token_env, stage_env
@@ -150,7 +150,7 @@ def test_kill_9_at_three_random_points_then_resume_to_the_end(prepared, tmp_path
     assert sorted(p.name for p in (cwd / CKPTS).iterdir()) == ["step-00000055", "step-00000060"]  # no temp left
     bundle = load_diffusion_dir(cwd / "models" / "diffusion")  # checksums verified on load
     assert verify_checkpoint_dir(cwd / "models" / "diffusion")
-    x = sample(bundle.diffusion, bundle.model, (2, *bundle.shape), sampler="ddim", steps=5,
+    x = sample(bundle.diffusion, bundle.model, (2, *bundle.shape), SamplingSpec("ddim", steps=5),
                generator=torch.Generator().manual_seed(0), y=torch.arange(2))
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
 
@@ -186,7 +186,7 @@ def test_interrupted_checkpoint_write_keeps_last_good_then_sampling_needs_only_t
     bundle = load_diffusion_dir(cwd / "models" / "diffusion")  # no flags but the path
     assert bundle.shape == (1, 8, 8) and bundle.num_classes == 10 and not bundle.is_latent
     y = torch.arange(4)
-    x = sample(bundle.diffusion, bundle.model, (4, *bundle.shape), sampler="ddim", steps=10,
+    x = sample(bundle.diffusion, bundle.model, (4, *bundle.shape), SamplingSpec("ddim", steps=10),
                generator=torch.Generator().manual_seed(0), y=y)
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
 
@@ -203,7 +203,7 @@ def test_same_seed_bitwise_identical_and_resume_is_exact(sections, train, steps,
     loss-aware sampler too, which samples by its loss history once every timestep has one (the checkpoint carries
     it), and with the DiT backbone, whose folder rebuilds a DiT that samples."""
     from diffusion_core.checkpoint import load_training_state
-    from diffusion_core.generation import SamplingSpec, generate
+    from diffusion_core.generation import generate
     from diffusion_core.model_folders import load_diffusion_dir
     from diffusion_core.models import DiT
 

@@ -1,4 +1,4 @@
-"""Samplers that own their loop: `sample(diffusion, model, shape, sampler=..., steps=..., spacing=...)`.
+"""Samplers that own their loop: `sample(diffusion, model, shape, SamplingSpec("dpmpp2m", steps=20))`.
 
 Every module of this package registers its samplers in `registry.SAMPLERS` (importing the package imports them
 all), which is the one list the CLI, params validation, the sweep and the docs read: ddpm, ddim, euler, heun,
@@ -17,62 +17,56 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion import GaussianDiffusion
-from .common import Grid, NoiseSource, Predictor, sampling_diffusion
+from .common import Grid, NoiseSource, Predictor, SamplingSpec, sampling_diffusion
 from .grids import SPACINGS
 from .registry import SAMPLERS, SamplerSpec, describe, get_sampler, resolve_options
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["SAMPLERS", "SPACINGS", "Grid", "NoiseSource", "SamplerSpec", "describe", "get_sampler", "resolve_options",
-           "sample", "sampler_options"]
-
-
-def sampler_options(sampler: str, eta: float | None = None, options: dict | None = None) -> dict:
-    """Resolved options; `eta` (kept for the DDIM-era API) goes to the sampler's eta option, and a nonzero eta
-    for a sampler without one is an error."""
-    options = dict(options or {})
-    spec = get_sampler(sampler)
-    if eta is not None:
-        if any(o.name == "eta" for o in spec.options):
-            options.setdefault("eta", eta)
-        elif eta != 0:
-            raise ValueError(f"sampler {sampler!r} has no eta option (eta applies to ddim); got eta={eta}")
-    return resolve_options(sampler, options)
+__all__ = ["SAMPLERS", "SPACINGS", "Grid", "NoiseSource", "SamplerSpec", "SamplingSpec", "describe", "get_sampler",
+           "resolve_options", "sample"]
 
 
 @torch.no_grad()
-def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], sampler: str = "ddim",
-           steps: int | None = None, eta: float | None = None, spacing: str = "trailing",
+def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], spec: SamplingSpec | None = None, *,
            generator: torch.Generator | None = None, seeds: Sequence[int] | None = None, y=None, x_T=None,
-           clip_denoised: bool = True, guidance=None, device=None, progress: bool = False,
-           callback=None, lambda_min: float | None = -5.1, options: dict | None = None) -> torch.Tensor:
-    """Draw samples of `shape` [B, ...]; returns x0 in the data space (clipped to [-1,1] if clip_denoised).
+           clip_denoised: bool = True, guidance=None, device=None, progress: bool = False, callback=None,
+           lambda_min: float | None = -5.1) -> torch.Tensor:
+    """Draw samples of `shape` [B, ...] with `spec` (default: DDIM on every timestep); returns x0 in the data space
+    (clipped to [-1,1] if clip_denoised).
 
-    `steps`: grid points (None: every timestep); `options`: the sampler's own (see `registry.describe()`).
+    `spec`: the sampler, its grid (`steps` points, None: every timestep, placed by `spacing`) and its own options
+    (see `registry.describe()`). Guidance is the `guidance` object (ClassifierFreeGuidance, ClassifierGuidance);
+    `generate` builds it from a spec's `guidance` and `scale`, which this function does not read.
     `lambda_min`: start no lower than log-SNR 2*lambda_min (diffusers' value for cosine, -5.1); None keeps the
     schedule's first step whatever its SNR. Every sampler needs it on the cosine schedule without x0 clipping
     (latents): DDPM's first ancestral step there multiplies the eps error by ~60. See `grids.grid_timesteps`.
     A float64 `x_T` keeps the whole trajectory in float64 (oracle tests).
     """
-    spec = get_sampler(sampler)
-    opts = sampler_options(sampler, eta, options)
+    spec = spec if spec is not None else SamplingSpec()
+    if spec.guidance != "none" and guidance is None:
+        raise ValueError(f"the spec asks for {spec.guidance} guidance but no guidance object was given: pass "
+                         f"guidance=ClassifierFreeGuidance(...) or ClassifierGuidance(...), or use generation.generate")
+    sampler, steps = spec.sampler, spec.steps
+    loop = get_sampler(sampler)
+    opts = resolve_options(sampler, dict(spec.options))
     T = diffusion.num_timesteps
     if steps is not None and not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T} (the model's T), got {steps}")
     if device is None:
         device = x_T.device if x_T is not None else next(_params(model), torch.empty(0)).device
-    d = sampling_diffusion(diffusion, steps, spacing, lambda_min)
+    d = sampling_diffusion(diffusion, steps, spec.spacing, lambda_min)
     dtype = x_T.dtype if x_T is not None and x_T.dtype == torch.float64 else torch.float32
     noise = NoiseSource(shape, device, dtype, generator, seeds)
     x = noise() if x_T is None else x_T.to(device, dtype)
     if y is not None:
         y = torch.as_tensor(y, dtype=torch.long, device=device)
-    predict = Predictor(d, model, y, guidance, clip_denoised, eps_guidance=spec.guidance == "eps",
+    predict = Predictor(d, model, y, guidance, clip_denoised, eps_guidance=loop.guidance == "eps",
                         lambda_min=lambda_min, base=diffusion)
     if progress:
         callback = _with_progress(d.num_timesteps, sampler, callback)
-    return spec.loop(predict, x, Grid.of(d), noise, opts, callback)
+    return loop.loop(predict, x, Grid.of(d), noise, opts, callback)
 
 
 def _params(model):

@@ -3,14 +3,45 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ..diffusion import GaussianDiffusion
 from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .grids import grid_timesteps
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """One sampling setting: a sampler (its registry name) on a grid, the sampler's own options, the guidance.
+
+    `steps` grid points (None: every timestep) placed by `spacing` (samplers.SPACINGS); `options` are the sampler's
+    own (`samplers.describe()`: eta, s_churn ...; `generate` fills in the defaults and checks them); `guidance`
+    is none, cfg (the model's null class) or classifier (generate's `classifier_bundle`), at `scale`.
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    spacing: str = "trailing"
+    options: Mapping[str, float] = field(default_factory=dict)
+    guidance: str = "none"
+    scale: float = 1.0
+
+    @classmethod
+    def from_setting(cls, setting: Mapping, **changes) -> "SamplingSpec":
+        """From a setting as the sweep, evaluate and MLflow requests write it (sampler, steps, spacing, options,
+        guidance, scale, eta), with `changes` on top. A scale of None is 1; a nonzero eta goes into the options
+        (DDIM's noise; an eta in `options` wins)."""
+        values = {k: setting[k] for k in ("sampler", "steps", "spacing", "options", "guidance", "scale")
+                  if k in setting}
+        values = {**values, **changes}
+        eta = setting.get("eta") or 0.0
+        values["options"] = {**({"eta": eta} if eta else {}), **(values.get("options") or {})}
+        if values.get("scale") is None:
+            values["scale"] = 1.0
+        return cls(**values)
 
 
 class NoiseSource:
