@@ -88,7 +88,7 @@ def _params(path: Path, **sections) -> Path:
     """tiny.yaml without tracking, Ray, Inception or big counts; `sections` update single keys of a section."""
     raw = yaml.safe_load(TINY.read_text())
     raw["tracking"]["enabled"] = False
-    # no Inception-v3 (seconds a run at 299x299): the domain statistics and metrics are written the same way
+    # no Inception-v3 (the slowest part of these runs): the domain statistics and metrics are written the same way
     raw["reference_stats"]["inception"] = False
     raw["sweep"]["inception_samples"] = 0
     raw["evaluate"].update(setting="params", num_workers=1, num_samples=20, batch_size=20, grid_samples=10,

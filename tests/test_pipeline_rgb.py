@@ -78,7 +78,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     DVC param: the repro in two parts runs each stage once."""
     work = scratch_checkout(tmp_path_factory.mktemp("rgb"), TINY_RGB)
     _set(work / "params.yaml", "latent", tracking=False)
-    log = dvc(work, "repro", *UNTRACKED)  # and what they need; MLflow (about 5 CPU s a stage) for the rest only
+    log = dvc(work, "repro", *UNTRACKED)  # and what they need; MLflow for the rest only
     _set(work / "params.yaml", "latent", tracking=True)
     log += dvc(work, "repro")
     out = {"latent": (_snapshot(work, tmp_path_factory.mktemp("latent"), "latent"), log)}
