@@ -38,7 +38,8 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
 
     `spec`: the sampler, its grid (`steps` points, None: every timestep, placed by `spacing`) and its own options
     (see `registry.describe()`). Guidance is the `guidance` object (ClassifierFreeGuidance, ClassifierGuidance);
-    `generate` builds it from a spec's `guidance` and `scale`, which this function does not read.
+    `generate` builds it from a spec's `guidance` and `scale`; here a spec that asks for guidance without the
+    object is an error.
     `lambda_min`: start no lower than log-SNR 2*lambda_min (diffusers' value for cosine, -5.1); None keeps the
     schedule's first step whatever its SNR. Every sampler needs it on the cosine schedule without x0 clipping
     (latents): DDPM's first ancestral step there multiplies the eps error by ~60. See `grids.grid_timesteps`.
