@@ -135,6 +135,7 @@ def test_secrets_redacted():
     assert flat == {"a.api_token": "***", "a.uri": "http://***@host:5000", "a.n": "null"}
 
 
+@pytest.mark.slow  # a fresh interpreter that creates an MLflow store: make test, not the inner loop
 def test_a_token_in_the_git_remote_does_not_reach_the_store(tmp_path):
     """A clone whose origin URL carries a token (as CI checkouts often do), a stage entry point inside it: MLflow's
     own repoURL tag keeps the host and path (MLflow drops the credentials itself; this pins that), and the token is
