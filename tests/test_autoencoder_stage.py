@@ -31,10 +31,8 @@ from pipeline.config import ConfigError, validate_params
 
 from . import zygote
 from .e2e import shared_repro
-from .stages import params_raw, stage_env
+from .stages import ROOT, TINY, params_raw, stage_env
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
 STAGES = ("prepare", "train_autoencoder", "encode_latents")
 
 

@@ -40,8 +40,8 @@ from pipeline.config import merged
 from tests import zygote
 from tests.stages import stage_env
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+from .stages import TINY
+
 PARALLEL = 2
 
 

@@ -19,10 +19,7 @@ from diffusion_core.schedules import NoiseSchedule
 from diffusion_core.training import Trainer, TrainOptions
 
 from . import zygote
-from .stages import stage_env
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+from .stages import TINY, stage_env
 
 
 class Recorder(torch.nn.Module):

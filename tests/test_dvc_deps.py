@@ -2,12 +2,12 @@
 params schema or the tracking code must rerun the stages that use it, as a change to diffusion_core/ does)."""
 
 import ast
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from .stages import ROOT
+
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 

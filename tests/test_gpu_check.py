@@ -4,13 +4,10 @@ bench.gpu for CUDA where there is none is a one-line error."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from .stages import stage_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from .stages import ROOT, stage_env
 
 
 def _env() -> dict:

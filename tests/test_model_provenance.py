@@ -22,9 +22,8 @@ import yaml
 from diffusion_core.checkpoint import load_model_dir, save_model_dir, verify_checkpoint_dir
 from diffusion_core.models import FeatureNet
 
-from .stages import TINY
+from .stages import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"train_autoencoder": "models/autoencoder", "train_feature_net": "models/feature_net",
           "train_classifier": "models/classifier", "train_diffusion": "models/diffusion", "distill": "models/student"}
 REGISTERED = "diffusion-tiny-diffusion"  # tiny.yaml's project.experiment + "-diffusion"

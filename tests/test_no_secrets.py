@@ -18,10 +18,7 @@ import pytest
 import yaml
 
 from . import zygote
-from .stages import stage_env
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+from .stages import TINY, stage_env
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-7f3a9c",

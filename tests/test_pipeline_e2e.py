@@ -23,12 +23,10 @@ from diffusion_core.data import load_split
 from diffusion_core.models import NoisyClassifier
 
 from .e2e import copy_checkout, dvc, dvc_json, git, png_ok, shared_repro
-from .stages import TINY
+from .stages import ROOT, TINY
 from .test_no_secrets import SECRETS, assert_store_holds_no_secret_or_environment
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _outputs(stage: dict) -> list[str]:

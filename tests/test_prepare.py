@@ -15,10 +15,7 @@ from diffusion_core.options import PrepareOptions
 from pipeline import prepare
 
 from . import zygote
-from .stages import stage_env
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+from .stages import ROOT, TINY, stage_env
 
 
 def run_stage(cwd: Path, *args: str, env_extra=None) -> subprocess.CompletedProcess:

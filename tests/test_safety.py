@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .stages import ROOT
+
 DOCS = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md")), ROOT / "dvc.yaml"]
 SOURCES = sorted(p for d in ("diffusion_core", "pipeline", "bench") for p in (ROOT / d).rglob("*.py"))
 

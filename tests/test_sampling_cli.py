@@ -16,9 +16,7 @@ from diffusion_core.model_folders import load_classifier_dir, load_diffusion_dir
 from pipeline.cli import main
 from tests.tiny_models import CHANNELS, DIFFUSION, SIZE, make_classifier_dir, make_diffusion_dir, make_latent_dir
 
-from .stages import stage_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from .stages import ROOT, stage_env
 
 
 def cli() -> list[str]:

@@ -17,10 +17,8 @@ from diffusion_core.model_folders import load_diffusion_dir
 from diffusion_core.storage import POINTER, StorageError, fetch_dir, latest_version, publish_dir
 
 from . import zygote
-from .stages import params_raw
+from .stages import ROOT, params_raw
 from .tiny_models import make_diffusion_dir, make_latent_dir
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def _weights(path) -> dict[str, torch.Tensor]:

@@ -31,10 +31,8 @@ from diffusion_core.model_folders import load_diffusion_dir
 from diffusion_core.samplers import SamplingSpec, sample
 from pipeline import train_diffusion
 
-from .stages import dashboard_answers, group_pids, listening_ips, ray_token_env, stage_env
+from .stages import ROOT, TINY, dashboard_answers, group_pids, listening_ips, ray_token_env, stage_env
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
 CKPTS = Path("checkpoints") / "train_diffusion"
 _env = stage_env  # the `prepared` folder (tiny.yaml's data) is the session fixture of conftest.py
 
