@@ -102,6 +102,7 @@ def test_missing_or_unreadable_urls_give_one_line_errors(s3, tmp_path, monkeypat
     with pytest.raises(StorageError, match=r"s3://.*/nowhere holds no model .*LATEST"):
         load_model_dir(f"{s3}/nowhere")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would back off for seconds first
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
