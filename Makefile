@@ -25,14 +25,15 @@ $(INCEPTION): $(STAMP) diffusion_core/metrics/inception.py
 	$(BIN)/python -m diffusion_core.metrics.inception fetch
 	touch $@
 
-# 3 pytest-xdist workers, one test file each at a time (module fixtures are built once): the stage and Ray tests
-# mostly wait on subprocesses, so a third worker fills the two cores. Files go out longest first by the seconds
+# 2 pytest-xdist workers (one per core of the 2-core machines CI runs on), one test file each at a time (module
+# fixtures are built once): a third worker made the suite slower and costlier, as the Ray runs it stretched polled
+# longer (bench/README.md, "Test suite"). Files go out longest first by the seconds
 # tests/durations.json recorded (tests/conftest.py), not xdist's most-tests-first; ruff first (a second). The run's
 # JUnit report: .pytest_cache/junit.xml (`make test-durations` records its seconds per file; run as
 # `TEST_CPU_CGROUP=1 make test` as root, it also prints each file's CPU seconds, Ray's and the stages' included)
 test: $(STAMP) $(INCEPTION)
 	$(BIN)/ruff check --quiet .
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --junitxml=.pytest_cache/junit.xml
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --junitxml=.pytest_cache/junit.xml
 
 test-durations: $(STAMP)
 	$(BIN)/python -m tests.durations .pytest_cache/junit.xml

@@ -11,9 +11,9 @@ import yaml
 from tests import zygote
 from tests.stages import TINY, stage_env
 
-# Under pytest-xdist (`make test` runs -n 3) each worker's in-process torch gets its share of the cores. Stages
-# started as subprocesses keep their own thread counts (Ray sets OMP_NUM_THREADS per worker from its CPUs): forcing
-# them to 1 thread made the suite slower when measured (commit 72bc57d).
+# Under pytest-xdist (`make test` and `make test-fast` run -n 2) each worker's in-process torch gets its share of
+# the cores. Stages started as subprocesses keep their own thread counts (Ray sets OMP_NUM_THREADS per worker from
+# its CPUs): forcing them to 1 thread made the suite slower when measured (commit 72bc57d).
 THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(THREADS)
 
