@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 PARAMS = ROOT / "params.yaml"
+VENV_BIN = Path(sys.executable).parent
 
 
 def params_raw(overrides: dict | None = None, base: Path = PARAMS) -> dict:
@@ -16,7 +17,6 @@ def params_raw(overrides: dict | None = None, base: Path = PARAMS) -> dict:
     from pipeline.config import merged, read_yaml
 
     return merged(read_yaml(base), overrides or {})
-VENV_BIN = Path(sys.executable).parent
 
 
 def stage_env(**extra: str) -> dict:
