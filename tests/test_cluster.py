@@ -45,6 +45,11 @@ def _stage(cwd, env) -> tuple[subprocess.Popen, list[str]]:
     return proc, lines
 
 
+# a look at the store lists it on the S3 server, which runs in this test's process: a costly poll
+STORE_POLL_S = 0.5
+JOB_POLL_S = 2.0  # `ray job status` is a new Python process each time, importing Ray
+
+
 def _ray_checkpoints(bucket_path: str) -> list[str]:
     import s3fs
 
@@ -150,7 +155,8 @@ def test_a_lost_worker_then_a_lost_job_resume_from_the_store_and_end_bitwise_as_
     first_pid = proc.pid
     try:
         # Ray commits a checkpoint once every rank has reported it: a second one on the store means the first is
-        _wait_for(lambda: len(_ray_checkpoints(store)) >= 2, proc, "two Ray checkpoints on the store")
+        _wait_for(lambda: len(_ray_checkpoints(store)) >= 2, proc, "two Ray checkpoints on the store",
+                  every=STORE_POLL_S)
         on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in _cmd(p)]
         assert len(workers) == 2
@@ -171,7 +177,7 @@ def test_a_lost_worker_then_a_lost_job_resume_from_the_store_and_end_bitwise_as_
         resumed_at = restarted_at()
         assert resumed_at >= on_store
         _wait_for(lambda: max(_complete_steps(store), default=0) > resumed_at, proc,
-                  "a checkpoint of the restarted group on the store")
+                  "a checkpoint of the restarted group on the store", every=STORE_POLL_S)
     finally:
         _kill_tree(proc)
     first = "".join(lines)
@@ -273,7 +279,7 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
         assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
         store = f"{s3.removeprefix('s3://')}/two/ray_results"
         _wait_until(lambda: len(_ray_checkpoints(store)) >= 2, lambda: _job_status(ray_job, job_id),
-                    "two Ray checkpoints on the store", logs=lambda: ray_job("logs", job_id).stdout)
+                    "two Ray checkpoints on the store", logs=lambda: ray_job("logs", job_id).stdout, every=STORE_POLL_S)
         on_store = min(int(p.split("/step-")[1][:8]) for p in _ray_checkpoints(store))
         tell("kill")  # the node is gone: its raylet and the worker on it
         # ... and so are the checkpoints rank 0 keeps on its node (pipeline/workspace.py), if it ran on the head
@@ -281,7 +287,7 @@ def test_two_node_cluster_under_ray_job_submit_a_node_lost_mid_run_resumes_on_a_
             shutil.rmtree(local, ignore_errors=True)
         tell("add")  # a replacement joins; the group is placed again across both nodes
         _wait_until(lambda: _job_status(ray_job, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), lambda: "RUNNING",
-                    "the end of the job", timeout=900)
+                    "the end of the job", timeout=900, every=JOB_POLL_S)
         logs = ray_job("logs", job_id).stdout
         assert _job_status(ray_job, job_id) == "SUCCEEDED", logs[-3000:]
     finally:
@@ -315,12 +321,13 @@ def _job_status(ray_job, job_id: str) -> str:
     return next((w for w in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if w in out), "UNKNOWN")
 
 
-def _wait_until(cond, status, what: str, timeout: float = 600, logs=lambda: "") -> None:
-    """Poll cond until it holds; fail if the job ended first (asked every 3 s) or the time ran out."""
+def _wait_until(cond, status, what: str, timeout: float = 600, logs=lambda: "", every: float = 0.05) -> None:
+    """Poll cond every `every` seconds until it holds; fail if the job ended first (asked every 3 s) or the time
+    ran out."""
     deadline, asked = time.time() + timeout, time.time()
     while not cond():
         if time.time() - asked > 3:
             assert status() in ("PENDING", "RUNNING"), f"the job ended before {what}:\n{logs()[-3000:]}"
             asked = time.time()
         assert time.time() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.05)
+        time.sleep(every)

@@ -78,12 +78,13 @@ def _cmd(p) -> str:
         return ""
 
 
-def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 240, every: float = 0.05) -> None:
+    """Poll cond every `every` seconds until it holds; fail if proc ended first or the time ran out."""
     deadline = time.time() + timeout
     while not cond():
         assert proc.poll() is None, f"training ended before {what}"
         assert time.time() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def _start_training(cwd: Path) -> tuple[subprocess.Popen, list[str]]:
