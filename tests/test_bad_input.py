@@ -38,9 +38,7 @@ from PIL import Image
 
 from pipeline.config import merged
 from tests import zygote
-from tests.stages import stage_env
-
-from .stages import TINY
+from tests.stages import TINY, stage_env
 
 PARALLEL = 2
 
